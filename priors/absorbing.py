@@ -1,0 +1,317 @@
+"""Absorbing (masking) discrete diffusion prior, as in Unleashing Transformers
+(Bond-Taylor et al., ECCV 2022), over the shared VQGAN tokens.
+
+One bidirectional transformer reads a token grid x_t (B, L) in which some tokens
+are replaced by the absorbing mask id m = V and predicts p_theta(x_0 | x_t) at
+every position (vocab_in = V + 1, vocab_out = V: the mask is never predicted).
+
+Forward process (paper Sec. 3.2). With N = L diffusion steps (the paper uses as
+many steps as tokens), x_t masks every token of x_0 independently with
+probability t / N, t in 1..N; x_N is all masks.
+
+Training draws t ~ U{1..N} and one mask per sequence, and scores the masked
+positions only (the paper predicts x_0 directly rather than x_{t-1}). Two
+objectives, each normalised *per token* like the official code
+(samb-t/unleashing-transformers, models/absorbing_diffusion.py), so their values
+compare across grid sizes L:
+
+* ``elbo`` (Eq. 6): ``N / t * CE_masked / (L ln 2)``, where CE_masked is the
+  summed cross-entropy (nats) over masked positions. The factor N = 1 / p(t)
+  makes it an unbiased one-sample estimate of the Eq. 6 sum over t, in bits per
+  token: its expectation is exactly what `nll` reports.
+* ``reweighted_elbo`` (Eq. 7, default): ``(N - t + 1) / N * CE_masked / (L ln 2)``.
+  Like the official code we do not multiply by 1 / p(t) = N here, so the value
+  stays O(bits per token); its expectation is the Eq. 7 sum divided by N * L ln 2.
+  (The official code's "new" loss uses (N - t) / N; we follow the paper's
+  (N - t + 1) / N, which also keeps the t = N term.)
+
+Sampling (paper Sec. 4.2, step skipping). T sampling steps, 1 <= T <= L: start
+all-masked and unmask a group of positions per step so that all L are unmasked
+after exactly T network calls (nfe = T; T = L is the full chain, one token per
+step). Group sizes are as even as possible. Two samplers:
+
+* ``random`` (the paper's): the positions to unmask are chosen uniformly at
+  random among the masked ones, their tokens drawn from p_theta(x_0 | x_t) with
+  temperature. Unlike the official ``sample_v2`` (each masked token unmasked
+  independently with probability 1 / t, so group sizes are random) the group
+  sizes here are fixed, which makes nfe exactly T.
+* ``confidence`` (MaskGIT, Chang et al. 2022): draw a token at every masked
+  position, keep the most confident ones (highest probability of the drawn
+  token) and re-mask the rest; how many stay masked after step s follows the
+  cosine schedule floor(m cos(pi/2 * s/T)). The order depends on the model, so
+  this sampler is not the generative model whose ELBO `nll` reports.
+
+Which model the ELBO bounds. Eq. 6 (N = L, discrete time) is the exact ELBO of
+the paper's reverse chain (Appendix B, Eq. 12; the official ``sample_v2`` with
+every step): at step t each masked token is unmasked independently with
+probability 1/t. It is *not* a bound on the T = L random-order sampler here (one
+token per step, a mixture over the L! orders): the two weight masks of k tokens
+by sum_t (1/t)(t/N)^k(1 - t/N)^(L-k) versus 1/(k C(L,k)), equal only as N -> inf.
+On tiny models Eq. 6 can undercut -log p of the order mixture (tested: it bounds
+the chain exactly, and the sampler draws from the order mixture exactly).
+
+Completion (paper Sec. 4.3 inpainting): the positions to generate are masked,
+their number sets the starting time, and the same sampler denoises them over
+min(T, #masked) steps; kept positions are never touched.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from priors.base import NLL, Prior
+from priors.transformer import Transformer, TransformerConfig, count_params, fit_d_model
+
+LOSSES = ("reweighted_elbo", "elbo")
+SAMPLERS = ("random", "confidence")
+SAMPLE_KEYS = ("sampler", "temperature")  # keys of the `sample:` config block (never affect training)
+
+
+class AbsorbingPrior(Prior):
+    name = "absorbing"
+    T_affects_training = False  # T only sets the number of sampling steps
+
+    def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
+                 dropout: float = 0.0, loss: str = "reweighted_elbo", nll_samples: int = 4,
+                 T: int | None = None, sampler: str = "random", temperature: float = 1.0):
+        super().__init__(vocab_size, grid)
+        if loss not in LOSSES:
+            raise ValueError(f"prior.loss={loss} is not one of: {', '.join(LOSSES)}")
+        if int(nll_samples) < 2:
+            raise ValueError(f"prior.nll_samples={nll_samples} must be >= 2 (its standard error needs two draws)")
+        self.mask_id = self.vocab_size  # the absorbing state m = V; real codes are 0..V-1
+        self.n_steps = self.seq_len  # N: diffusion steps in training = number of tokens, as in the paper
+        self.loss_type = loss
+        self.nll_samples = int(nll_samples)
+        self.cfg = self.transformer_config(self.vocab_size, self.seq_len, n_layer, n_head, d_model, dropout)
+        self.model = Transformer(self.cfg)
+        self.set_sampling(T=T, sampler=sampler, temperature=temperature)
+
+    # ---- configuration ----------------------------------------------------
+    def set_sampling(self, T: int | None = None, sampler: str | None = None,
+                     temperature: float | None = None) -> None:
+        """Change sampling-only settings (a trained checkpoint is sampled once per T).
+
+        T = None means the full chain, T = L.
+        """
+        T = self.seq_len if T is None else int(T)
+        if T < 1:
+            raise ValueError(f"T={T} must be >= 1 sampling step")
+        if T > self.seq_len:
+            raise ValueError(f"T={T} exceeds the number of tokens L={self.seq_len}: absorbing diffusion "
+                             f"unmasks at least one token per step, so it cannot take more steps than tokens")
+        self.T = T
+        if sampler is not None:
+            if sampler not in SAMPLERS:
+                raise ValueError(f"prior.sample.sampler={sampler} is not one of: {', '.join(SAMPLERS)}")
+            self.sampler = sampler
+        if temperature is not None:
+            if not float(temperature) > 0:
+                raise ValueError(f"prior.sample.temperature={temperature} must be > 0")
+            self.temperature = float(temperature)
+
+    @classmethod
+    def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None, *,
+                    n_layer: int = 4, n_head: int = 4, dropout: float = 0.0, loss: str = "reweighted_elbo",
+                    nll_samples: int = 4, sample: Mapping[str, Any] | None = None, **flat: Any
+                    ) -> "AbsorbingPrior":
+        """The absorbing prior whose width d_model puts its parameter count closest to `budget`.
+
+        Keys are those of conf/prior/absorbing.yaml minus `name`. Sampling settings come nested as in the
+        YAML (`sample={"sampler": ..., "temperature": ...}`) or flattened (`sampler=...`); they never affect
+        training. T only sets the number of sampling steps (None = L); the width does not depend on it.
+        Unknown keys raise.
+        """
+        settings = dict(sample or {})
+        for key, value in flat.items():
+            if key in settings:
+                raise ValueError(f"prior.{key} given both flattened and under prior.sample")
+            settings[key] = value
+        unknown = sorted(set(settings) - set(SAMPLE_KEYS))
+        if unknown:
+            raise ValueError(f"prior.{unknown[0]} is not an option of prior=absorbing (options: n_layer, n_head, "
+                             f"dropout, loss, nll_samples, sample.{{{', '.join(SAMPLE_KEYS)}}})")
+        seq_len = int(grid[0]) * int(grid[1])
+        d_model = fit_d_model(
+            int(budget), lambda d: count_params(cls.transformer_config(vocab_size, seq_len, n_layer, n_head, d)),
+            int(n_head), what=f"prior=absorbing with n_layer={n_layer}, V={vocab_size}, L={seq_len}")
+        return cls(vocab_size, grid, n_layer=n_layer, n_head=n_head, d_model=d_model, dropout=dropout, loss=loss,
+                   nll_samples=nll_samples, T=T, **settings)
+
+    @staticmethod
+    def transformer_config(vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int,
+                           dropout: float = 0.0) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_in=int(vocab_size) + 1,  # V codes + the mask id
+            vocab_out=int(vocab_size),  # predicts x_0, never the mask
+            seq_len=int(seq_len), n_layer=int(n_layer), n_head=int(n_head), d_model=int(d_model),
+            causal=False,  # bidirectional: every position sees every unmasked token
+            dropout=float(dropout),
+        )
+
+    def arch_config(self) -> dict[str, Any]:
+        # Architecture and training objective only. Sampling settings (T, sampler, temperature) and the
+        # eval-only nll_samples are not part of a checkpoint: one checkpoint serves every T.
+        return dict(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=self.cfg.n_layer,
+                    n_head=self.cfg.n_head, d_model=self.cfg.d_model, dropout=self.cfg.dropout, loss=self.loss_type)
+
+    def units(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def nfe(self) -> int:
+        return self.T  # one network call per sampling step
+
+    # ---- forward process and losses ----------------------------------------
+    def sample_time(self, b: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t ~ U{1..N}, one per sequence: (B,) int64."""
+        return torch.randint(1, self.n_steps + 1, (b,), device=device, generator=generator)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(x_t | x_0): mask each token independently with probability t / N. Returns (x_t, mask), both (B, L)."""
+        u = torch.rand(x0.shape, device=x0.device, generator=generator)  # (B, L)
+        mask = u < (t.to(u.dtype) / self.n_steps).unsqueeze(1)  # (B, L)
+        return x0.masked_fill(mask, self.mask_id), mask
+
+    def masked_ce(self, x0: torch.Tensor, x_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy -log p_theta(x_0 | x_t) over the masked positions, in nats: (B,)."""
+        logits = self.model(x_t)  # (B, L, V)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, L)
+        return (ce * mask).sum(1)  # (B,)
+
+    def loss_weight(self, t: torch.Tensor, loss: str | None = None) -> torch.Tensor:
+        """Per-sequence weight of CE_masked / (L ln 2) for the training objective (see the module docstring)."""
+        loss = self.loss_type if loss is None else loss
+        t = t.double()
+        if loss == "elbo":
+            return self.n_steps / t  # Eq. 6, Unleashing Transformers: 1/t, times 1/p(t) = N (unbiased MC over t)
+        if loss == "reweighted_elbo":
+            return (self.n_steps - t + 1) / self.n_steps  # Eq. 7, Unleashing Transformers: (N - t + 1)/N
+        raise ValueError(f"prior.loss={loss} is not one of: {', '.join(LOSSES)}")
+
+    def sequence_losses(self, x0: torch.Tensor, t: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss and Eq. 6 ELBO estimate (bits per token) for given t (B,) and mask (B, L): both (B,)."""
+        x_t = x0.masked_fill(mask, self.mask_id)  # (B, L)
+        ce = self.masked_ce(x0, x_t, mask)  # (B,)
+        per_token = ce / (self.seq_len * math.log(2))  # nats summed over masked -> bits per token of the grid
+        loss = self.loss_weight(t).to(ce.dtype) * per_token
+        elbo = self.loss_weight(t, "elbo").to(ce.dtype) * per_token  # Eq. 6, Unleashing Transformers
+        return loss, elbo
+
+    def unit_loss(self, unit: str, x: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        if unit != "model":
+            raise ValueError(f"absorbing has one unit 'model', not {unit!r}")
+        t = self.sample_time(x.shape[0], x.device, generator)  # (B,)
+        _, mask = self.q_sample(x, t, generator)  # (B, L)
+        loss, elbo = self.sequence_losses(x, t, mask)
+        return loss.mean(), {"loss": loss.mean().item(), "elbo_bits_per_token": elbo.mean().item(),
+                             "mask_fraction": float(mask.float().mean())}
+
+    # ---- likelihood ----------------------------------------------------------
+    @torch.no_grad()
+    def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NLL:
+        """Eq. 6 ELBO in bits per token, Monte Carlo over (t, mask) with `nll_samples` draws per sequence.
+
+        The stderr is that of the Monte Carlo estimate for these sequences (the spread over draws of each
+        sequence, pooled), not the spread over the data set.
+        """
+        with _eval_mode(self):
+            draws = []
+            for _ in range(self.nll_samples):
+                t = self.sample_time(x.shape[0], x.device, generator)  # (B,)
+                _, mask = self.q_sample(x, t, generator)  # (B, L)
+                draws.append(self.sequence_losses(x, t, mask)[1].double())
+            e = torch.stack(draws, 1)  # (B, S): unbiased estimates of each sequence's ELBO
+        B, S = e.shape
+        stderr = math.sqrt(float(e.var(1, unbiased=True).sum()) / S) / B
+        return NLL(bits_per_token=float(e.mean()), stderr=stderr, kind="elbo")
+
+    @torch.no_grad()
+    def exact_elbo(self, x: torch.Tensor) -> torch.Tensor:
+        """The Eq. 6 ELBO of each sequence (B,) in bits per token, exactly: every mask enumerated, no MC.
+
+        ELBO(x) = sum_M c(|M|) sum_{i in M} -log p_theta(x_i | x with M masked), where
+        c(k) = sum_{t=1}^N (1/t) (t/N)^k (1 - t/N)^(L-k) is the probability weight of one mask M with k
+        entries under q(x_t | x_0), summed over t with Eq. 6's 1/t. 2^L network calls: tiny L only (tests).
+        """
+        L, N = self.seq_len, self.n_steps
+        if L > 16:
+            raise ValueError(f"exact_elbo enumerates 2^L masks; L={L} is too large")
+        c = [sum((1 / t) * (t / N) ** k * (1 - t / N) ** (L - k) for t in range(1, N + 1)) for k in range(L + 1)]
+        pos = torch.arange(L, device=x.device)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        with _eval_mode(self):
+            for bits in range(1, 2 ** L):  # the empty mask scores nothing
+                mask = ((bits >> pos) & 1).bool().expand_as(x)  # (B, L)
+                ce = self.masked_ce(x, x.masked_fill(mask, self.mask_id), mask).double()  # (B,)
+                total += c[int(mask[0].sum())] * ce
+        return total / (L * math.log(2))
+
+    # ---- sampling --------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = torch.full((n, self.seq_len), self.mask_id, dtype=torch.long, device=self.device)  # (B, L) all masked
+        return self._denoise(x, torch.ones_like(x, dtype=torch.bool), generator)
+
+    @torch.no_grad()
+    def complete(self, x: torch.Tensor, keep_mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        masked = ~keep_mask.to(torch.bool)  # (B, L): positions to generate
+        x = x.masked_fill(masked, self.mask_id)  # the count of masks sets the starting time (paper Sec. 4.3)
+        return self._denoise(x, masked, generator)
+
+    def _denoise(self, x: torch.Tensor, masked: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Unmask every masked position of x (B, L) in S = min(T, max #masked) network calls."""
+        m = masked.sum(1)  # (B,) masks per row at the start
+        S = min(self.T, int(m.max()))
+        if S == 0:
+            return x.clone()
+        with _eval_mode(self):
+            for s in range(1, S + 1):
+                remain = self._remaining(m, s, S)  # (B,) how many stay masked after this step
+                logits = self.model(x).float() / self.temperature  # (B, L, V)
+                probs = logits.softmax(-1)
+                B, L, V = probs.shape
+                x_hat = torch.multinomial(probs.view(B * L, V), 1, generator=generator).view(B, L)  # (B, L)
+                if self.sampler == "random":
+                    score = torch.rand((B, L), device=x.device, generator=generator)  # uniform random order
+                else:
+                    score = probs.gather(-1, x_hat.unsqueeze(-1)).squeeze(-1)  # (B, L) confidence of the draw
+                score = score.masked_fill(~masked, -1.0)  # unmasked positions rank last
+                rank = torch.empty_like(x)
+                rank.scatter_(1, score.argsort(1, descending=True),
+                              torch.arange(L, device=x.device).expand(B, L))  # (B, L): 0 = highest score
+                reveal = masked & (rank < (masked.sum(1) - remain).unsqueeze(1))  # (B, L)
+                x = torch.where(reveal, x_hat, x)
+                masked = masked & ~reveal
+        return x
+
+    def _remaining(self, m: torch.Tensor, s: int, S: int) -> torch.Tensor:
+        """Masks left after step s of S for rows that started with m (B,) masks; 0 after the last step."""
+        if self.sampler == "random":
+            # Evenly skipped steps (Sec. 4.2, Tab. 3): group sizes differ by at most one and are >= 1 when m >= S.
+            return (m * (S - s)) // S
+        # MaskGIT cosine schedule; at least one position revealed per step while any remain, and enough left
+        # masked that every later step still reveals one.
+        cos = torch.floor(m.double() * math.cos(math.pi / 2 * s / S)).long()
+        prev = m if s == 1 else self._remaining(m, s - 1, S)
+        return torch.minimum(torch.maximum(cos, torch.clamp(m, max=S - s)), (prev - 1).clamp(min=0))
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluate without dropout, then restore the caller's train/eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

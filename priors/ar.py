@@ -1,0 +1,163 @@
+"""Autoregressive prior (Taming Transformers): a GPT over raster-ordered VQGAN tokens.
+
+p(x) = prod_i p(x_i | x_<i): the input is [start, x_0, ..., x_{L-2}] and the
+output at position i predicts x_i, so the likelihood is exact and sampling needs
+one network call per token (L calls, each on one new token through the KV cache).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from priors.base import NLL, Prior
+from priors.transformer import (Transformer, TransformerConfig, check_sampling, count_params,
+                                fit_d_model, sample_logits)
+
+SAMPLE_KEYS = ("temperature", "top_k", "top_p")  # sampling-only settings: never change what is trained
+
+
+@contextlib.contextmanager
+def _inference(module: nn.Module):
+    """Eval mode (no dropout) and no autograd for the duration; restores the previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+class ARPrior(Prior):
+    name = "ar"
+
+    def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
+                 dropout: float = 0.0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None):
+        super().__init__(vocab_size, grid)
+        check_sampling(temperature, top_k, top_p)
+        self.start_id = self.vocab_size  # the one special id: V, after the codes 0 .. V-1
+        self.n_layer, self.n_head, self.d_model, self.dropout = n_layer, n_head, d_model, dropout
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.model = Transformer(self.transformer_config(vocab_size, self.seq_len, n_layer, n_head, d_model,
+                                                         dropout))
+
+    @staticmethod
+    def transformer_config(vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int,
+                           dropout: float = 0.0) -> TransformerConfig:
+        # Inputs: V codes + the start id; outputs: the V codes only (the start id is never predicted).
+        return TransformerConfig(vocab_in=vocab_size + 1, vocab_out=vocab_size, seq_len=seq_len,
+                                 n_layer=n_layer, n_head=n_head, d_model=d_model, causal=True,
+                                 dropout=dropout)
+
+    @classmethod
+    def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None, *,
+                    n_layer: int = 4, n_head: int = 4, dropout: float = 0.0,
+                    sample: Mapping[str, Any] | None = None, **flat: Any) -> "ARPrior":
+        """The AR prior whose width d_model puts its parameter count closest to `budget`.
+
+        T is accepted for the common signature and ignored (the AR prior has no chain).
+        Sampling settings come nested as in conf/prior/ar.yaml (`sample={"temperature": ...}`)
+        or flattened (`temperature=...`); they never affect training. Unknown keys raise.
+        """
+        settings = dict(sample or {})
+        for key, value in flat.items():
+            if key in settings:
+                raise ValueError(f"prior.{key} given both flattened and under prior.sample")
+            settings[key] = value
+        unknown = sorted(set(settings) - set(SAMPLE_KEYS))
+        if unknown:
+            raise ValueError(f"prior.{unknown[0]} is not an option of prior=ar "
+                             f"(options: n_layer, n_head, dropout, sample.{{{', '.join(SAMPLE_KEYS)}}})")
+        seq_len = int(grid[0]) * int(grid[1])
+        d_model = fit_d_model(
+            budget, lambda d: count_params(cls.transformer_config(vocab_size, seq_len, n_layer, n_head, d)),
+            n_head, what=f"prior=ar with n_layer={n_layer}, V={vocab_size}, L={seq_len}")
+        return cls(vocab_size, grid, n_layer=n_layer, n_head=n_head, d_model=d_model, dropout=dropout,
+                   **settings)
+
+    def arch_config(self) -> dict[str, Any]:
+        # Architecture only; sampling settings are not part of a checkpoint (they never retrain).
+        return dict(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=self.n_layer,
+                    n_head=self.n_head, d_model=self.d_model, dropout=self.dropout)
+
+    # ---- training -------------------------------------------------------
+    def units(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, L, V): position i sees start, x_0 .. x_{i-1} and predicts x_i."""
+        start = torch.full_like(x[:, :1], self.start_id)  # (B, 1)
+        return self.model(torch.cat([start, x[:, :-1]], dim=1))  # (B, L, V)
+
+    def unit_loss(self, unit: str, x: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        if unit != "model":
+            raise ValueError(f"unit={unit} is not a unit of prior=ar (units: model)")
+        # Next-token cross-entropy = -(1/L) log p(x) in nats per token: the Taming Transformers
+        # objective E[-log p(s)], which is Eq. 8, ImageBART, at T = 2 (x_2 uniform).
+        loss = F.cross_entropy(self.logits(x).reshape(-1, self.vocab_size), x.reshape(-1))
+        value = loss.item()
+        return loss, {"loss": value, "bits_per_token": value / math.log(2)}
+
+    # ---- evaluation -----------------------------------------------------
+    def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NLL:
+        """Exact -log2 p(x) / L, averaged over the batch."""
+        x = x.to(self.device)
+        with _inference(self):
+            logp = self.logits(x).float().log_softmax(dim=-1)  # (B, L, V)
+            nats = -logp.gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(dim=1)  # (B,)
+        return NLL(bits_per_token=(nats / self.seq_len / math.log(2)).mean().item(), stderr=None, kind="exact")
+
+    def _next(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is not None and generator.device != logits.device:
+            # multinomial needs a generator on the logits' device; a CPU generator with a CUDA
+            # prior still works (and reproduces), at the price of a (B, V) copy per token.
+            tokens = sample_logits(logits.to(generator.device), self.temperature, self.top_k, self.top_p, generator)
+            return tokens.to(logits.device)  # (B,)
+        return sample_logits(logits, self.temperature, self.top_k, self.top_p, generator)  # (B,)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """n samples (n, L) in raster order; use_cache=False recomputes the whole prefix at every step."""
+        keep = torch.zeros(n, self.seq_len, dtype=torch.bool, device=self.device)
+        x = torch.zeros(n, self.seq_len, dtype=torch.long, device=self.device)
+        return self.complete(x, keep, generator, use_cache=use_cache)
+
+    def complete(self, x: torch.Tensor, keep_mask: torch.Tensor, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """The AR baseline of ImageBART Fig. 5: walk positions in raster order, keep the kept
+        tokens (feeding them as context) and sample the others from what precedes them only.
+        It cannot look ahead, so kept tokens after a generated position do not inform it.
+        """
+        x = x.to(self.device)
+        keep = keep_mask.to(self.device, torch.bool)
+        if x.shape != keep.shape or x.shape[1] != self.seq_len:
+            raise ValueError(f"x {tuple(x.shape)} and keep_mask {tuple(keep.shape)} must both be (B, {self.seq_len})")
+        out = x.clone()
+        todo = (~keep).any(dim=0).nonzero().flatten()  # positions that some row generates
+        if todo.numel() == 0:
+            return out
+        first, last = int(todo[0]), int(todo[-1])
+        start = torch.full_like(out[:, :1], self.start_id)  # (B, 1)
+        with _inference(self):
+            cache = self.model.new_cache() if use_cache else None
+            # Every row keeps positions < first: read them in one call; nothing after `last` is generated.
+            step_in = torch.cat([start, out[:, :first]], dim=1)  # (B, first + 1)
+            for i in range(first, last + 1):
+                if use_cache:
+                    logits = self.model(step_in, cache=cache)[:, -1]  # (B, V)
+                else:
+                    logits = self.model(torch.cat([start, out[:, :i]], dim=1))[:, -1]  # (B, V)
+                if not keep[:, i].all():
+                    out[:, i] = torch.where(keep[:, i], x[:, i], self._next(logits, generator))
+                step_in = out[:, i:i + 1]  # (B, 1)
+        return out
+
+    def nfe(self) -> int:
+        return self.seq_len  # one call per token for sample(); complete() makes at most as many

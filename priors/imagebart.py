@@ -1,0 +1,596 @@
+"""ImageBART prior (Esser et al., NeurIPS 2021): a fixed multinomial diffusion over the
+token grid, reversed by a chain of T - 1 independently trained autoregressive transformers.
+
+Chain, in the paper's indexing: x_1 are the (effective-codebook) tokens, x_2 ... x_T are
+ever noisier copies made by the forward process of Eq. 5; beta_T = 1, so x_T is uniform
+noise. Scale t (unit f"scale{t}", t = 2..T) models p(x_{t-1} | x_t):
+
+- t < T: an encoder-decoder transformer. The bidirectional encoder reads x_t once; the causal
+  decoder generates x_{t-1} in raster order from a start id and cross-attends to the encoder.
+- t = T: decoder-only (x_T is independent of everything), i.e. an AR model of x_{T-1}.
+  T = 2 is therefore exactly one AR model of x_1 (Taming Transformers).
+
+Losses: Eq. 8 (cross-entropy of x_1 given x_2 ~ q(x_2|x_1)) for scale 2, Eq. 7 (analytic
+KL between the forward posterior and the model) for scales t > 2. Completion is the masked
+forward-backward process of appendix A.3, Eq. 10-12.
+
+Indexing convention used throughout this file: schedule lists are indexed by t itself,
+`betas[t]` and `alpha_bars[t]` for t = 1..T (index 0 is unused padding, beta_1 = 0,
+alpha_bar_1 = 1), so every formula reads as in the paper.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from priors.base import NLL, Prior
+from priors.transformer import Transformer, TransformerConfig, check_sampling, fit_d_model, sample_logits
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedule
+# ---------------------------------------------------------------------------------------------
+
+def check_T(T: Any) -> int:
+    """The chain length must be an integer >= 2 (x_1 data, x_T noise)."""
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or int(T) < 2:
+        raise ValueError(f"T={T!r}: imagebart needs an integer chain length T >= 2 "
+                         "(T = 2 is a single AR model)")
+    return int(T)
+
+
+def linear_alpha_bars(T: int) -> list[float]:
+    """alpha_bar_t linear in t, from 1 at t = 1 to 0 at t = T (padded to index t).
+
+    This is the official code's "geometric" redraw schedule, beta_t = 1 / (T - t + 1):
+    prod_{l=2..t} (1 - 1/(T-l+1)) = (T - t) / (T - 1).
+    """
+    T = check_T(T)
+    return [1.0] + [(T - t) / (T - 1) for t in range(1, T + 1)]
+
+
+def betas_to_alpha_bars(betas: Sequence[float]) -> list[float]:
+    """alpha_bar_t = prod_{l=2..t} (1 - beta_l) (Eq. 6, ImageBART); betas padded to index t."""
+    out = [1.0, 1.0]
+    for t in range(2, len(betas)):
+        out.append(out[-1] * (1.0 - float(betas[t])))
+    return out
+
+
+def alpha_bars_to_betas(alpha_bars: Sequence[float]) -> list[float]:
+    """Inverse of betas_to_alpha_bars: beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}."""
+    out = [0.0, 0.0]
+    for t in range(2, len(alpha_bars)):
+        out.append(1.0 - float(alpha_bars[t]) / float(alpha_bars[t - 1]))
+    return out
+
+
+def make_betas(schedule: Any, T: int) -> list[float]:
+    """Parse the `prior.schedule` option into betas padded to index t (length T + 1).
+
+    schedule: "linear" | {"betas": [beta_2, ..., beta_T]} | {"alpha_bars": [alpha_bar_2, ..., alpha_bar_T]}.
+    Explicit betas must lie in (0, 1] with beta_T = 1 (ImageBART Tab. 5 lists them this way);
+    explicit alpha_bars must be non-increasing in [0, 1], positive before the last, last = 0.
+    """
+    T = check_T(T)
+    if isinstance(schedule, str):
+        if schedule != "linear":
+            raise ValueError(f"prior.schedule={schedule!r}: expected 'linear', {{betas: [...]}} "
+                             "or {alpha_bars: [...]}")
+        betas = alpha_bars_to_betas(linear_alpha_bars(T))
+        betas[T] = 1.0  # exact, not 1 - 0/x rounding
+        return betas
+    if not isinstance(schedule, Mapping) or len(schedule) != 1 or \
+            next(iter(schedule)) not in ("betas", "alpha_bars"):
+        raise ValueError(f"prior.schedule={schedule!r}: expected 'linear', {{betas: [...]}} "
+                         "or {alpha_bars: [...]}")
+    key, values = next(iter(schedule.items()))
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"prior.schedule.{key}={values!r}: expected a list of numbers") from None
+    if len(values) != T - 1:
+        raise ValueError(f"prior.schedule.{key} has {len(values)} values, T={T} needs T-1={T - 1} "
+                         f"(t = 2..{T})")
+    if key == "betas":
+        if any(not (0.0 < b <= 1.0) for b in values):
+            raise ValueError(f"prior.schedule.betas={values}: every beta must lie in (0, 1]")
+        if values[-1] != 1.0:
+            raise ValueError(f"prior.schedule.betas={values}: the last beta (beta_T) must be 1 "
+                             "so that x_T is uniform noise")
+        return [0.0, 0.0] + values
+    # alpha_bars
+    if any(not (0.0 <= a <= 1.0) for a in values):
+        raise ValueError(f"prior.schedule.alpha_bars={values}: every alpha_bar must lie in [0, 1]")
+    if any(b > a for a, b in zip(values, values[1:])):
+        raise ValueError(f"prior.schedule.alpha_bars={values}: must be non-increasing in t")
+    if values[-1] != 0.0:
+        raise ValueError(f"prior.schedule.alpha_bars={values}: the last alpha_bar (alpha_bar_T) "
+                         "must be 0 so that x_T is uniform noise")
+    if any(a == 0.0 for a in values[:-1]):
+        raise ValueError(f"prior.schedule.alpha_bars={values}: only alpha_bar_T may be 0 "
+                         "(a zero earlier would leave later betas undefined)")
+    betas = alpha_bars_to_betas([1.0, 1.0] + values)
+    betas[T] = 1.0
+    return betas
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward process (pure functions; x are integer ids in [0, V), probabilities over the last dim)
+# ---------------------------------------------------------------------------------------------
+
+def q_onestep_probs(x_prev: torch.Tensor, beta: float, V: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q(x_t | x_{t-1}) = C((1 - beta_t) e(x_{t-1}) + beta_t 1/K)  (Eq. 5, ImageBART). (...,) -> (..., V)"""
+    return (1.0 - beta) * F.one_hot(x_prev, V).to(dtype) + beta / V
+
+
+def q_marginal_probs(x1: torch.Tensor, alpha_bar: float, V: int,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q(x_t | x_1) = C(alpha_bar_t e(x_1) + (1 - alpha_bar_t) 1/K)  (Eq. 6, ImageBART). (...,) -> (..., V)"""
+    return alpha_bar * F.one_hot(x1, V).to(dtype) + (1.0 - alpha_bar) / V
+
+
+def q_posterior_probs(x_t: torch.Tensor, x1: torch.Tensor, beta_t: float, alpha_bar_prev: float,
+                      V: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q(x_{t-1} | x_t, x_1) = q(x_t | x_{t-1}) q(x_{t-1} | x_1) / q(x_t | x_1), per position (Bayes,
+    ImageBART Sec. 3.3). alpha_bar_prev = alpha_bar_{t-1}. (...,) -> (..., V), a distribution over x_{t-1}.
+
+    Eq. 5 is symmetric in (x_t, x_{t-1}), so as a function of x_{t-1} = k the likelihood
+    q(x_t | x_{t-1} = k) is the vector (1 - beta_t) e(x_t) + beta_t / V.
+    """
+    likelihood = q_onestep_probs(x_t, beta_t, V, dtype)  # (..., V) over x_{t-1}
+    prior = q_marginal_probs(x1, alpha_bar_prev, V, dtype)  # (..., V)
+    joint = likelihood * prior
+    # The normaliser equals q(x_t | x_1) of Eq. 6 (checked in the tests).
+    return joint / joint.sum(-1, keepdim=True)
+
+
+def _generator_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
+    return generator.device if generator is not None else fallback
+
+
+def _resample(x: torch.Tensor, p_replace: float, V: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Replace each entry by a uniform draw over V with probability p_replace.
+
+    Keeping with probability 1 - p and drawing uniformly (possibly the same id) with probability p
+    is exactly the categorical (1 - p) e(x) + p 1/V of Eq. 5 / Eq. 6.
+    """
+    dev = _generator_device(generator, x.device)
+    u = torch.rand(x.shape, generator=generator, device=dev).to(x.device)
+    r = torch.randint(0, V, x.shape, generator=generator, device=dev).to(x.device)
+    return torch.where(u < p_replace, r, x)
+
+
+def q_sample_onestep(x_prev: torch.Tensor, beta: float, V: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_t ~ q(x_t | x_{t-1}) (Eq. 5). (B, L) -> (B, L)"""
+    return _resample(x_prev, beta, V, generator)
+
+
+def q_sample_marginal(x1: torch.Tensor, alpha_bar: float, V: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_t ~ q(x_t | x_1) (Eq. 6). (B, L) -> (B, L)"""
+    return _resample(x1, 1.0 - alpha_bar, V, generator)
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in at least float32: a bf16 head output (autocast) would distort the loss and the ELBO."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.log_softmax(-1)
+
+
+def categorical_kl(q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) over the last dim, with 0 log 0 = 0 (posteriors can have exact zeros). (..., V) -> (...)"""
+    return (torch.xlogy(q, q) - q * log_p).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ScaleConfig:
+    vocab_size: int  # V = K_eff; the decoder also embeds the start id V
+    seq_len: int  # L = H*W tokens of x_t and x_{t-1}
+    n_enc_layer: int  # encoder layers; 0 = decoder-only (the last scale, whose input x_T is pure noise)
+    n_dec_layer: int  # decoder layers (causal self-attention, cross-attention when n_enc_layer > 0)
+    n_head: int  # attention heads of encoder and decoder
+    d_model: int  # width D of encoder and decoder (one width per scale, ImageBART Tab. 6)
+    dropout: float = 0.0  # dropout inside both transformers
+
+
+class ScaleModel(nn.Module):
+    """One reverse transition p(x_{t-1} | x_t): bidirectional encoder over x_t, AR decoder over x_{t-1}."""
+
+    def __init__(self, cfg: ScaleConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.start_id = cfg.vocab_size  # decoder input id V starts every sequence
+        if cfg.n_enc_layer > 0:
+            self.encoder = Transformer(TransformerConfig(
+                vocab_in=cfg.vocab_size, vocab_out=0, seq_len=cfg.seq_len, n_layer=cfg.n_enc_layer,
+                n_head=cfg.n_head, d_model=cfg.d_model, causal=False, cross_attn=False,
+                dropout=cfg.dropout))
+        else:
+            self.encoder = None
+        self.decoder = Transformer(TransformerConfig(
+            vocab_in=cfg.vocab_size + 1, vocab_out=cfg.vocab_size, seq_len=cfg.seq_len,
+            n_layer=cfg.n_dec_layer, n_head=cfg.n_head, d_model=cfg.d_model, causal=True,
+            cross_attn=self.encoder is not None, dropout=cfg.dropout))
+
+    def encode(self, x_t: torch.Tensor) -> torch.Tensor | None:
+        """Encoder memory of x_t (B, L, D), computed once per scale; None for the decoder-only scale."""
+        return None if self.encoder is None else self.encoder(x_t)  # (B, L, D)
+
+    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor | None) -> torch.Tensor:
+        """Teacher-forced logits of p(x_{t-1}^i | x_{t-1}^{<i}, x_t) for every i. (B, L) -> (B, L, V)"""
+        start = torch.full_like(x_prev[:, :1], self.start_id)
+        dec_in = torch.cat([start, x_prev[:, :-1]], dim=1)  # (B, L): shifted right by the start id
+        return self.decoder(dec_in, memory=self.encode(x_t))  # (B, L, V)
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = 1.0  # logits are divided by it before sampling
+    top_k: int | None = None  # keep only the k most likely ids per step; None = all
+    top_p: float | None = None  # nucleus: keep the smallest set of ids with mass >= top_p; None = all
+    completion_passes: int = 2  # forward-backward passes x_2 ~ q^{2,m}, x_1 ~ p^{1,m} after the chain (A.3, Eq. 12)
+    use_cache: bool = True  # decode with the KV cache; False recomputes the prefix every step (same samples)
+
+
+def _parse_sample(sample: Any) -> SampleConfig:
+    """The `prior.sample` block; unknown keys and out-of-range values raise (they never affect training)."""
+    sample = {} if sample is None else dict(sample)
+    known = list(SampleConfig.__dataclass_fields__)
+    unknown = sorted(set(sample) - set(known))
+    if unknown:
+        raise ValueError(f"prior.sample.{unknown[0]} is not an option of prior=imagebart (options: {known})")
+    cfg = SampleConfig(**sample)
+    cfg.temperature = float(cfg.temperature)
+    cfg.top_k = None if cfg.top_k is None else int(cfg.top_k)
+    cfg.top_p = None if cfg.top_p is None else float(cfg.top_p)
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    if isinstance(cfg.completion_passes, bool) or not isinstance(cfg.completion_passes, numbers.Integral) \
+            or cfg.completion_passes < 0:
+        raise ValueError(f"prior.sample.completion_passes={cfg.completion_passes!r} must be an integer >= 0")
+    cfg.use_cache = bool(cfg.use_cache)
+    return cfg
+
+
+def layer_split(n_layer: int, enc_frac: float = 0.5, n_enc_layer: int | None = None) -> tuple[int, int]:
+    """(encoder, decoder) layers of an encoder-decoder scale with n_layer layers in total (ImageBART A.5).
+
+    n_enc_layer, when given, wins over enc_frac. Both parts need at least one layer.
+    """
+    n_layer = int(n_layer)
+    if n_enc_layer is None:
+        if not (0.0 < float(enc_frac) < 1.0):
+            raise ValueError(f"prior.enc_frac={enc_frac!r}: must lie in (0, 1)")
+        n_enc_layer = int(round(float(enc_frac) * n_layer))
+        n_enc_layer = min(max(n_enc_layer, 1), n_layer - 1)
+    n_enc_layer = int(n_enc_layer)
+    if n_layer < 2 or not (1 <= n_enc_layer <= n_layer - 1):
+        raise ValueError(f"prior.n_enc_layer={n_enc_layer} with prior.n_layer={n_layer}: an encoder-decoder "
+                         "scale needs at least one encoder and one decoder layer")
+    return n_enc_layer, n_layer - n_enc_layer
+
+
+class ImageBARTPrior(Prior):
+    name = "imagebart"
+    T_affects_training = True
+
+    def __init__(self, vocab_size: int, grid: tuple[int, int], T: int, n_layer: int = 4, n_head: int = 4,
+                 d_model: int | Sequence[int] = 64, enc_frac: float = 0.5, n_enc_layer: int | None = None,
+                 dropout: float = 0.0, schedule: Any = "linear", sample: Mapping | None = None):
+        """d_model: one width for every scale, or a list of T - 1 widths for scales t = 2..T."""
+        super().__init__(vocab_size, grid)
+        self.T = check_T(T)
+        V, L = self.vocab_size, self.seq_len
+        self.betas = make_betas(schedule, self.T)  # betas[t], t = 1..T (index 0/1 padding = 0)
+        self.alpha_bars = betas_to_alpha_bars(self.betas)  # alpha_bars[t], alpha_bars[1] = 1
+        self.sample_cfg = _parse_sample(sample)
+        if isinstance(d_model, numbers.Integral):
+            d_models = [int(d_model)] * (self.T - 1)
+        else:
+            d_models = [int(d) for d in d_model]
+            if len(d_models) != self.T - 1:
+                raise ValueError(f"prior.d_model has {len(d_models)} widths, T={self.T} needs {self.T - 1}")
+        # Encoder-decoder scales share one split; the decoder-only last scale gets all n_layer
+        # layers (ImageBART Tab. 6: 32/6 vs 0/36). For T = 2 there is no encoder-decoder scale.
+        self._arch = dict(vocab_size=V, grid=list(self.grid), T=self.T, n_layer=int(n_layer), n_head=int(n_head),
+                          d_model=d_models, enc_frac=float(enc_frac),
+                          n_enc_layer=None if n_enc_layer is None else int(n_enc_layer),
+                          dropout=float(dropout), schedule=_plain(schedule))
+        self.scales = nn.ModuleDict()
+        for t in range(2, self.T + 1):
+            self.scales[f"scale{t}"] = ScaleModel(self.scale_config(
+                t, d_models[t - 2], V, L, self.T, n_layer, n_head, enc_frac, n_enc_layer, dropout))
+
+    @staticmethod
+    def scale_config(t: int, d_model: int, V: int, L: int, T: int, n_layer: int, n_head: int,
+                     enc_frac: float, n_enc_layer: int | None, dropout: float) -> ScaleConfig:
+        if t == T:
+            n_enc, n_dec = 0, int(n_layer)  # x_T carries no information: decoder only
+        else:
+            n_enc, n_dec = layer_split(n_layer, enc_frac, n_enc_layer)
+        return ScaleConfig(vocab_size=V, seq_len=L, n_enc_layer=n_enc, n_dec_layer=n_dec, n_head=int(n_head),
+                           d_model=int(d_model), dropout=float(dropout))
+
+    # ---- construction from a budget -----------------------------------------------------------
+    @classmethod
+    def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int,
+                    **cfg: Any) -> "ImageBARTPrior":
+        """The prior whose T - 1 scales share `budget` equally (ImageBART Sec. 4.4, Tab. 3).
+
+        Each scale's d_model comes from fit_d_model(budget // (T - 1)), fitted separately for the
+        encoder-decoder scales and the decoder-only last scale (different shapes, as in Tab. 6).
+        Small budgets can fall between two widths (d_model moves in steps of n_head) so that no
+        single width is within 10% of the share; then the widths are balanced scale by scale
+        (each takes the width nearest to what is left divided by the scales left), which keeps
+        the total within 10% while single scales may be up to ~n_head/d_model off their share.
+        """
+        T = check_T(T)
+        cfg = dict(cfg)
+        if cfg.pop("name", "imagebart") != "imagebart":
+            raise ValueError("prior.name: ImageBARTPrior.from_budget called for another prior")
+        if "d_model" in cfg:
+            raise ValueError("prior.d_model is set by budget.params, do not give it for prior=imagebart")
+        allowed = ["n_layer", "n_head", "enc_frac", "n_enc_layer", "dropout", "schedule", "sample"]
+        unknown = sorted(set(cfg) - set(allowed))
+        if unknown:
+            raise ValueError(f"prior.{unknown[0]} is not an option of prior=imagebart (options: {allowed})")
+        n_layer, n_head = int(cfg.get("n_layer", 4)), int(cfg.get("n_head", 4))
+        enc_frac, n_enc_layer = cfg.get("enc_frac", 0.5), cfg.get("n_enc_layer")
+        dropout = cfg.get("dropout", 0.0)
+        # Reject bad options before any fitting work.
+        make_betas(cfg.get("schedule", "linear"), T)
+        _parse_sample(cfg.get("sample"))
+        if T > 2:
+            layer_split(n_layer, enc_frac, n_enc_layer)
+        V, L, budget = int(vocab_size), int(grid[0]) * int(grid[1]), int(budget)
+        per_scale = budget // (T - 1)
+
+        def counter(t: int) -> Callable[[int], int]:
+            def count(d: int) -> int:
+                with torch.device("meta"):
+                    m = ScaleModel(cls.scale_config(t, d, V, L, T, n_layer, n_head, enc_frac, n_enc_layer, dropout))
+                return sum(p.numel() for p in m.parameters() if p.requires_grad)
+            return count
+
+        try:
+            shared = {t == T: fit_d_model(per_scale, counter(t), n_head, what="one scale") for t in (2, T)}
+            d_models = [shared[t == T] for t in range(2, T + 1)]
+        except ValueError as e:
+            d_models, left = [], budget
+            for t in range(2, T + 1):
+                count = counter(t)
+                d = _nearest_width(left / (T + 1 - t), count, n_head)
+                d_models.append(d)
+                left -= count(d)
+            total = budget - left
+            if abs(total - budget) > 0.1 * budget:
+                raise ValueError(f"budget.params={budget} is too small for imagebart T={T}: it is split equally "
+                                 f"over T-1={T - 1} scales (ImageBART Tab. 3), and {e}") from None
+        return cls(vocab_size, grid, T, d_model=d_models, **cfg)
+
+    def arch_config(self) -> dict[str, Any]:
+        return dict(self._arch, grid=list(self._arch["grid"]), d_model=list(self._arch["d_model"]),
+                    schedule=_plain(self._arch["schedule"]))
+
+    # ---- training -----------------------------------------------------------------------------
+    def units(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.scales.items()}
+
+    def _scale(self, t: int) -> ScaleModel:
+        return self.scales[f"scale{t}"]
+
+    def _forward_pair(self, t: int, x1: torch.Tensor, generator: torch.Generator | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{t-1}, x_t) drawn jointly from the forward chain given x_1: x_{t-1} ~ q(x_{t-1}|x_1) (Eq. 6),
+        x_t ~ q(x_t|x_{t-1}) (Eq. 5). Hence x_{t-1} | x_t, x_1 follows the posterior, which is what the
+        teacher-forced KL estimate needs."""
+        V = self.vocab_size
+        x_prev = x1 if t == 2 else q_sample_marginal(x1, self.alpha_bars[t - 1], V, generator)
+        x_t = q_sample_onestep(x_prev, self.betas[t], V, generator)
+        return x_prev, x_t
+
+    def _scale_terms(self, t: int, x1: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Per-sequence loss term of scale t in nats (B,): a single-sample estimate of
+        t = 2: -log p(x_1 | x_2), x_2 ~ q(x_2 | x_1)                              (Eq. 8, ImageBART)
+        t > 2: KL(q(x_{t-1} | x_t, x_1) || p(x_{t-1} | x_t)), x_t ~ q(x_t | x_1)   (Eq. 7, ImageBART)
+        The KL between the factorised posterior and the AR model is, by the chain rule,
+        sum_i E_{x_{t-1}^{<i} ~ q} KL(q(x_{t-1}^i | x_t, x_1) || p(x_{t-1}^i | x_{t-1}^{<i}, x_t)); the
+        decoder is teacher-forced on one posterior sample x_{t-1} (as the official code does).
+        For t = T the posterior is q(x_{T-1} | x_1) since beta_T = 1 makes x_T independent."""
+        model = self._scale(t)
+        x_prev, x_t = self._forward_pair(t, x1, generator)
+        logits = model(x_prev, x_t if model.encoder is not None else None)  # (B, L, V)
+        log_p = _log_probs(logits)  # (B, L, V)
+        if t == 2:
+            return -log_p.gather(-1, x_prev.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B,)
+        post = q_posterior_probs(x_t, x1, self.betas[t], self.alpha_bars[t - 1], self.vocab_size,
+                                 log_p.dtype)  # (B, L, V)
+        return categorical_kl(post, log_p).sum(-1)  # (B,)
+
+    def unit_loss(self, unit: str, x: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        if unit not in self.scales:
+            raise KeyError(f"unknown unit {unit!r}; units are {list(self.scales)}")
+        t = int(unit[len("scale"):])
+        per_seq = self._scale_terms(t, x, generator)  # (B,) nats
+        loss = per_seq.mean() / self.seq_len  # nats per token
+        kind = "ce" if t == 2 else "kl"
+        return loss, {"loss": loss.item(), f"{kind}_bits_per_token": loss.item() / LN2}
+
+    # ---- likelihood ---------------------------------------------------------------------------
+    def seq_log_prob(self, t: int, x_prev: torch.Tensor, x_t: torch.Tensor | None) -> torch.Tensor:
+        """log p(x_{t-1} | x_t) of whole sequences in nats (B,); x_t is ignored by the last scale."""
+        model = self._scale(t)
+        logits = model(x_prev, x_t if model.encoder is not None else None)  # (B, L, V)
+        return _log_probs(logits).gather(-1, x_prev.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B,)
+
+    @torch.no_grad()
+    def elbo_per_sequence(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Single-sample ELBO estimate of -log p(x_1) per sequence, in nats (B,):
+        -log p(x_1|x_2) + sum_{t=3..T} KL_t  (+ KL(q(x_T|x_1) || p(x_T)) = 0: both uniform).
+        Exact (no noise used) for T = 2."""
+        terms = [self._scale_terms(t, x, generator) for t in range(2, self.T + 1)]
+        return torch.stack(terms, 0).sum(0)  # (B,)
+
+    @torch.no_grad()
+    def nll(self, x: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 256) -> NLL:
+        """ELBO in bits per token (kind "elbo"; exact for T = 2). One forward-chain sample per sequence;
+        stderr = std over sequences / sqrt(B), the standard error of the Monte Carlo mean (of the data
+        mean too, as the sequences differ). A single sequence gets two chain samples so that a batch of
+        one still has a standard error."""
+        if self.T > 2 and x.shape[0] == 1:
+            x = x.repeat(2, 1)  # (2, L)
+        with _eval_mode(self):
+            per_seq = torch.cat([self.elbo_per_sequence(x[i:i + chunk], generator)
+                                 for i in range(0, x.shape[0], chunk)])  # (B,)
+        bits = per_seq.double() / (self.seq_len * LN2)  # (B,) bits per token
+        mean = bits.mean().item()
+        if self.T == 2:
+            return NLL(bits_per_token=mean, stderr=None, kind="exact")
+        stderr = (bits.std(unbiased=True) / math.sqrt(bits.numel())).item()
+        return NLL(bits_per_token=mean, stderr=stderr, kind="elbo")
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def _draw(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One id per row from (n, V) logits with the configured temperature / top-k / top-p. -> (n,)"""
+        c = self.sample_cfg
+        dev = _generator_device(generator, logits.device)  # multinomial needs the generator's device
+        return sample_logits(logits.to(dev), c.temperature, c.top_k, c.top_p, generator).to(logits.device)  # (n,)
+
+    @torch.no_grad()
+    def sample_scale(self, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None,
+                     keep_mask: torch.Tensor | None = None, forced: torch.Tensor | None = None,
+                     use_cache: bool | None = None) -> torch.Tensor:
+        """x_{t-1} ~ p(x_{t-1} | x_t), decoded in raster order. (n, L) -> (n, L)
+
+        With keep_mask/forced, positions where keep_mask is True take the forced value instead of a draw
+        and are fed to the decoder as context: the masked reverse process of Eq. 11 (A.3, ImageBART).
+        Decoding stops after the last position any row must generate (later ones cannot influence it),
+        and a leading run of forced positions is fed in one call.
+        """
+        model = self._scale(t)
+        use_cache = self.sample_cfg.use_cache if use_cache is None else use_cache
+        n, L = x_t.shape
+        memory = model.encode(x_t)  # (n, L, D) or None: the encoder runs once per scale
+        start = torch.full((n, 1), model.start_id, dtype=torch.long, device=x_t.device)
+        out = torch.empty((n, L), dtype=torch.long, device=x_t.device)
+        first, stop = 0, L
+        if keep_mask is not None:
+            gen_pos = (~keep_mask).any(0).nonzero().flatten()
+            if gen_pos.numel() == 0:
+                return forced.clone()
+            first, stop = int(gen_pos[0]), int(gen_pos[-1]) + 1
+            out[:, :first] = forced[:, :first]
+            out[:, stop:] = forced[:, stop:]
+        prefix = torch.cat([start, out[:, :first]], dim=1)  # (n, first + 1)
+        cache = model.decoder.new_cache() if use_cache else None
+        step_in = prefix
+        for i in range(first, stop):
+            if use_cache:
+                logits = model.decoder(step_in, memory=memory, cache=cache)[:, -1]  # (n, V)
+            else:
+                logits = model.decoder(torch.cat([start, out[:, :i]], dim=1), memory=memory)[:, -1]  # (n, V)
+            tok = self._draw(logits, generator)  # (n,)
+            if keep_mask is not None:
+                tok = torch.where(keep_mask[:, i], forced[:, i], tok)
+            out[:, i] = tok
+            step_in = tok[:, None]  # (n, 1): only the new position goes through the cached decoder
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T uniform over V, then x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2 (ImageBART Sec. 3.3). -> (n, L)"""
+        dev = self.device
+        with _eval_mode(self):
+            x = torch.randint(0, self.vocab_size, (n, self.seq_len), generator=generator,
+                              device=_generator_device(generator, dev)).to(dev)  # (n, L) x_T
+            for t in range(self.T, 1, -1):
+                x = self.sample_scale(t, x, generator)
+        return x
+
+    def nfe(self) -> int:
+        """Network calls of one sample(): L decoder calls per scale (one per generated position, with or
+        without the KV cache) for the T - 1 scales, plus one encoder pass for each of the T - 2
+        encoder-decoder scales: (T - 1) * L + (T - 2). complete() is not counted here."""
+        return (self.T - 1) * self.seq_len + (self.T - 2)
+
+    @torch.no_grad()
+    def complete(self, x: torch.Tensor, keep_mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Masked forward-backward process (ImageBART A.3, Eq. 10-12), m = ~keep_mask marks what to generate.
+
+        1. Masked forward process (Eq. 10) from x_1 to x_T: kept entries are copied, masked entries follow
+           q(x_T | x_1), which is uniform because beta_T = 1; so x_T = x_1 with noise on the masked entries.
+        2. Masked reverse chain (Eq. 11) for t = T..2: x_{t-1} ~ p^{t-1,m}(x_{t-1} | x_t), i.e. the decoder
+           samples masked entries and is teacher-forced with the kept ones (x_{t-1} = x_t = x_1 there).
+        3. `sample.completion_passes` forward-backward passes at t = 2 (Eq. 12, p^{1|1,m}):
+           x_2 ~ q^{2,m}(x_2 | x_1) (masked entries redrawn with prob. beta_2), then x_1 ~ p^{1,m}(x_1 | x_2).
+           For T = 2 the scale-2 model ignores x_2, so a pass would only draw an independent completion
+           of the same distribution (the TT trajectory of Fig. 5); the passes are skipped there.
+        Kept positions are never changed.
+        """
+        keep = keep_mask.to(torch.bool)
+        x = x.to(torch.long)
+        V = self.vocab_size
+        with _eval_mode(self):
+            noise = torch.randint(0, V, x.shape, generator=generator,
+                                  device=_generator_device(generator, x.device)).to(x.device)
+            x_t = torch.where(keep, x, noise)  # (B, L) x_T of the masked forward process
+            for t in range(self.T, 1, -1):
+                x_t = self.sample_scale(t, x_t, generator, keep_mask=keep, forced=x)
+            if self.T > 2:
+                for _ in range(self.sample_cfg.completion_passes):
+                    x2 = torch.where(keep, x_t, q_sample_onestep(x_t, self.betas[2], V, generator))
+                    x_t = self.sample_scale(2, x2, generator, keep_mask=keep, forced=x)
+        return torch.where(keep, x, x_t)
+
+
+def _nearest_width(target: float, count: Callable[[int], int], n_head: int, min_d: int = 16) -> int:
+    """The multiple of n_head (>= min_d) whose count is nearest to target (count grows with d)."""
+    lo = max(1, -(-min_d // n_head))
+    if count(lo * n_head) >= target:
+        return lo * n_head
+    hi = 2 * lo
+    while count(hi * n_head) < target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # count(lo) < target <= count(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid * n_head) < target else (lo, mid)
+    return min(lo, hi, key=lambda k: abs(count(k * n_head) - target)) * n_head
+
+
+def _plain(schedule: Any) -> Any:
+    """The schedule option as plain str / dict of float lists (OmegaConf containers are not picklable
+    everywhere), stored as given so that a checkpoint rebuilds exactly the same chain."""
+    if isinstance(schedule, str):
+        return schedule
+    return {str(k): [float(v) for v in vals] for k, vals in schedule.items()}
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Evaluate without dropout, then restore the caller's train/eval state."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

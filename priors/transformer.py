@@ -1,0 +1,306 @@
+"""The one transformer every prior is built from (nanoGPT-style, pre-LayerNorm).
+
+- AR prior (Taming Transformers): causal, no cross-attention.
+- ImageBART: a bidirectional encoder (vocab_out = 0, returns hidden states) and a
+  causal decoder that cross-attends to the encoder memory.
+- Absorbing diffusion (Unleashing Transformers): bidirectional, no cross-attention.
+
+Autoregressive sampling goes through a `KVCache`: the self-attention keys and
+values of every position seen so far, and the cross-attention keys and values of
+the memory (computed once, since the memory does not change while decoding).
+Without it, sampling L tokens recomputes the whole prefix at every step.
+
+Callers apply bf16 autocast on CUDA; nothing here casts to float32 explicitly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TransformerConfig:
+    vocab_in: int  # size of the input embedding table (V plus the prior's special ids)
+    vocab_out: int  # size of the output logits; 0 = no head, forward returns final hidden states (B, L, D)
+    seq_len: int  # number of learned positions (the longest sequence forward accepts)
+    n_layer: int  # number of transformer blocks
+    n_head: int  # attention heads per block; d_model must be a multiple of it
+    d_model: int  # width D of the residual stream
+    causal: bool  # causal self-attention (AR, ImageBART decoder) or bidirectional (absorbing, encoder)
+    cross_attn: bool = False  # every block also cross-attends to an encoder memory (B, M, D)
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches (training only)
+
+    def __post_init__(self):
+        if self.d_model % self.n_head != 0:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+
+
+class LayerKV:
+    """The cached keys/values of one block: self-attention grown step by step, cross-attention fixed."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # the model's seq_len: buffers are allocated once at this length
+        self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
+        self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
+        self.cross_k: torch.Tensor | None = None  # (B, H, M, hd), keys of the memory
+        self.cross_v: torch.Tensor | None = None  # (B, H, M, hd), values of the memory
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (B, H, l, hd) at [offset, offset + l); return all (B, H, offset + l, hd)."""
+        B, H, l, hd = k.shape
+        if self.k is None:
+            # Preallocated instead of torch.cat per step: concatenation would copy the whole
+            # cache at every token, O(L^2) memory traffic over one sample.
+            self.k = k.new_empty(B, H, self.capacity, hd)
+            self.v = v.new_empty(B, H, self.capacity, hd)
+        elif self.k.shape[0] != B:
+            raise ValueError(f"KVCache holds batch size {self.k.shape[0]}, got {B}; use a new cache")
+        self.k[:, :, offset:offset + l] = k
+        self.v[:, :, offset:offset + l] = v
+        return self.k[:, :, :offset + l], self.v[:, :, :offset + l]
+
+
+class KVCache:
+    """Per-layer self-attention K/V grown step by step, plus per-layer cross-attention K/V computed once.
+
+    `length` is the number of positions already held; the next forward call's
+    tokens sit at positions length, length + 1, ...
+    """
+
+    def __init__(self, n_layer: int, capacity: int):
+        self.capacity = capacity
+        self.layers = [LayerKV(capacity) for _ in range(n_layer)]
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.causal = cfg.causal
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None, offset: int = 0) -> torch.Tensor:
+        B, l, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, l, D)
+        q, k, v = (t.view(B, l, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, l, hd)
+        if kv is not None:
+            k, v = kv.append(k, v, offset)  # (B, H, offset + l, hd)
+        mask, is_causal = None, False
+        if self.causal and l > 1:
+            if offset == 0:
+                is_causal = True  # square score matrix: the built-in lower-triangular mask is right
+            else:
+                # Several new queries after a cached prefix: query i sits at offset + i and
+                # may see keys 0 .. offset + i (tril with a diagonal shift).
+                mask = torch.ones(l, offset + l, dtype=torch.bool, device=x.device).tril(diagonal=offset)
+        # A single new query (l == 1) may attend to every cached key: they all precede it.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
+        y = y.transpose(1, 2).reshape(B, l, D)  # (B, l, D)
+        return self.resid_drop(self.proj(y))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
+        B, l, D = x.shape
+        hd = D // self.n_head
+        q = self.q(x).view(B, l, self.n_head, hd).transpose(1, 2)  # (B, H, l, hd)
+        if kv is not None and kv.cross_k is not None:
+            k, v = kv.cross_k, kv.cross_v  # the memory is fixed while decoding: project it once
+        else:
+            if memory is None:
+                raise ValueError("cross_attn=True needs a memory (B, M, D) on the first call")
+            M = memory.shape[1]
+            k, v = self.kv(memory).split(D, dim=2)  # 2 x (B, M, D)
+            k, v = (t.view(B, M, self.n_head, hd).transpose(1, 2) for t in (k, v))  # (B, H, M, hd)
+            if kv is not None:
+                kv.cross_k, kv.cross_v = k, v
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
+        y = y.transpose(1, 2).reshape(B, l, D)  # (B, l, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))  # (B, l, 4D) inside, (B, l, D) out
+
+
+class Block(nn.Module):
+    """Pre-LN: x + SelfAttn(LN(x)); [x + CrossAttn(LN(x), memory)]; x + MLP(LN(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.ln_cross = nn.LayerNorm(cfg.d_model) if cfg.cross_attn else None
+        self.cross = CrossAttention(cfg) if cfg.cross_attn else None
+        self.ln_mlp = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                kv: LayerKV | None = None, offset: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), kv, offset)
+        if self.cross is not None:
+            x = x + self.cross(self.ln_cross(x), memory, kv)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_in, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_out, bias=False) if cfg.vocab_out > 0 else None
+        self.apply(self._init_weights)
+        # GPT-2 / nanoGPT: scale the residual projections by 1/sqrt(2 n_layer) so the residual
+        # stream's variance does not grow with depth at initialisation.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer, self.cfg.seq_len)
+
+    def forward(self, idx: torch.Tensor, memory: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, l, vocab_out), or hidden states (B, l, D) when vocab_out == 0.
+
+        With a cache, idx holds only the new positions (usually one); their positions
+        start after what the cache holds, and the memory's cross-attention K/V are
+        computed on the first call and reused (memory may be None afterwards).
+        """
+        B, l = idx.shape
+        offset = cache.length if cache is not None else 0
+        if offset + l > self.cfg.seq_len:
+            raise ValueError(f"sequence of {offset + l} positions exceeds seq_len={self.cfg.seq_len}")
+        if self.cfg.cross_attn and memory is None and (cache is None or cache.layers[0].cross_k is None):
+            raise ValueError("cross_attn=True needs a memory (B, M, D)")
+        pos = torch.arange(offset, offset + l, device=idx.device)  # (l,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, l, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, memory, cache.layers[i] if cache is not None else None, offset)  # (B, l, D)
+        x = self.ln_f(x)
+        if cache is not None:
+            cache.length = offset + l
+        return self.head(x) if self.head is not None else x  # (B, l, vocab_out) or (B, l, D)
+
+
+# ---- parameter budget ------------------------------------------------------
+
+def count_params(cfg: TransformerConfig) -> int:
+    """Trainable parameters of Transformer(cfg), built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(cfg).parameters() if p.requires_grad)
+
+
+def fit_d_model(budget: int, count: Callable[[int], int], n_head: int, min_d: int = 16,
+                what: str = "this model") -> int:
+    """The width d (a multiple of n_head, >= min_d) whose parameter count count(d) is closest to budget.
+
+    count(d) grows monotonically with d (quadratically), so a doubling search then a
+    bisection over multiples of n_head needs only O(log d) evaluations of count.
+    Raises ValueError when even the closest width is more than 10% off the budget
+    (in practice: a budget too small for the fixed depth, embeddings and head).
+    """
+    if budget <= 0:
+        raise ValueError(f"budget.params={budget} must be positive")
+    cache: dict[int, int] = {}
+
+    def n(k: int) -> int:  # parameter count at width k * n_head
+        if k not in cache:
+            cache[k] = int(count(k * n_head))
+        return cache[k]
+
+    k_lo = max(1, -(-min_d // n_head))  # smallest allowed multiple
+    if n(k_lo) >= budget:
+        k_best = k_lo
+    else:
+        lo, hi = k_lo, 2 * k_lo  # invariant: n(lo) < budget
+        while n(hi) < budget:
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:  # smallest k with n(k) >= budget lies in (lo, hi]
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if n(mid) < budget else (lo, mid)
+        k_best = min((lo, hi), key=lambda k: abs(n(k) - budget))
+    d, got = k_best * n_head, n(k_best)
+    if abs(got - budget) > 0.1 * budget:
+        raise ValueError(f"budget.params={budget} is too small for {what}: the closest width d_model={d} "
+                         f"has {got} parameters ({(got - budget) / budget:+.0%}; at most 10% allowed)")
+    return d
+
+
+# ---- sampling from logits -----------------------------------------------------
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus (smallest set with mass >= top_p)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+        probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped when the tokens ranked above it already reach top_p: what remains
+        # is the smallest prefix of the ranking whose mass is >= top_p (the top token always stays).
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B,) int64; temperature, then top-k, then top-p."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax/cumsum of a bf16 head output would distort the tail
+    logits = filter_logits(logits / temperature, top_k, top_p)  # (B, V)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Reject sampling settings that would silently do something else."""
+    if not temperature > 0:
+        raise ValueError(f"prior.sample.temperature={temperature} must be > 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"prior.sample.top_k={top_k} must be >= 1 or null")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"prior.sample.top_p={top_p} must be in (0, 1] or null")

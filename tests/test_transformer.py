@@ -1,0 +1,194 @@
+"""The shared transformer: causality, KV cache == full recompute, budget fitting, logit filters."""
+import itertools
+
+import pytest
+import torch
+
+from priors.transformer import (Transformer, TransformerConfig, count_params, filter_logits, fit_d_model,
+                                sample_logits)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    thread pool's spin-waiting makes them 10-100x slower; restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(causal=True, cross_attn=False, vocab_out=11, seq_len=12, n_layer=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_in=13, vocab_out=vocab_out, seq_len=seq_len, n_layer=n_layer, n_head=2,
+                            d_model=16, causal=causal, cross_attn=cross_attn)
+    model = Transformer(cfg).eval()
+    # Larger weights than the 0.02 init so that every position's output visibly depends on its inputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("j", [0, 3, 11])
+def test_causal_outputs_depend_only_on_the_past(j):
+    model = tiny(causal=True)
+    idx = torch.randint(0, 13, (3, 12), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, j] = (changed[:, j] + 1) % 13
+    with torch.no_grad():
+        a, b = model(idx), model(changed)  # (B, L, V)
+    assert torch.equal(a[:, :j], b[:, :j])  # bit-identical: the change cannot reach earlier rows
+    diff = (a - b).abs().amax(dim=(0, 2))  # (L,)
+    assert diff[j] > 1e-3  # the changed position's own output moves
+    assert (diff[j:] > 1e-4).all()  # ... and every later one sees it
+
+
+def test_bidirectional_outputs_see_the_future():
+    model = tiny(causal=False)
+    idx = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(2))
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % 13
+    with torch.no_grad():
+        diff = (model(idx) - model(changed)).abs().amax(dim=(0, 2))  # (L,)
+    assert (diff > 1e-4).all()
+
+
+def cached_forward(model, idx, chunks, memory=None, memory_every_call=False):
+    """Feed idx through a KV cache in chunks of the given lengths; concatenate the outputs."""
+    cache, outs, pos = model.new_cache(), [], 0
+    for i, n in enumerate(chunks):
+        mem = memory if (i == 0 or memory_every_call) else None
+        outs.append(model(idx[:, pos:pos + n], memory=mem, cache=cache))
+        pos += n
+    assert cache.length == pos == idx.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [3, 1, 4, 1, 3], [12]])
+def test_kv_cache_equals_full_forward_self_attention(chunks):
+    model = tiny(causal=True)
+    idx = torch.randint(0, 13, (4, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+        cached = cached_forward(model, idx, chunks)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 6]])
+@pytest.mark.parametrize("memory_every_call", [False, True])
+def test_kv_cache_equals_full_forward_cross_attention(chunks, memory_every_call):
+    model = tiny(causal=True, cross_attn=True)
+    idx = torch.randint(0, 13, (4, 12), generator=torch.Generator().manual_seed(4))
+    memory = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(5))  # (B, M, D)
+    with torch.no_grad():
+        full = model(idx, memory=memory)
+        cached = cached_forward(model, idx, chunks, memory, memory_every_call)
+        other = model(idx, memory=torch.randn_like(memory))
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert (other - full).abs().amax() > 1e-3  # the memory is actually attended to
+
+
+def test_cross_attention_needs_memory():
+    model = tiny(causal=True, cross_attn=True)
+    with pytest.raises(ValueError, match="memory"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_encoder_returns_hidden_states_and_cache_respects_seq_len():
+    enc = tiny(causal=False, vocab_out=0)
+    idx = torch.randint(0, 13, (2, 12))
+    assert enc(idx).shape == (2, 12, 16)  # (B, L, D)
+    model = tiny(causal=True)
+    cache = model.new_cache()
+    model(idx, cache=cache)
+    with pytest.raises(ValueError, match="seq_len"):
+        model(idx[:, :1], cache=cache)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    model = tiny(causal=True, cross_attn=True)
+    idx = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(6))
+    memory = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = model(idx, memory=memory)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(idx, memory=memory)
+            cached = cached_forward(model, idx, [4, 1, 7], memory)
+    assert full.dtype == torch.bfloat16 and cached.dtype == torch.bfloat16
+    scale = ref.abs().amax()
+    assert (full.float() - ref).abs().amax() < 0.05 * scale
+    assert (cached.float() - ref).abs().amax() < 0.05 * scale
+
+
+def test_count_params_matches_a_real_model():
+    for cross_attn, vocab_out in [(False, 11), (True, 0)]:
+        model = tiny(cross_attn=cross_attn, vocab_out=vocab_out)
+        assert count_params(model.cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("budget", [200_000, 1_000_000, 5_000_000, 85_000_000])
+def test_fit_d_model_is_within_ten_percent_and_closest(budget):
+    n_head = 4
+
+    def count(d):
+        return count_params(TransformerConfig(vocab_in=1025, vocab_out=1024, seq_len=256, n_layer=4,
+                                              n_head=n_head, d_model=d, causal=True))
+
+    d = fit_d_model(budget, count, n_head)
+    assert d % n_head == 0
+    assert abs(count(d) - budget) <= 0.1 * budget
+    # Closest among the neighbouring widths (count is monotone, so these are the only rivals).
+    for other in (d - n_head, d + n_head):
+        if other >= n_head:
+            assert abs(count(d) - budget) <= abs(count(other) - budget)
+
+
+def test_fit_d_model_raises_for_a_tiny_budget():
+    def count(d):
+        return count_params(TransformerConfig(vocab_in=1025, vocab_out=1024, seq_len=256, n_layer=4,
+                                              n_head=4, d_model=d, causal=True))
+
+    with pytest.raises(ValueError, match=r"budget.params=5000 is too small for"):
+        fit_d_model(5000, count, 4)
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.5, 0.3]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    """Brute force: the kept set has mass >= p and no smaller set of tokens reaches p."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        logits = torch.randn(6, generator=g, dtype=torch.float64) * 2
+        probs = logits.softmax(-1)
+        for p in (0.05, 0.3, 0.5, 0.75, 0.9, 0.99):
+            kept = torch.isfinite(filter_logits(logits[None], top_p=p))[0]
+            assert probs[kept].sum() >= p
+            min_size = min(len(s) for r in range(1, 7) for s in itertools.combinations(range(6), r)
+                           if probs[list(s)].sum() >= p)
+            assert int(kept.sum()) == min_size
+            # ... and it is made of the most probable tokens.
+            assert probs[kept].min() >= probs[~kept].max() if (~kept).any() else True
+
+
+def test_top_p_known_case():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    kept = lambda p: torch.isfinite(filter_logits(probs.log(), top_p=p))[0].tolist()  # noqa: E731
+    assert kept(0.45) == [False, True, False, False]
+    assert kept(0.75) == [False, True, False, True]
+    assert kept(0.9) == [True, True, False, True]
+    assert kept(1.0) == [True, True, True, True]
+
+
+def test_sample_logits_follows_temperature():
+    logits = torch.tensor([0.0, 1.0, 2.0]).expand(20000, 3)
+    g = torch.Generator().manual_seed(8)
+    for temperature in (0.5, 2.0):
+        tokens = sample_logits(logits, temperature=temperature, generator=g)
+        freq = torch.bincount(tokens, minlength=3).double() / 20000
+        expected = (logits[0].double() / temperature).softmax(-1)
+        assert (freq - expected).abs().max() < 4 * (0.25 / 20000) ** 0.5
