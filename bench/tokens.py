@@ -1,0 +1,217 @@
+"""Tokenizer and shared token cache stages.
+
+tokenizer: a VQGAN trained here (`tokenizer=vqgan_tiny`) or a released
+taming-transformers checkpoint (`tokenizer=taming`).
+tokens: the train/val images encoded once, remapped to the effective codebook
+(ImageBART appendix A.1.1), with the tokenizer's reconstruction quality.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from bench.cache import atomic_torch_save, cached_stage, content_key, read_meta
+from bench.data import ImageData
+from bench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_KINDS = ("vqgan", "taming")
+
+
+@dataclass
+class TokenSet:
+    train: torch.Tensor  # (N_train, L) int64 in [0, K_eff)
+    val: torch.Tensor  # (N_val, L) int64 in [0, K_eff)
+    vocab_size: int  # K_eff, the vocabulary every prior sees
+    grid: tuple[int, int]  # (h, w), L = h * w
+    key: str  # tokens cache key
+    tokenizer_key: str
+    meta: dict[str, Any]
+    inverse: torch.Tensor  # (K_eff,) original codebook index of each effective id
+    directory: Path
+
+
+def _dataclass_from(cls, cfg: Any, option: str):
+    values = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{option}.{unknown[0]} is not a known option (known: {', '.join(sorted(names))})")
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{option}: {e}") from None
+
+
+def validate_tokenizer(cfg: Any) -> None:
+    kind = cfg.get("kind")
+    if kind not in TOKENIZER_KINDS:
+        raise ConfigError(f"tokenizer.kind={kind} is not one of: {', '.join(TOKENIZER_KINDS)}")
+    if kind == "taming":
+        for opt in ("ckpt", "config"):
+            value = cfg.get(opt)
+            if value in (None, "", "???"):
+                raise ConfigError(f"tokenizer.{opt} is required for tokenizer=taming")
+            if not Path(str(value)).expanduser().is_file():
+                raise ConfigError(f"tokenizer.{opt}={value}: file not found")
+
+
+def tokenizer_key(cfg: Any, data: ImageData) -> str:
+    if cfg.kind == "taming":
+        ckpt, conf = (Path(str(cfg.ckpt)).expanduser().resolve(), Path(str(cfg.config)).expanduser().resolve())
+        st = ckpt.stat()
+        # Path, size and mtime stand in for the content of a multi-GB checkpoint.
+        return content_key("tokenizer-taming-v1", data.key, str(ckpt), st.st_size, st.st_mtime_ns,
+                           conf.read_text())
+    return content_key("tokenizer-vqgan-v1", data.key, OmegaConf.to_container(cfg, resolve=True))
+
+
+def images_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], the VQGAN's input range."""
+    x = torch.as_tensor(images)
+    return x.float().div(127.5).sub(1.0)
+
+
+def unit_to_images(x: torch.Tensor) -> torch.Tensor:
+    """float in about [-1, 1] -> uint8 (B, 3, H, W)."""
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def load_tokenizer(tok_dir: Path, cfg: Any, device: str = "cpu"):
+    """The tokenizer model of a finished tokenizer stage, in eval mode."""
+    from bench.vqgan import VQGANConfig, VQModel, load_taming_vqgan
+
+    if cfg.kind == "taming":
+        model = load_taming_vqgan(str(Path(str(cfg.ckpt)).expanduser()), str(Path(str(cfg.config)).expanduser()))
+    else:
+        ckpt = torch.load(tok_dir / "model.pt", map_location="cpu", weights_only=True)
+        model = VQModel(VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in ckpt["config"].items()}))
+        model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()
+
+
+def build_tokenizer(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu") -> tuple[Path, str]:
+    key = tokenizer_key(cfg, data)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        if cfg.kind == "taming":
+            # Nothing to train: the stage records which checkpoint the key stands for.
+            return {"kind": "taming", "ckpt": str(cfg.ckpt), "config": str(cfg.config)}
+        from bench.vqgan import VQGANConfig, VQModel
+        from bench.vqgan_train import VQGANTrainConfig, train_vqgan
+
+        model_cfg = _dataclass_from(VQGANConfig, cfg.model, "tokenizer.model")
+        if model_cfg.resolution != data.train.shape[-1]:
+            raise ConfigError(f"tokenizer.model.resolution={model_cfg.resolution} does not match "
+                              f"data.resolution={data.train.shape[-1]}")
+        train_cfg = _dataclass_from(VQGANTrainConfig, cfg.train, "tokenizer.train")
+        torch.manual_seed(train_cfg.seed)
+        model = VQModel(model_cfg)
+        log.info("tokenizer: training a VQGAN (%.2fM parameters) for %d steps on %d images",
+                 sum(p.numel() for p in model.parameters()) / 1e6, train_cfg.steps, len(data.train))
+        t0 = time.time()
+        stats = train_vqgan(model, torch.from_numpy(data.train), train_cfg, device=device)
+        seconds = time.time() - t0
+        atomic_torch_save({"config": asdict(model_cfg), "state_dict": {k: v.cpu() for k, v in
+                                                                        model.state_dict().items()}},
+                          tmp / "model.pt")
+        return {"kind": "vqgan", "train_seconds": seconds, "train_stats": stats}
+
+    d = cached_stage(cache_root, "tokenizer", key, build, what="tokenizer")
+    return d, key
+
+
+@torch.inference_mode()
+def encode_images(model, images: np.ndarray, batch_size: int, device: str, desc: str) -> torch.Tensor:
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        x = images_to_unit(images[i:i + batch_size]).to(device)
+        out.append(model.encode_to_indices(x).flatten(1).cpu())  # (B, L)
+    return torch.cat(out).long()
+
+
+@torch.inference_mode()
+def decode_tokens(model, tokens: torch.Tensor, inverse: torch.Tensor, grid: tuple[int, int],
+                  batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
+    """Effective-codebook tokens (N, L) -> uint8 images (N, 3, H, W)."""
+    out = []
+    inverse = inverse.to(device)
+    for i in range(0, len(tokens), batch_size):
+        idx = inverse[tokens[i:i + batch_size].to(device)].view(-1, *grid)  # (B, h, w) original codes
+        out.append(unit_to_images(model.decode_indices(idx)).cpu())
+    return torch.cat(out)
+
+
+def effective_codebook(train_codes: torch.Tensor, n_embed: int, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageBART appendix A.1.1: drop codes unused on the train split.
+
+    Returns (remap (n_embed,) original -> effective id, inverse (K_eff,) effective -> original).
+    Codes never seen in training (they can appear in validation or in new images) map
+    to a random used code, as the paper does.
+    """
+    used = torch.unique(train_codes)  # sorted original ids
+    remap = torch.empty(n_embed, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    remap[:] = torch.randint(len(used), (n_embed,), generator=g)
+    remap[used] = torch.arange(len(used))
+    return remap, used.clone()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-image PSNR in dB between uint8 image batches."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(255.0 ** 2 / mse)).mean())
+
+
+def build_tokens(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu") -> TokenSet:
+    tok_dir, tok_key = build_tokenizer(cfg, data, cache_root, device)
+    key = content_key("tokens-v1", tok_key)
+    batch_size = int(cfg.get("encode_batch_size", 64))
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = load_tokenizer(tok_dir, cfg, device)
+        n_embed = model.cfg.n_embed
+        t0 = time.time()
+        train_codes = encode_images(model, data.train, batch_size, device, "encode train")
+        val_codes = encode_images(model, data.val, batch_size, device, "encode val")
+        remap, inverse = effective_codebook(train_codes, n_embed)
+        train, val = remap[train_codes], remap[val_codes]
+        k_eff = len(inverse)
+        counts = torch.bincount(train.flatten(), minlength=k_eff).double()
+        p = counts / counts.sum()
+        perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+        grid = tuple(model.grid)
+        recon = decode_tokens(model, val, inverse, grid, batch_size, device)
+        torch.save({"train": train, "val": val, "remap": remap, "inverse": inverse}, tmp / "tokens.pt")
+        np.save(tmp / "val_reconstructions.npy", recon.numpy())
+        return {
+            "vocab_size": k_eff, "n_embed": n_embed, "grid": list(grid), "tokenizer_key": tok_key,
+            "n_train": len(train), "n_val": len(val),
+            "recon_psnr": psnr(recon, torch.from_numpy(data.val)),
+            "codebook_usage": k_eff / n_embed, "codebook_perplexity": perplexity,
+            "encode_seconds": time.time() - t0,
+        }
+
+    d = cached_stage(cache_root, "tokens", key, build, what="tokens")
+    meta = read_meta(d)
+    blob = torch.load(d / "tokens.pt", map_location="cpu", weights_only=True)
+    ts = TokenSet(blob["train"], blob["val"], int(meta["vocab_size"]), tuple(meta["grid"]), key, tok_key,
+                  meta, blob["inverse"], d)
+    log.info("tokens: K_eff=%d of %d codes (usage %.1f%%, perplexity %.1f), grid %dx%d, val PSNR %.2f dB",
+             ts.vocab_size, meta["n_embed"], 100 * meta["codebook_usage"], meta["codebook_perplexity"],
+             *ts.grid, meta["recon_psnr"])
+    return ts

@@ -1,0 +1,225 @@
+"""The training loop shared by every prior: AdamW, warm-up + cosine, gradient
+clipping, EMA weights, validation NLL with the best checkpoint kept, and
+resumable checkpoints (model, EMA, optimizer, scheduler, step, RNG and data
+position) written atomically.
+
+A prior is trained unit by unit (`Prior.units()`): AR and absorbing have one,
+ImageBART one per scale. Each unit gets `train.steps` steps of `train.batch_size`
+sequences, so every model sees the same compute (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.cache import atomic_torch_save
+from priors.base import Prior
+
+log = logging.getLogger(__name__)
+
+CKPT_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was written, the job should exit for requeue."""
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGUSR1 (what SLURM sends before preemption) into a flag read between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread (joblib workers): signals stay default
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
+    for k, v in module.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def bits_per_token(loss: torch.Tensor, logs: dict[str, float]) -> float:
+    """The unit's likelihood term in bits per token: what a prior logs as `*bits_per_token` (absorbing: its Eq. 6
+    ELBO, not the reweighted training loss), else the loss in nats converted to bits."""
+    keys = sorted((k for k in logs if k.endswith("bits_per_token")), key=lambda k: not k.startswith("elbo"))
+    return float(logs[keys[0]]) if keys else float(loss) / math.log(2)
+
+
+@torch.no_grad()
+def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int, batches: int,
+                    seed: int, device: torch.device, precision: str) -> float:
+    """The unit's validation NLL (or its ELBO term) in bits per token on fixed batches with a fixed noise seed, so
+    checks at different steps compare."""
+    module = prior.units()[unit]
+    was_training = module.training
+    module.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    total, n = 0.0, 0
+    for i in range(batches):
+        x = val[i * batch_size:(i + 1) * batch_size]
+        if len(x) == 0:
+            break
+        with autocast(device, precision):
+            loss, logs = prior.unit_loss(unit, x.to(device), generator=g)
+        total += bits_per_token(loss, logs) * len(x)
+        n += len(x)
+    module.train(was_training)
+    return total / max(1, n)
+
+
+def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int,
+               work_dir: Path, device: torch.device, precision: str = "auto",
+               log_fn: Callable[[dict[str, float], int], None] | None = None,
+               stop_after: int | None = None) -> dict[str, Any]:
+    """Train one unit to `cfg.steps`, resuming from `work_dir/<unit>.ckpt` if present.
+
+    Returns {"state_dict": best EMA weights, "best_val": ..., "best_step": ..., "seconds": ...}.
+    `stop_after` ends the run early after that many steps (tests of resume).
+    """
+    module = prior.units()[unit]
+    ckpt_path = Path(work_dir) / f"{unit}.ckpt"
+    steps, bs = int(cfg.steps), int(cfg.batch_size)
+    decay_params = [p for n, p in module.named_parameters() if p.dim() >= 2]
+    other_params = [p for n, p in module.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": float(cfg.weight_decay)},
+                             {"params": other_params, "weight_decay": 0.0}],
+                            lr=float(cfg.lr), betas=tuple(cfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, int(cfg.warmup_steps), steps, float(cfg.min_lr_ratio)))
+    ema = {k: v.detach().clone().float() if v.dtype.is_floating_point else v.detach().clone()
+           for k, v in module.state_dict().items()}
+    # One generator draws the batches (the data-loader position), one the noise of the losses.
+    data_gen = torch.Generator().manual_seed(seed * 1000 + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 2)
+    step, best_val, best_step, best_state, seconds = 0, float("inf"), -1, None, 0.0
+
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("arch") != prior.arch_config() or state.get("unit") != unit:
+            raise TrainingError(f"checkpoint {ckpt_path} was written by a different prior configuration")
+        module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema = state["ema"]
+        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+        best_state, seconds = state["best_state"], state["seconds"]
+        data_gen.set_state(state["data_gen"])
+        noise_gen.set_state(state["noise_gen"].to(noise_gen.get_state().device))
+        torch.set_rng_state(state["torch_rng"])
+        log.info("%s: resumed from %s at step %d/%d", unit, ckpt_path, step, steps)
+
+    def save() -> None:
+        atomic_torch_save({
+            "version": CKPT_VERSION, "arch": prior.arch_config(), "unit": unit,
+            "model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema, "step": step, "best_val": best_val, "best_step": best_step, "best_state": best_state,
+            "seconds": seconds, "data_gen": data_gen.get_state(), "noise_gen": noise_gen.get_state().cpu(),
+            "torch_rng": torch.get_rng_state(),
+        }, ckpt_path)
+
+    def validate() -> float:
+        nonlocal best_val, best_step, best_state
+        live = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(ema)
+        v = validation_bits(prior, unit, val, bs, int(cfg.val_batches), seed, device, precision)
+        module.load_state_dict(live)
+        if v < best_val:
+            best_val, best_step = v, step
+            best_state = {k: t.clone() for k, t in ema.items()}
+        return v
+
+    module.train()
+    bar = tqdm(total=steps, initial=step, desc=f"train {prior.name}:{unit}", unit="step", leave=False)
+    with _StopFlag() as stop:
+        while step < steps:
+            t0 = time.perf_counter()
+            idx = torch.randint(len(train), (bs,), generator=data_gen)
+            x = train[idx].to(device, non_blocking=True)
+            with autocast(device, precision):
+                loss, logs = prior.unit_loss(unit, x, generator=noise_gen)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1} of {prior.name}:{unit}; "
+                                    f"last good checkpoint kept at {ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), float(cfg.grad_clip))
+            opt.step()
+            sched.step()
+            ema_update(ema, module, float(cfg.ema_decay))
+            step += 1
+            dt = time.perf_counter() - t0
+            seconds += dt
+            tokens_per_s = x.numel() / max(dt, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            record = {f"train/{unit}/loss": loss_value, f"train/{unit}/lr": sched.get_last_lr()[0],
+                      f"train/{unit}/grad_norm": float(grad_norm), f"train/{unit}/tokens_per_s": tokens_per_s}
+            record.update({f"train/{unit}/{k}": v for k, v in logs.items()})
+            if step % int(cfg.val_every) == 0 or step == steps:
+                record[f"val/{unit}/bits_per_token"] = validate()
+                bar.write(f"{prior.name}:{unit} step {step}: val {record[f'val/{unit}/bits_per_token']:.4f} "
+                          "bits/token")
+            if log_fn is not None:
+                log_fn(record, step)
+            if step % int(cfg.ckpt_every) == 0 or step == steps:
+                save()
+            if stop.signum is not None:
+                save()
+                bar.close()
+                raise Preempted(f"signal {stop.signum} at step {step} of {prior.name}:{unit}; "
+                                f"checkpoint written to {ckpt_path}")
+            if stop_after is not None and step >= stop_after and step < steps:
+                save()
+                bar.close()
+                return {"stopped_at": step}
+    bar.close()
+    if best_state is None:  # steps == 0
+        best_state = copy.deepcopy(ema)
+    return {"state_dict": best_state, "best_val": best_val, "best_step": best_step, "seconds": seconds,
+            "steps": step}
