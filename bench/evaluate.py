@@ -92,9 +92,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """uint8 (N, 3, H, W) -> one PNG grid."""
-    grid = make_grid(images.float(), nrow=nrow, padding=1, pad_value=255).round().clamp(0, 255).byte()
+def save_grid(images: torch.Tensor, path: Path, nrow: int, min_tile: int = 96) -> None:
+    """uint8 (N, 3, H, W) -> one PNG grid; small images are enlarged (nearest) so a grid is readable in a paper."""
+    scale = max(1, min_tile // images.shape[-1])
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = make_grid(images.float(), nrow=nrow, padding=2, pad_value=255).round().clamp(0, 255).byte()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 

@@ -93,7 +93,8 @@ def aggregate(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             groups[point_of(r)].append(r)
     rows = []
     for (prior, T), rs in groups.items():
-        row = {"prior": prior, "T": T, "n_seeds": len(rs), "nll_kind": rs[0].get("nll_kind")}
+        row = {"prior": prior, "T": T, "n_seeds": len(rs), "nll_kind": rs[0].get("nll_kind"),
+               "batch_size": rs[0].get("batch_size")}
         for key, *_ in COLUMNS:
             row[key] = mean_std([r.get(key) for r in rs])
         row["unavailable"] = {k: v for r in rs for k, v in (r.get("unavailable") or {}).items()}
@@ -197,7 +198,12 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
                 if r["T"] is not None:
                     ax.annotate(f"T={r['T']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("seconds per image (token generation, batch 50)")
+        from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
+        ax.xaxis.set_major_formatter(LogFormatterSciNotation())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        batch = pts[0].get("batch_size")
+        ax.set_xlabel("seconds per image (token generation" + (f", batch {batch})" if batch else ")"))
         ax.set_ylabel("FID ↓")
         ax.set_title("Quality vs sampling speed")
         ax.grid(alpha=0.3)

@@ -1,0 +1,119 @@
+"""End-to-end runs of bench/run.py on the smoke preset, and its one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from bench.pipeline import RESULT_KEYS
+from tests.clitools import job_results, popen_cli, run_cli
+
+SMOKE = ["experiment=smoke", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for this module: the tokenizer is trained once, by the first test that needs it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
+    first = run_cli(SMOKE + ["stage=tokens", f"paths.cache={shared_cache}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = first.stdout + first.stderr
+    assert "training a VQGAN" in log
+    assert re.search(r"K_eff=\d+ of 64 codes \(usage [\d.]+%, perplexity [\d.]+\), grid 8x8, val PSNR [\d.]+ dB", log)
+    [r] = job_results(tmp_path / "outputs")
+    assert r["status"] == "ok" and r["fid"] is None and r["tokens_key"]
+    tok = r["tokenizer"]
+    assert 1 < tok["vocab_size"] <= 64 and tok["grid"] == [8, 8] and tok["recon_psnr"] > 5
+    assert tok["recon_fid"] is not None and tok["recon_fid"] > 0
+
+    second = run_cli(SMOKE + ["stage=tokens", f"paths.cache={shared_cache}"], cwd=tmp_path / "outputs")
+    assert second.returncode == 0, second.stderr[-3000:]
+    log2 = second.stdout + second.stderr
+    assert "training a VQGAN" not in log2
+    for stage in ("data", "tokenizer", "tokens", "reference features", "reconstruction FID"):
+        assert f"{stage}: reusing cache" in log2
+
+
+def test_two_processes_on_an_empty_cache_train_the_tokenizer_once(tmp_path):
+    cache = tmp_path / "cache"
+    procs = [popen_cli(SMOKE + ["stage=tokens", f"paths.cache={cache}", f"hydra.run.dir=out{i}"], cwd=tmp_path)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert sum(o.count("training a VQGAN") for o in outs) == 1
+    assert sum("built by a parallel job" in o for o in outs) >= 1
+    keys = {json.loads((tmp_path / f"out{i}" / "results.json").read_text())["tokens_key"] for i in range(2)}
+    assert len(keys) == 1
+
+
+@pytest.mark.parametrize("prior", ["ar", "imagebart", "absorbing"])
+def test_one_job_writes_complete_results(shared_cache, tmp_path, prior):
+    p = run_cli(SMOKE + [f"prior={prior}", "T=3", f"paths.cache={shared_cache}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [r] = job_results(tmp_path / "outputs")
+    assert set(RESULT_KEYS) <= set(r)
+    assert r["status"] == "ok" and r["error"] is None
+    assert r["prior"] == prior and r["T"] == 3 and r["train_steps"] == 30
+    for key in ("fid", "kid_mean", "precision", "recall", "density", "coverage", "completion_fid",
+                "nll_bits_per_token", "sample_seconds_per_image", "samples_per_second", "params", "nfe"):
+        assert isinstance(r[key], (int, float)), key
+    assert r["is_mean"] is None and "logits" in r["unavailable"]["is_mean"]
+    assert r["nll_kind"] == ("exact" if prior == "ar" else "elbo")
+    assert r["nfe"] == {"ar": 64, "imagebart": 2 * 64 + 1, "absorbing": 3}[prior]
+    assert abs(r["params"] - 150000) <= 15000
+    job = tmp_path / "outputs"
+    assert list(job.rglob("samples_grid.png")) and list(job.rglob("completion_grid.png"))
+    assert not list(job.rglob("wandb"))
+
+
+def _folder_with(tmp_path, files: dict[str, bytes]):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return d
+
+
+BAD_INPUTS = [
+    (["prior=foo"], r"prior=foo is not one of: absorbing, ar, imagebart"),
+    (["data=nope"], r"data=nope is not one of: emoji, folder"),
+    (["tokenizer=nope"], r"tokenizer=nope is not one of: taming, vqgan_tiny"),
+    (["prior=imagebart", "T=1"], r"T=1: imagebart needs an integer chain length T >= 2"),
+    (["prior=imagebart", "T=2.5"], r"T=2.5 must be an integer"),
+    (["prior=imagebart", "T=3", "prior.schedule={betas:[1.0]}"],
+     r"prior.schedule.betas has 1 values, T=3 needs T-1=2"),
+    (["prior=imagebart", "T=3", "prior.schedule={betas:[0.5,0.5]}"],
+     r"prior.schedule.betas=\[0.5, 0.5\]: the last beta \(beta_T\) must be 1"),
+    (["prior=imagebart", "T=3", "prior.schedule={betas:[1.5,1.0]}"],
+     r"prior.schedule.betas=\[1.5, 1.0\]: every beta must lie in \(0, 1\]"),
+    (["prior=imagebart", "T=9", "budget.params=20000"], r"budget.params=20000 is too small for imagebart T=9"),
+    (["prior=absorbing", "budget.params=2000"], r"budget.params=2000 is too small"),
+    (["eval.num_samples=1"], r"eval.num_samples=1 must be at least 2"),
+    (["stage=everything"], r"stage=everything is not one of: tokens, train, all"),
+    (["data=folder", "data.path=/no/such/folder"], r"data.path=/no/such/folder: no such folder"),
+    (["data=folder", "data.path=EMPTY"], r"data.path=.*imgs: no images"),
+    (["tokenizer=taming", "tokenizer.ckpt=/no/such.ckpt", "tokenizer.config=/no/such.yaml"],
+     r"tokenizer.ckpt=/no/such.ckpt: file not found"),
+    (["logger=wandb", "wandb.mode=sometimes"], r"wandb.mode=sometimes is not one of: offline, online, disabled"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_error_before_any_work(tmp_path, args, message):
+    if any("EMPTY" in a for a in args):
+        empty = _folder_with(tmp_path, {"readme.txt": b"no images"})
+        args = [a.replace("EMPTY", str(empty)) for a in args]
+    cache = tmp_path / "cache"
+    p = run_cli(["experiment=smoke", "logger=none", f"paths.cache={cache}", *args], cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    err_lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(err_lines) == 1, p.stderr[-2000:]
+    assert re.search(message, err_lines[0]), err_lines[0]
+    assert "Traceback" not in p.stderr
+    # Nothing was computed: no cache stage was started.
+    assert not cache.exists() or not any(cache.iterdir())
