@@ -1,0 +1,269 @@
+"""Training the VQGAN tokenizer as taming-transformers does (`VQLPIPSWithDiscriminator`).
+
+Loss of the autoencoder (Taming Transformers, Esser et al. CVPR 2021, Eq. 4-7):
+    L = |x - x_rec|_1 + w_p * LPIPS(x, x_rec)          (rec. term of Eq. 4, perceptual loss Sec. 3.1)
+      + codebook_weight * L_vq                          (Eq. 4, computed in the quantizer)
+      + lambda * disc_factor * L_G,  L_G = -E[D(x_rec)] (Eq. 5/6 with taming's hinge GAN)
+    lambda = ||grad_GL[L_rec]|| / (||grad_GL[L_G]|| + 1e-4) * disc_weight (Eq. 7; GL = decoder's last layer)
+and of the PatchGAN discriminator the hinge loss 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]).
+The GAN terms switch on after `disc_start` steps, as taming's `adopt_weight`.
+
+LPIPS: the `lpips` package ships its linear heads, but its VGG16 backbone comes from
+torchvision's download cache. We never download: the perceptual term is on only when
+`vgg16-397923af.pth` is already in the torch hub checkpoint folder (and perceptual_weight > 0).
+
+Deviations from taming, for CPU budgets (none changes the loss):
+- Before `disc_start` the discriminator is neither run nor updated (taming runs it and multiplies
+  its terms by 0; only its BatchNorm running statistics differ, which a train-mode D never reads).
+- The discriminator step reuses the generator step's reconstruction (detached) instead of a second
+  forward pass with the just-updated autoencoder.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from bench.vqgan import VQModel
+
+# torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads
+VGG16_FILE = "vgg16-397923af.pth"
+
+
+@dataclass
+class VQGANTrainConfig:
+    steps: int  # optimizer steps of the autoencoder (and of the discriminator after disc_start)
+    batch_size: int  # images per step
+    lr: float  # Adam learning rate of both optimizers (taming: base_lr * batch_size * gpus)
+    disc_start: int  # step from which the GAN terms are on (taming's disc_start / adopt_weight)
+    disc_weight: float  # scale of the adaptive GAN weight, Eq. 7 (taming: 0.8 for f16 models)
+    codebook_weight: float  # weight of the VQ loss, Eq. 4 (taming: 1.0)
+    perceptual_weight: float  # weight of LPIPS when its VGG weights are cached locally (taming: 1.0)
+    seed: int  # seeds batch order and discriminator init
+    disc_ndf: int = 64  # discriminator width (taming: 64)
+    disc_num_layers: int = 3  # stride-2 conv layers of the PatchGAN (taming: 3)
+    disc_factor: float = 1.0  # GAN term multiplier once on (taming: 1.0)
+    log_every: int = 10  # steps between calls of the `log` callback
+
+
+# ---- LPIPS availability ----------------------------------------------------------------------
+
+def vgg16_weights_path() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+
+
+def lpips_available() -> bool:
+    """Whether LPIPS can run with real weights without a download (include it in cache keys)."""
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.isfile(vgg16_weights_path())
+
+
+def build_lpips() -> nn.Module | None:
+    """The VGG LPIPS of Zhang et al. 2018 (as taming's), or None when its backbone is not on disk."""
+    if not lpips_available():
+        return None
+    import lpips
+
+    net = lpips.LPIPS(net="vgg", verbose=False).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+# ---- discriminator ---------------------------------------------------------------------------
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator of pix2pix, as taming's (BatchNorm, LeakyReLU(0.2), 4x4 kernels).
+
+    Output: one logit per overlapping patch, (B, 1, h', w'). Names (`main.k.weight`) are taming's."""
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        kw, padw = 4, 1
+        # convs followed by BatchNorm carry no bias (BatchNorm's shift replaces it)
+        layers: list[nn.Module] = [nn.Conv2d(input_nc, ndf, kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2 ** n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, kw, stride=2, padding=padw, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        prev, mult = mult, min(2 ** n_layers, 8)
+        layers += [nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=False),
+                   nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True),
+                   nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw)]
+        self.main = nn.Sequential(*layers)
+        self.apply(weights_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)  # (B, 1, h', w')
+
+
+def weights_init(m: nn.Module) -> None:
+    """DCGAN init, as taming: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02) and shift 0."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.constant_(m.bias, 0)
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge discriminator loss (Lim & Ye 2017), taming's default GAN loss."""
+    return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
+
+
+def adopt_weight(weight: float, step: int, threshold: int, value: float = 0.0) -> float:
+    """`weight` from step `threshold` on, `value` before (taming's warm-up switch for the GAN)."""
+    return value if step < threshold else weight
+
+
+def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                              disc_weight: float) -> torch.Tensor:
+    """lambda of Eq. 7 (Taming Transformers): balances the GAN gradient against the reconstruction one
+    at the decoder's last layer, clamped to [0, 1e4], detached, times disc_weight."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
+
+
+class VQLPIPSWithDiscriminator(nn.Module):
+    """taming's VQGAN loss: L1 (+ LPIPS) reconstruction, VQ loss, adaptive-weight hinge GAN."""
+
+    def __init__(self, cfg: VQGANTrainConfig, in_channels: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.perceptual_loss = build_lpips() if cfg.perceptual_weight > 0 else None
+        self.discriminator = NLayerDiscriminator(in_channels, cfg.disc_ndf, cfg.disc_num_layers)
+
+    @property
+    def uses_lpips(self) -> bool:
+        return self.perceptual_loss is not None
+
+    def generator_loss(self, codebook_loss: torch.Tensor, x: torch.Tensor, x_rec: torch.Tensor, step: int,
+                       last_layer: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Autoencoder objective (taming's optimizer_idx == 0)."""
+        rec_loss = torch.abs(x - x_rec)  # (B, 3, H, W) L1, Eq. 4 Taming Transformers
+        p_loss = torch.zeros((), device=x.device)
+        if self.perceptual_loss is not None:
+            p_loss = self.perceptual_loss(x, x_rec)  # (B, 1, 1, 1) LPIPS, Sec. 3.1 Taming Transformers
+            rec_loss = rec_loss + self.cfg.perceptual_weight * p_loss
+        nll_loss = torch.mean(rec_loss)
+        disc_factor = adopt_weight(self.cfg.disc_factor, step, self.cfg.disc_start)
+        g_loss = torch.zeros((), device=x.device)
+        d_weight = torch.zeros((), device=x.device)
+        if disc_factor > 0:
+            g_loss = -torch.mean(self.discriminator(x_rec))  # generator hinge term, Eq. 5 Taming Transformers
+            d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.cfg.disc_weight)  # Eq. 7
+        loss = nll_loss + d_weight * disc_factor * g_loss + self.cfg.codebook_weight * codebook_loss.mean()
+        return loss, {"total_loss": loss.item(), "quant_loss": codebook_loss.item(),
+                      "rec_loss": torch.abs(x - x_rec).mean().item(), "p_loss": p_loss.mean().item(),
+                      "nll_loss": nll_loss.item(), "g_loss": g_loss.item(), "d_weight": d_weight.item(),
+                      "disc_factor": disc_factor}
+
+    def discriminator_loss(self, x: torch.Tensor, x_rec: torch.Tensor, step: int
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Discriminator objective (taming's optimizer_idx == 1): hinge loss on real vs reconstructed."""
+        logits_real = self.discriminator(x.detach())
+        logits_fake = self.discriminator(x_rec.detach())
+        d_loss = adopt_weight(self.cfg.disc_factor, step, self.cfg.disc_start) * hinge_d_loss(logits_real, logits_fake)
+        return d_loss, {"disc_loss": d_loss.item(), "logits_real": logits_real.mean().item(),
+                        "logits_fake": logits_fake.mean().item()}
+
+
+# ---- training loop ---------------------------------------------------------------------------
+
+LOSS_KEYS = ("total_loss", "rec_loss", "p_loss", "quant_loss", "nll_loss", "g_loss", "d_weight", "disc_loss")
+
+
+def images_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], the VQGAN's input range."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, device: str = "cpu",
+                log: Callable[[dict[str, float], int], None] | None = None, progress: bool = True
+                ) -> dict[str, float]:
+    """Train `model` in place on uint8 images (N, 3, H, W); returns the losses averaged over the
+    last tenth of the steps, plus {"lpips": 1.0 if the perceptual term was on else 0.0}.
+
+    Batches are drawn from epoch-wise permutations of a torch.Generator seeded with cfg.seed, and
+    the discriminator is initialised under the same seed, so a CPU run is deterministic given the
+    model's initial weights. The model ends in eval mode."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != model.cfg.in_channels:
+        raise ValueError(f"train_vqgan expects uint8 (N, {model.cfg.in_channels}, H, W) images, "
+                         f"got {images.dtype} {tuple(images.shape)}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"tokenizer.train: steps={cfg.steps} and batch_size={cfg.batch_size} must be >= 1")
+    with torch.random.fork_rng(devices=[]):  # seeded D init without disturbing the caller's RNG
+        torch.manual_seed(cfg.seed)
+        loss_fn = VQLPIPSWithDiscriminator(cfg, model.cfg.in_channels)
+    model.to(device).train()
+    loss_fn.to(device).train()
+    if loss_fn.perceptual_loss is not None:
+        loss_fn.perceptual_loss.eval()
+    disc = loss_fn.discriminator
+    opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    last_layer = model.decoder.conv_out.weight  # taming's get_last_layer()
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = len(images)
+    order, pos = torch.randperm(n, generator=g), 0
+    tail = max(1, cfg.steps // 10)  # the returned losses average the last tenth of training
+    sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="vqgan", unit="step", disable=not progress, leave=False)
+    for step in bar:
+        if pos + cfg.batch_size > n:  # new epoch; the incomplete remainder is dropped
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        x = images_to_unit(images[idx]).to(device)  # (B, 3, H, W)
+
+        # autoencoder step; D's parameters are frozen so the GAN term trains only the generator
+        disc.requires_grad_(False)
+        x_rec, qloss = model(x)
+        ae_loss, stats = loss_fn.generator_loss(qloss, x, x_rec, step, last_layer)
+        opt_ae.zero_grad(set_to_none=True)
+        ae_loss.backward()
+        opt_ae.step()
+        disc.requires_grad_(True)
+
+        # discriminator step, only once the GAN is on (before, taming's factor 0 makes it a no-op)
+        stats.update(disc_loss=0.0, logits_real=0.0, logits_fake=0.0)
+        if adopt_weight(cfg.disc_factor, step, cfg.disc_start) > 0:
+            d_loss, d_stats = loss_fn.discriminator_loss(x, x_rec, step)
+            opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_disc.step()
+            stats.update(d_stats)
+
+        if not all(math.isfinite(stats[k]) for k in LOSS_KEYS):
+            raise FloatingPointError(f"VQGAN training diverged at step {step}: {stats}")
+        if step >= cfg.steps - tail:
+            for k in LOSS_KEYS:
+                sums[k] += stats[k]
+        if progress:
+            bar.set_postfix(rec=f"{stats['rec_loss']:.4f}", q=f"{stats['quant_loss']:.4f}",
+                            g=f"{stats['g_loss']:.3f}", d=f"{stats['disc_loss']:.3f}", refresh=False)
+        if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            log({f"tokenizer/{k}": float(v) for k, v in stats.items()}, step)
+    bar.close()
+    model.eval()
+    out = {k: sums[k] / tail for k in LOSS_KEYS}
+    out["lpips"] = 1.0 if loss_fn.uses_lpips else 0.0
+    out["seconds"] = time.time() - t0
+    return out

