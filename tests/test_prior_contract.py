@@ -1,0 +1,113 @@
+"""The interface every prior promises (priors/base.py), checked the same way for all three."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from priors import PRIORS, build_prior
+
+V, GRID = 10, (4, 4)
+L = GRID[0] * GRID[1]
+NAMES = ["ar", "imagebart", "absorbing"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(name, T=3, budget=40000):
+    torch.manual_seed(0)
+    return build_prior(name, V, GRID, T=T, budget=budget, cfg={"n_layer": 2, "n_head": 2})
+
+
+def batch(n=6, seed=0):
+    return torch.randint(0, V, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_unit_loss_is_finite_and_reaches_only_its_unit(name):
+    prior = make(name)
+    for unit, module in prior.units().items():
+        prior.zero_grad(set_to_none=True)
+        loss, logs = prior.unit_loss(unit, batch(), generator=torch.Generator().manual_seed(1))
+        assert loss.dim() == 0 and math.isfinite(loss.item())
+        assert all(math.isfinite(v) for v in logs.values())
+        loss.backward()
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        others = [p for u, m in prior.units().items() if u != unit for p in m.parameters()]
+        assert all(p.grad is None for p in others)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_have_the_right_shape_and_range_and_no_special_ids(name):
+    prior = make(name)
+    x = prior.sample(5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, L) and x.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < V
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeded_sampling_is_reproducible(name):
+    prior = make(name)
+    a = prior.sample(4, generator=torch.Generator().manual_seed(7))
+    b = prior.sample(4, generator=torch.Generator().manual_seed(7))
+    c = prior.sample(4, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nll_is_finite_bits_per_token(name):
+    prior = make(name)
+    r = prior.nll(batch(), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(r.bits_per_token) and r.bits_per_token > 0
+    assert r.kind in ("exact", "elbo")
+    assert (r.stderr is None) == (r.kind == "exact")
+    # An untrained model is close to uniform: a bound cannot be far below log2(V) bits.
+    assert r.bits_per_token > 0.5 * math.log2(V)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mask", ["upper_half", "random"])
+def test_completion_never_changes_kept_positions(name, mask):
+    prior = make(name)
+    x = batch(5, seed=3)
+    if mask == "upper_half":
+        keep = (torch.arange(L) >= L // 2).expand(5, L).clone()
+    else:
+        keep = torch.rand(5, L, generator=torch.Generator().manual_seed(4)) < 0.5
+    out = prior.complete(x, keep, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and int(out.min()) >= 0 and int(out.max()) < V
+    assert torch.equal(out[keep], x[keep])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("budget", [400_000, 2_000_000, 20_000_000])
+@pytest.mark.parametrize("T", [2, 3, 5, 9])
+def test_parameter_count_within_ten_percent_of_budget(name, budget, T):
+    with torch.device("meta"):
+        prior = build_prior(name, 256, (8, 8), T=T, budget=budget, cfg={"n_layer": 2, "n_head": 4})
+    assert abs(prior.num_params() - budget) <= 0.1 * budget
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_budget_too_small_is_a_one_line_error_naming_the_option(name):
+    with pytest.raises(ValueError, match=r"^budget.params=5000 is too small") as e:
+        with torch.device("meta"):
+            build_prior(name, 256, (8, 8), T=9, budget=5000, cfg={"n_layer": 2, "n_head": 4})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_arch_config_rebuilds_the_same_modules(name):
+    prior = make(name)
+    rebuilt = PRIORS[name](**prior.arch_config())
+    assert rebuilt.arch_config() == prior.arch_config()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in prior.state_dict().items()}
+    assert rebuilt.nfe() >= 1 and prior.num_params() == rebuilt.num_params()
