@@ -1,7 +1,6 @@
 """Hydra callback: when a sweep ends, write reports/<name>/ and log the comparison table to W&B."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

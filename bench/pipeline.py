@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
 from bench.errors import ConfigError
+from bench.train import Preempted
 
 log = logging.getLogger("priorbench")
 
@@ -277,6 +278,10 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         results["stage_seconds"]["eval"] = time.time() - t
         logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and v is not None})
         return finish(results, job_dir, t_job, logger)
+    except Preempted:
+        if logger is not None:
+            logger.finish(exit_code=1)
+        raise
     except ConfigError as e:
         results.update(status="failed", error=str(e).splitlines()[0] if str(e) else "invalid configuration",
                        error_kind="config")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 # Before torch loads: OpenMP spin-waiting on a busy shared CPU slows small ops by orders of magnitude.
@@ -20,6 +21,7 @@ from hydra.utils import to_absolute_path  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from bench.pipeline import run_job  # noqa: E402
+from bench.train import Preempted  # noqa: E402
 
 log = logging.getLogger("priorbench")
 
@@ -52,7 +54,15 @@ def main(cfg: DictConfig) -> dict:
         cfg.paths.cache = to_absolute_path(str(cfg.paths.cache))
         cfg.paths.reports = to_absolute_path(str(cfg.paths.reports))
     hc = HydraConfig.get()
-    results = run_job(cfg, Path(hc.runtime.output_dir))
+    try:
+        results = run_job(cfg, Path(hc.runtime.output_dir))
+    except Preempted as p:
+        print(f"preempted: {p}", file=sys.stderr)
+        if callable(p.previous_handler):
+            # submitit's handler pickles this job and requeues it on SLURM, then exits.
+            p.previous_handler(p.signum, None)
+        # The status of a process ended by that signal: SLURM and submitit read it as preemption, not failure.
+        sys.exit(128 + p.signum)
     if results["status"] != "ok":
         if results.get("traceback") and (hc.verbose or os.environ.get("PRIORBENCH_TRACEBACK")):
             print(results["traceback"], file=sys.stderr)
@@ -62,9 +72,18 @@ def main(cfg: DictConfig) -> dict:
     return results
 
 
+def pin_sweep_name(argv: list[str]) -> list[str]:
+    """Resolve the default sweep name (a timestamp) once, here: launchers that run jobs in other processes
+    (joblib, submitit) would otherwise resolve ${now:...} again in each job and scatter the sweep."""
+    if any(a.startswith("name=") for a in argv):
+        return argv
+    return argv + [f"name={datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"]
+
+
 if __name__ == "__main__":
     problem = check_group_choices(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    sys.argv[1:] = pin_sweep_name(sys.argv[1:])
     main()

@@ -66,6 +66,16 @@ def validate_tokenizer(cfg: Any) -> None:
                 raise ConfigError(f"tokenizer.{opt} is required for tokenizer=taming")
             if not Path(str(value)).expanduser().is_file():
                 raise ConfigError(f"tokenizer.{opt}={value}: file not found")
+        from bench.vqgan import load_taming_vqgan
+
+        # Loading is the only way to know the checkpoint matches its config; it is cheap next to encoding.
+        try:
+            load_taming_vqgan(str(Path(str(cfg.ckpt)).expanduser()), str(Path(str(cfg.config)).expanduser()))
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(msg if msg.startswith("tokenizer.") else f"tokenizer.ckpt={cfg.ckpt}: {msg}") from None
 
 
 def tokenizer_key(cfg: Any, data: ImageData) -> str:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.cache import atomic_torch_save
+from bench.errors import ConfigError
 from priors.base import Prior
 
 log = logging.getLogger(__name__)
@@ -33,27 +34,45 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
 
 
-class Preempted(RuntimeError):
-    """SIGTERM/SIGUSR1 arrived: a checkpoint was written, the job should exit for requeue."""
+class Preempted(BaseException):
+    """A preemption signal arrived during training; a checkpoint was written.
+
+    A BaseException so that no `except Exception` on the way up turns it into a failed job: the job must stop
+    and be requeued, and its rerun resumes from the checkpoint.
+    """
+
+    def __init__(self, message: str, signum: int, previous_handler: Any) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.previous_handler = previous_handler  # e.g. submitit's checkpoint-and-requeue handler
+
+
+# What SLURM sends before preemption or the time limit (SIGTERM; SIGUSR1/SIGUSR2 with --signal, submitit
+# uses USR2 by default).
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGUSR1 (what SLURM sends before preemption) into a flag read between steps."""
+    """Turns preemption signals into a flag read between optimizer steps, so the step in flight finishes
+    and is checkpointed before the job exits."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in PREEMPT_SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not in the main thread (joblib workers): signals stay default
+            except ValueError:  # not in the main thread (joblib workers): signals keep their handlers
                 pass
         return self
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+
+    def previous(self, signum: int) -> Any:
+        return self._old.get(signum)
 
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
@@ -141,7 +160,8 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state.get("arch") != prior.arch_config() or state.get("unit") != unit:
-            raise TrainingError(f"checkpoint {ckpt_path} was written by a different prior configuration")
+            raise ConfigError(f"checkpoint {ckpt_path} was written by a different prior configuration "
+                              f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -212,8 +232,11 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
             if stop.signum is not None:
                 save()
                 bar.close()
-                raise Preempted(f"signal {stop.signum} at step {step} of {prior.name}:{unit}; "
-                                f"checkpoint written to {ckpt_path}")
+                name = signal.Signals(stop.signum).name
+                log.warning("%s at step %d of %s:%s: checkpoint written to %s; the rerun resumes from it",
+                            name, step, prior.name, unit, ckpt_path)
+                raise Preempted(f"{name} at step {step} of {prior.name}:{unit}; checkpoint written to {ckpt_path}",
+                                stop.signum, stop.previous(stop.signum))
             if stop_after is not None and step >= stop_after and step < steps:
                 save()
                 bar.close()

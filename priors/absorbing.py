@@ -57,15 +57,14 @@ min(T, #masked) steps; kept positions are never touched.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior
+from priors.base import NLL, Prior, eval_mode, sampling_settings
 from priors.transformer import Transformer, TransformerConfig, count_params, fit_d_model
 
 LOSSES = ("reweighted_elbo", "elbo")
@@ -128,14 +127,10 @@ class AbsorbingPrior(Prior):
         training. T only sets the number of sampling steps (None = L); the width does not depend on it.
         Unknown keys raise.
         """
-        settings = dict(sample or {})
-        for key, value in flat.items():
-            if key in settings:
-                raise ValueError(f"prior.{key} given both flattened and under prior.sample")
-            settings[key] = value
-        unknown = sorted(set(settings) - set(SAMPLE_KEYS))
-        if unknown:
-            raise ValueError(f"prior.{unknown[0]} is not an option of prior=absorbing (options: n_layer, n_head, "
+        try:
+            settings = sampling_settings(sample, flat, SAMPLE_KEYS)
+        except KeyError as e:
+            raise ValueError(f"prior.{e.args[0]} is not an option of prior=absorbing (options: n_layer, n_head, "
                              f"dropout, loss, nll_samples, sample.{{{', '.join(SAMPLE_KEYS)}}})")
         seq_len = int(grid[0]) * int(grid[1])
         d_model = fit_d_model(
@@ -223,7 +218,7 @@ class AbsorbingPrior(Prior):
         The stderr is that of the Monte Carlo estimate for these sequences (the spread over draws of each
         sequence, pooled), not the spread over the data set.
         """
-        with _eval_mode(self):
+        with eval_mode(self):
             draws = []
             for _ in range(self.nll_samples):
                 t = self.sample_time(x.shape[0], x.device, generator)  # (B,)
@@ -248,7 +243,7 @@ class AbsorbingPrior(Prior):
         c = [sum((1 / t) * (t / N) ** k * (1 - t / N) ** (L - k) for t in range(1, N + 1)) for k in range(L + 1)]
         pos = torch.arange(L, device=x.device)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        with _eval_mode(self):
+        with eval_mode(self):
             for bits in range(1, 2 ** L):  # the empty mask scores nothing
                 mask = ((bits >> pos) & 1).bool().expand_as(x)  # (B, L)
                 ce = self.masked_ce(x, x.masked_fill(mask, self.mask_id), mask).double()  # (B,)
@@ -274,7 +269,7 @@ class AbsorbingPrior(Prior):
         S = min(self.T, int(m.max()))
         if S == 0:
             return x.clone()
-        with _eval_mode(self):
+        with eval_mode(self):
             for s in range(1, S + 1):
                 remain = self._remaining(m, s, S)  # (B,) how many stay masked after this step
                 logits = self.model(x).float() / self.temperature  # (B, L, V)
@@ -304,14 +299,3 @@ class AbsorbingPrior(Prior):
         cos = torch.floor(m.double() * math.cos(math.pi / 2 * s / S)).long()
         prev = m if s == 1 else self._remaining(m, s - 1, S)
         return torch.minimum(torch.maximum(cos, torch.clamp(m, max=S - s)), (prev - 1).clamp(min=0))
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Evaluate without dropout, then restore the caller's train/eval mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

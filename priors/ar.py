@@ -6,7 +6,6 @@ one network call per token (L calls, each on one new token through the KV cache)
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -15,23 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior
+from priors.base import NLL, Prior, eval_mode, sampling_settings
 from priors.transformer import (Transformer, TransformerConfig, check_sampling, count_params,
                                 fit_d_model, sample_logits)
 
 SAMPLE_KEYS = ("temperature", "top_k", "top_p")  # sampling-only settings: never change what is trained
-
-
-@contextlib.contextmanager
-def _inference(module: nn.Module):
-    """Eval mode (no dropout) and no autograd for the duration; restores the previous mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
 
 
 class ARPrior(Prior):
@@ -66,14 +53,10 @@ class ARPrior(Prior):
         Sampling settings come nested as in conf/prior/ar.yaml (`sample={"temperature": ...}`)
         or flattened (`temperature=...`); they never affect training. Unknown keys raise.
         """
-        settings = dict(sample or {})
-        for key, value in flat.items():
-            if key in settings:
-                raise ValueError(f"prior.{key} given both flattened and under prior.sample")
-            settings[key] = value
-        unknown = sorted(set(settings) - set(SAMPLE_KEYS))
-        if unknown:
-            raise ValueError(f"prior.{unknown[0]} is not an option of prior=ar "
+        try:
+            settings = sampling_settings(sample, flat, SAMPLE_KEYS)
+        except KeyError as e:
+            raise ValueError(f"prior.{e.args[0]} is not an option of prior=ar "
                              f"(options: n_layer, n_head, dropout, sample.{{{', '.join(SAMPLE_KEYS)}}})")
         seq_len = int(grid[0]) * int(grid[1])
         d_model = fit_d_model(
@@ -110,7 +93,7 @@ class ARPrior(Prior):
     def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NLL:
         """Exact -log2 p(x) / L, averaged over the batch."""
         x = x.to(self.device)
-        with _inference(self):
+        with eval_mode(self), torch.no_grad():
             logp = self.logits(x).float().log_softmax(dim=-1)  # (B, L, V)
             nats = -logp.gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(dim=1)  # (B,)
         return NLL(bits_per_token=(nats / self.seq_len / math.log(2)).mean().item(), stderr=None, kind="exact")
@@ -145,7 +128,7 @@ class ARPrior(Prior):
             return out
         first, last = int(todo[0]), int(todo[-1])
         start = torch.full_like(out[:, :1], self.start_id)  # (B, 1)
-        with _inference(self):
+        with eval_mode(self), torch.no_grad():
             cache = self.model.new_cache() if use_cache else None
             # Every row keeps positions < first: read them in one call; nothing after `last` is generated.
             step_in = torch.cat([start, out[:, :first]], dim=1)  # (B, first + 1)

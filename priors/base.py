@@ -13,11 +13,40 @@ cluster can train them in parallel (ImageBART Sec. 3.3).
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluate without dropout, then restore the caller's train/eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def sampling_settings(sample: Mapping[str, Any] | None, flat: Mapping[str, Any], allowed: tuple[str, ...]
+                      ) -> dict[str, Any]:
+    """A prior's sampling-only settings, given nested (`sample={...}` as in the YAML) or flattened (`key=...`).
+
+    Raises ValueError naming the first duplicated or unknown key (as `prior.KEY`).
+    """
+    settings = dict(sample or {})
+    for key, value in flat.items():
+        if key in settings:
+            raise ValueError(f"prior.{key} given both flattened and under prior.sample")
+        settings[key] = value
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise KeyError(unknown[0])
+    return settings
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior
+from priors.base import NLL, Prior, eval_mode
 from priors.transformer import Transformer, TransformerConfig, check_sampling, fit_d_model, sample_logits
 
 LN2 = math.log(2.0)
@@ -458,7 +457,7 @@ class ImageBARTPrior(Prior):
         one still has a standard error."""
         if self.T > 2 and x.shape[0] == 1:
             x = x.repeat(2, 1)  # (2, L)
-        with _eval_mode(self):
+        with eval_mode(self):
             per_seq = torch.cat([self.elbo_per_sequence(x[i:i + chunk], generator)
                                  for i in range(0, x.shape[0], chunk)])  # (B,)
         bits = per_seq.double() / (self.seq_len * LN2)  # (B,) bits per token
@@ -519,7 +518,7 @@ class ImageBARTPrior(Prior):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T uniform over V, then x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2 (ImageBART Sec. 3.3). -> (n, L)"""
         dev = self.device
-        with _eval_mode(self):
+        with eval_mode(self):
             x = torch.randint(0, self.vocab_size, (n, self.seq_len), generator=generator,
                               device=_generator_device(generator, dev)).to(dev)  # (n, L) x_T
             for t in range(self.T, 1, -1):
@@ -550,7 +549,7 @@ class ImageBARTPrior(Prior):
         keep = keep_mask.to(torch.bool)
         x = x.to(torch.long)
         V = self.vocab_size
-        with _eval_mode(self):
+        with eval_mode(self):
             noise = torch.randint(0, V, x.shape, generator=generator,
                                   device=_generator_device(generator, x.device)).to(x.device)
             x_t = torch.where(keep, x, noise)  # (B, L) x_T of the masked forward process
@@ -583,14 +582,3 @@ def _plain(schedule: Any) -> Any:
     if isinstance(schedule, str):
         return schedule
     return {str(k): [float(v) for v in vals] for k, vals in schedule.items()}
-
-
-@contextmanager
-def _eval_mode(module: nn.Module):
-    """Evaluate without dropout, then restore the caller's train/eval state."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

@@ -5,3 +5,31 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_STAGES = ("data", "tokenizer", "tokens", "reference", "rfid")
+
+
+@pytest.fixture(scope="session")
+def smoke_token_cache(tmp_path_factory):
+    """The smoke preset's shared stages, built once per test session by the real CLI."""
+    from tests.clitools import run_cli
+
+    root = tmp_path_factory.mktemp("smoke_tokens")
+    p = run_cli(["experiment=smoke", "logger=none", "stage=tokens", f"paths.cache={root / 'cache'}"], cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root / "cache"
+
+
+@pytest.fixture
+def copy_token_cache(smoke_token_cache):
+    """A fresh cache holding copies of the shared smoke stages: only the test's own stages get computed."""
+    def make(dest: Path) -> Path:
+        for stage in SHARED_STAGES:
+            shutil.copytree(smoke_token_cache / stage, dest / stage)
+        return dest
+    return make

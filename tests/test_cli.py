@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-from PIL import Image
 
 from bench.pipeline import RESULT_KEYS
 from tests.clitools import job_results, popen_cli, run_cli
@@ -82,7 +81,7 @@ def _folder_with(tmp_path, files: dict[str, bytes]):
 BAD_INPUTS = [
     (["prior=foo"], r"prior=foo is not one of: absorbing, ar, imagebart"),
     (["data=nope"], r"data=nope is not one of: emoji, folder"),
-    (["tokenizer=nope"], r"tokenizer=nope is not one of: taming, vqgan_tiny"),
+    (["tokenizer=nope"], r"tokenizer=nope is not one of: taming, vqgan_smoke, vqgan_tiny"),
     (["prior=imagebart", "T=1"], r"T=1: imagebart needs an integer chain length T >= 2"),
     (["prior=imagebart", "T=2.5"], r"T=2.5 must be an integer"),
     (["prior=imagebart", "T=3", "prior.schedule={betas:[1.0]}"],

@@ -1,7 +1,6 @@
 """The user's sweep end to end on the smoke preset: 12 jobs, shared stages, the report, and a rerun that trains nothing."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -41,9 +40,15 @@ def test_sweep_runs_twelve_jobs_and_shares_work(sweep):
     assert sorted(j["nfe"] for j in ab) == [2, 3, 5, 9]
     ib = [j for j in jobs if j["prior"] == "imagebart"]
     assert len({j["train_key"] for j in ib}) == 4
-    # W&B offline runs, one per job.
-    runs = list((root / "multirun" / "smoke").rglob("offline-run-*"))
-    assert len([r for r in runs if r.parent.name == "wandb"]) >= 12
+    # W&B offline runs: one per job holding its metrics, and the report run holding the comparison table.
+    sweep_dir = root / "multirun" / "smoke"
+    job_runs = [r for j in jobs for r in (Path(j["job_dir"]) / "wandb").glob("offline-run-*")]
+    assert len(job_runs) == 12
+    blobs = [next(run.glob("*.wandb")).read_bytes() for run in job_runs]
+    assert all(b"eval/fid" in b and b"eval/samples_grid" in b for b in blobs)
+    assert sum(b"train/" in b for b in blobs) == 6  # the jobs that trained: AR, absorbing, ImageBART x 4
+    [report_run] = (sweep_dir / "wandb").glob("offline-run-*")
+    assert b"comparison" in next(report_run.glob("*.wandb")).read_bytes()
 
 
 def test_sweep_writes_the_report(sweep):

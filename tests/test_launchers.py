@@ -1,0 +1,30 @@
+"""Hydra's real launchers give the same results as the basic one, and the sweep lands in one folder."""
+from __future__ import annotations
+
+import pytest
+
+from tests.clitools import job_results, run_cli
+
+POINTS = ["-m", "prior=ar,absorbing", "T=2,3", "experiment=smoke", "logger=none"]
+METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "completion_fid", "nll_bits_per_token")
+
+
+def sweep(tmp_path, cache, name, *launcher):
+    p = run_cli(POINTS + [f"name={name}", f"paths.cache={cache}", *launcher], cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    jobs = job_results(tmp_path / "multirun" / name)
+    assert len(jobs) == 4 and all(j["status"] == "ok" for j in jobs)
+    assert (tmp_path / "reports" / name / "report.md").is_file()
+    return {(j["prior"], j["T"]): j for j in jobs}
+
+
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
+                         ids=["joblib", "submitit_local"])
+def test_parallel_launchers_match_the_basic_launcher(copy_token_cache, tmp_path, launcher):
+    basic = sweep(tmp_path, copy_token_cache(tmp_path / "c_basic"), "basic")
+    other = sweep(tmp_path, copy_token_cache(tmp_path / "c_other"), "other", *launcher)
+    assert basic.keys() == other.keys()
+    for point in basic:
+        for m in METRICS:
+            assert other[point][m] == pytest.approx(basic[point][m], rel=1e-5, abs=1e-6), (point, m)
