@@ -122,6 +122,9 @@ def cached_stage(root: Path, stage: str, key: str, build: Callable[[Path], dict[
                 return final
             log.warning("%s: cache %s is invalid: %s; rebuilding it", what, final, problem)
             shutil.rmtree(final)
+        # Under the lock, temporary folders of this key can only be left by killed builds.
+        for stale in final.parent.glob(f".{key}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}.tmp-"))
         try:
             meta = build(tmp) or {}

@@ -243,6 +243,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             return finish(results, job_dir, t_job, logger)
 
         t = time.time()
+        torch.manual_seed(int(cfg.seed))  # the initial weights: the same seed gives the same run
         prior = build_prior_checked(cfg, tokens.vocab_size, tokens.grid).to(device)
         results["params"] = prior.num_params()
         train_dir, tkey, train_meta = train_stage(cfg, prior, tokens, device, logger)

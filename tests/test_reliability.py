@@ -30,7 +30,9 @@ def wait_for_checkpoint(cache: Path, min_step: int, proc, timeout: float = 120) 
 
 
 def final_weights(cache: Path) -> tuple[dict, float]:
-    [d] = [p for p in cache.glob("train/*") if p.is_dir() and not p.name.endswith(".work")]
+    [d] = [p for p in cache.glob("train/*") if p.is_dir() and not p.name.endswith(".work")
+           and not p.name.startswith(".")]
+    assert not list(cache.glob("train/.*.tmp-*"))  # a killed build's temporary folder is cleaned up
     ckpt = torch.load(d / "model.pt", weights_only=True)
     return ckpt["state_dict"], ckpt["best_val"]
 
@@ -85,6 +87,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_for_requeue(copy_token_cache, tmp
 def test_truncated_cache_file_is_rebuilt(copy_token_cache, tmp_path, stage, filename):
     cache = copy_token_cache(tmp_path / "cache")
     args = SMOKE + ["prior=absorbing", "T=2", f"paths.cache={cache}"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     first = run_cli(args, cwd=tmp_path / "a")
     assert first.returncode == 0, first.stderr[-3000:]
     [target] = [p for p in cache.glob(f"{stage}/*/{filename}")]
