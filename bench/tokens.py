@@ -85,7 +85,11 @@ def tokenizer_key(cfg: Any, data: ImageData) -> str:
         # Path, size and mtime stand in for the content of a multi-GB checkpoint.
         return content_key("tokenizer-taming-v1", data.key, str(ckpt), st.st_size, st.st_mtime_ns,
                            conf.read_text())
-    return content_key("tokenizer-vqgan-v1", data.key, OmegaConf.to_container(cfg, resolve=True))
+    from bench.vqgan_train import lpips_available
+
+    # Whether LPIPS can run changes the trained weights, so it is part of the key.
+    lpips_on = float(cfg.train.get("perceptual_weight", 0.0)) > 0 and lpips_available()
+    return content_key("tokenizer-vqgan-v1", data.key, OmegaConf.to_container(cfg, resolve=True), lpips_on)
 
 
 def images_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -132,6 +136,13 @@ def build_tokenizer(cfg: Any, data: ImageData, cache_root: Path, device: str = "
         model = VQModel(model_cfg)
         log.info("tokenizer: training a VQGAN (%.2fM parameters) for %d steps on %d images",
                  sum(p.numel() for p in model.parameters()) / 1e6, train_cfg.steps, len(data.train))
+        if train_cfg.perceptual_weight > 0:
+            from bench.vqgan_train import lpips_available, vgg16_weights_path
+
+            log.info("tokenizer: LPIPS perceptual term %s", "on" if lpips_available() else
+                     f"off: its VGG16 weights are not at {vgg16_weights_path()} (nothing is downloaded)")
+        else:
+            log.info("tokenizer: LPIPS perceptual term off (tokenizer.train.perceptual_weight=0)")
         t0 = time.time()
         stats = train_vqgan(model, torch.from_numpy(data.train), train_cfg, device=device)
         seconds = time.time() - t0
