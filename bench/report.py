@@ -280,8 +280,8 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
                 grids.append((label, kind, f"grids/{dst.name}"))
     if grids:
         md += ["## Samples and completions", "",
-               "Completion grids: top row the masked input (upper half generated), middle the completion, "
-               "bottom the original.", ""]
+               "Completion grids: top row the input with its upper half masked (grey: those tokens are generated), "
+               "middle the completion, bottom the tokenizer's reconstruction of the original tokens.", ""]
         for label, kind, rel in grids:
             md += [f"**{label}**, {kind.replace('_', ' ')}:", "", f"![{label} {kind}]({rel})", ""]
 
