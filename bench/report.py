@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -217,6 +218,12 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
 
 # ---- the report ------------------------------------------------------------
 
+def shown_path(path: Path) -> str:
+    """A path as the reader knows it: relative to the working directory when it lies below it."""
+    rel = os.path.relpath(Path(path).resolve())
+    return rel if not rel.startswith("..") else str(path)
+
+
 def read_yaml_text(path: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
@@ -237,7 +244,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
 
     md = [f"# {title or 'priorbench report: ' + out.name}", ""]
     md += [f"{len(jobs)} jobs ({len(ok)} ok, {len(failed)} failed) from "
-           + ", ".join(f"`{d}`" for d in sweep_dirs) + ". Mean ± std over seeds. AR does not depend on T and is "
+           + ", ".join(f"`{shown_path(d)}`" for d in sweep_dirs) + ". Mean ± std over seeds. AR does not depend on T and is "
            "shown once; ImageBART's T is its chain length, absorbing's T its number of sampling steps.", ""]
     md += ["## Main results", "", main_table(rows), ""]
     extra = sorted({k: v for r in rows for k, v in r["unavailable"].items()}.items())
