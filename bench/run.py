@@ -75,9 +75,11 @@ def main(cfg: DictConfig) -> dict:
 def pin_sweep_name(argv: list[str]) -> list[str]:
     """Resolve the default sweep name (a timestamp) once, here: launchers that run jobs in other processes
     (joblib, submitit) would otherwise resolve ${now:...} again in each job and scatter the sweep."""
-    if any(a.startswith("name=") for a in argv):
+    flags = [i for i, a in enumerate(argv) if a in ("-m", "--multirun")]
+    if not flags or any(a.startswith("name=") for a in argv):
         return argv
-    return argv + [f"name={datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"]
+    i = flags[0] + 1  # right after the flag, among the overrides, so argparse reads it as one of them
+    return argv[:i] + [f"name={datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"] + argv[i:]
 
 
 if __name__ == "__main__":

@@ -116,3 +116,31 @@ def test_bad_input_is_one_line_error_before_any_work(tmp_path, args, message):
     assert "Traceback" not in p.stderr
     # Nothing was computed: no cache stage was started.
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def _run_module():
+    import importlib.util
+
+    from tests.clitools import RUN
+
+    spec = importlib.util.spec_from_file_location("bench_run_cli", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_name_is_pinned_once_for_multi_process_launchers():
+    run = _run_module()
+    argv = run.pin_sweep_name(["prior=ar", "-m", "T=2,3"])
+    assert argv[:2] == ["prior=ar", "-m"] and re.fullmatch(r"name=\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", argv[2])
+    assert argv[3:] == ["T=2,3"]
+    assert run.pin_sweep_name(["-m", "name=mine"]) == ["-m", "name=mine"]
+    assert run.pin_sweep_name(["prior=ar"]) == ["prior=ar"]  # single runs have no sweep folder
+
+
+def test_group_choices_are_checked_per_sweep_value():
+    run = _run_module()
+    assert run.check_group_choices(["prior=ar,imagebart", "T=2"]) is None
+    assert run.check_group_choices(["-m", "prior=ar,imagebrat"]) == \
+        "prior=imagebrat is not one of: absorbing, ar, imagebart"
+    assert run.check_group_choices(["hydra/launcher=joblib", "experiment=smoke"]) is None
