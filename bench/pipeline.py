@@ -262,10 +262,11 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             ref_feats, ref_stats = load_reference(ref_dir)
             tok_model = load_tokenizer(cache_root / "tokenizer" / tokens.tokenizer_key,
                                        cfg.tokenizer, str(device))
+            t0 = time.time()
             values, missing = evaluate_prior(prior, tokens, tok_model, extractor, ref_feats, ref_stats, cfg.eval,
                                              int(cfg.seed), device, tmp)
             atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
-            return {"eval_seconds": None}
+            return {"eval_seconds": time.time() - t0}
 
         eval_dir = cached_stage(cache_root, "eval", ekey, build_eval, what=f"eval {name} T={cfg.T}")
         ev = json.loads((eval_dir / "metrics.json").read_text())

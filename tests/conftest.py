@@ -33,3 +33,15 @@ def copy_token_cache(smoke_token_cache):
             shutil.copytree(smoke_token_cache / stage, dest / stage)
         return dest
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread mostly waits on the first (10-100x slower
+    per call). Modules that use it run on one thread; the previous setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

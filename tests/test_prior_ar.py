@@ -11,14 +11,7 @@ from priors.ar import ARPrior
 from priors.transformer import filter_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread pool's spin-waiting makes them 10-100x slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab_size=5, grid=(2, 3), seed=0, scale=0.5, **kw):

@@ -13,12 +13,7 @@ L = GRID[0] * GRID[1]
 NAMES = ["ar", "imagebart", "absorbing"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name, T=3, budget=40000):

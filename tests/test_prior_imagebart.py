@@ -16,14 +16,7 @@ from priors.imagebart import (ImageBARTPrior, betas_to_alpha_bars, linear_alpha_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: with several threads on a shared 2-core machine, intra-op spinning makes each
-    call ~100x slower than on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def onestep_matrix(beta: float, V: int) -> torch.Tensor:

@@ -8,14 +8,7 @@ from priors.transformer import (Transformer, TransformerConfig, count_params, fi
                                 sample_logits)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread pool's spin-waiting makes them 10-100x slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(causal=True, cross_attn=False, vocab_out=11, seq_len=12, n_layer=2, seed=0):
