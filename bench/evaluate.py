@@ -70,7 +70,7 @@ def reconstruction_fid(tokens: TokenSet, ref_dir: Path, ref_key: str, extractor:
     def build(tmp: Path) -> dict[str, Any]:
         recon = torch.from_numpy(np.load(tokens.directory / "val_reconstructions.npy"))
         feats = M.images_to_features(recon, extractor, batch_size=int(cfg.feature_batch_size))
-        _, ref_stats = load_reference(ref_dir)
+        ref_stats = dict(np.load(ref_dir / "statistics.npz"))  # FID needs the statistics, not the features
         fid = M.features_to_fid(ref_stats, feats["pool"])
         return {"recon_fid": fid, "n": len(recon)}
 
