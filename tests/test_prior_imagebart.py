@@ -273,6 +273,40 @@ def test_unit_losses_and_gradients_stay_in_their_unit():
             assert has_grad == (name == unit)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_likelihood_residual_sets_the_untrained_conditional(residual):
+    """With the decoder head zeroed, scale t < T predicts exactly q(x_t | x_{t-1} = k) / Z over k (the
+    residual alone; Eq. 5 is symmetric so Z = 1), and uniform without the residual; the last scale
+    is uniform either way. The same holds for the conditionals the sampler draws from."""
+    V, T = 5, 4
+    prior = ImageBARTPrior(V, (2, 3), T, n_layer=2, n_head=2, d_model=16, likelihood_residual=residual).double()
+    assert prior.arch_config()["likelihood_residual"] is residual
+    with torch.no_grad():
+        for m in prior.units().values():
+            m.decoder.head.weight.zero_()
+    g = torch.Generator().manual_seed(0)
+    x_t, x_prev = torch.randint(0, V, (3, 6), generator=g), torch.randint(0, V, (3, 6), generator=g)
+    for t in range(2, T + 1):
+        model = prior.units()[f"scale{t}"]
+        assert (model.log_scale is not None) == (residual and t < T)
+        p = model(x_prev, x_t).softmax(-1)  # (3, 6, V)
+        want = q_onestep_probs(x_t, prior.betas[t], V, F64) if residual and t < T \
+            else torch.full((3, 6, V), 1.0 / V, dtype=F64)
+        torch.testing.assert_close(p, want, rtol=0, atol=1e-12)
+    # Sampling scale 3 (beta_3 = 1/2 for T = 4) from a constant x_3 copies it with probability 1/2 + 1/10.
+    x3 = torch.full((400, 6), 2)
+    same = (prior.sample_scale(3, x3, torch.Generator().manual_seed(1)) == 2).double().mean().item()
+    assert abs(same - ((1 - prior.betas[3]) + prior.betas[3] / V if residual else 1.0 / V)) < 0.04
+
+
+def test_likelihood_residual_option_is_checked_and_costs_one_parameter_per_scale():
+    with pytest.raises(ValueError, match=r"prior\.likelihood_residual"):
+        ImageBARTPrior.from_budget(8, (2, 2), 100_000, 3, likelihood_residual="yes")
+    on = ImageBARTPrior(8, (2, 2), 4, d_model=16, n_head=2, n_layer=2)
+    off = ImageBARTPrior(8, (2, 2), 4, d_model=16, n_head=2, n_layer=2, likelihood_residual=False)
+    assert on.num_params() - off.num_params() == 2  # one log-scale for each of the T - 2 = 2 enc-dec scales
+
+
 def test_training_lowers_the_elbo():
     torch.manual_seed(0)
     V, T = 4, 3
