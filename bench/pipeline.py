@@ -51,6 +51,21 @@ def resolve_device(cfg: DictConfig) -> torch.device:
     return torch.device(want)
 
 
+def resolve_precision(cfg: DictConfig, device: torch.device) -> str:
+    """The compute precision of training, sampling and completion: "bf16" (autocast) or "fp32".
+    auto is bf16 on CUDA and fp32 on CPU; NLL and metrics are always computed in float32."""
+    want = str(cfg.get("precision", "auto"))
+    if want not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision={want} is not one of: auto, fp32, bf16")
+    return "bf16" if want == "bf16" or (want == "auto" and device.type == "cuda") else "fp32"
+
+
+def _precision_part(precision: str) -> list[str]:
+    """Cache-key part for the precision: bf16 runs get their own key; fp32 adds nothing, so fp32 keys are the
+    ones written before precision entered the key."""
+    return ["bf16"] if precision == "bf16" else []
+
+
 def prior_settings(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """(prior name, its options without `name`)."""
     pc = container(cfg.prior)
@@ -104,7 +119,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage} is not one of: {', '.join(STAGES)}")
     check_int(cfg.seed, "seed")
-    resolve_device(cfg)
+    resolve_precision(cfg, resolve_device(cfg))
     validate_logger(cfg)
     if int(cfg.eval.num_samples) < 2:
         raise ConfigError(f"eval.num_samples={cfg.eval.num_samples} must be at least 2")
@@ -117,7 +132,7 @@ def validate(cfg: DictConfig) -> None:
 
 # ---- stages ---------------------------------------------------------------
 
-def train_key(cfg: DictConfig, tokens_key: str) -> str:
+def train_key(cfg: DictConfig, tokens_key: str, precision: str = "fp32") -> str:
     from priors import PRIORS
 
     name, options = prior_settings(cfg)
@@ -125,14 +140,15 @@ def train_key(cfg: DictConfig, tokens_key: str) -> str:
     options.pop("nll_samples", None)  # evaluation-only (absorbing's Monte Carlo ELBO draws)
     T = int(cfg.T) if PRIORS[name].T_affects_training else None
     return content_key("train-v1", tokens_key, name, options, T, int(cfg.budget.params),
-                       container(cfg.train), int(cfg.seed))
+                       container(cfg.train), int(cfg.seed), *_precision_part(precision))
 
 
-def eval_key(cfg: DictConfig, tkey: str, ref_key: str) -> str:
+def eval_key(cfg: DictConfig, tkey: str, ref_key: str, precision: str = "fp32") -> str:
     name, options = prior_settings(cfg)
     # AR ignores T; absorbing samples per T; ImageBART's T is already in the train key.
     T = None if name == "ar" else int(cfg.T)
-    return content_key("eval-v1", tkey, ref_key, options.get("sample"), T, container(cfg.eval), int(cfg.seed))
+    return content_key("eval-v1", tkey, ref_key, options.get("sample"), T, container(cfg.eval), int(cfg.seed),
+                       *_precision_part(precision))
 
 
 def load_trained(prior, train_dir: Path) -> None:
@@ -147,7 +163,8 @@ def load_trained(prior, train_dir: Path) -> None:
 def train_stage(cfg: DictConfig, prior, tokens, device: torch.device, logger) -> tuple[Path, str, dict]:
     from bench.train import train_unit
 
-    key = train_key(cfg, tokens.key)
+    precision = resolve_precision(cfg, device)
+    key = train_key(cfg, tokens.key, precision)
     root = Path(cfg.paths.cache)
     work = root / "train" / f"{key}.work"
 
@@ -156,7 +173,7 @@ def train_stage(cfg: DictConfig, prior, tokens, device: torch.device, logger) ->
         units = {}
         for i, unit in enumerate(prior.units()):
             r = train_unit(prior, unit, tokens.train, tokens.val, cfg.train, int(cfg.seed) * 100 + i, work,
-                           device, str(cfg.precision), log_fn=logger.log)
+                           device, precision, log_fn=logger.log)
             atomic_torch_save({"arch": prior.arch_config(), "prior": prior.name, "unit": unit,
                                "state_dict": r["state_dict"], "best_val": r["best_val"],
                                "best_step": r["best_step"]}, tmp / f"{unit}.pt")
@@ -212,7 +229,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     try:
         validate(cfg)
         device = resolve_device(cfg)
-        results.update(env_info(device))
+        results.update(env_info(device), compute_precision=resolve_precision(cfg, device))
         cache_root = Path(cfg.paths.cache)
         name, _ = prior_settings(cfg)
         logger = make_logger(cfg, job_dir, run_name=f"{name}-T{cfg.T}-s{cfg.seed}", group=str(cfg.name),
@@ -255,7 +272,8 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             return finish(results, job_dir, t_job, logger)
 
         t = time.time()
-        ekey = eval_key(cfg, tkey, ref_key)
+        precision = resolve_precision(cfg, device)
+        ekey = eval_key(cfg, tkey, ref_key, precision)
         from bench.evaluate import evaluate_prior
 
         def build_eval(tmp: Path) -> dict[str, Any]:
@@ -264,7 +282,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
                                        cfg.tokenizer, str(device))
             t0 = time.time()
             values, missing = evaluate_prior(prior, tokens, tok_model, extractor, ref_feats, ref_stats, cfg.eval,
-                                             int(cfg.seed), device, tmp)
+                                             int(cfg.seed), device, tmp, precision=precision)
             atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
             return {"eval_seconds": time.time() - t0}
 

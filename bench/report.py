@@ -253,7 +253,9 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
     if ok:
         ref = ok[0]
         md += ["Protocol: features `" + str(ref.get("feature_extractor")) + f"`, {ref.get('n_samples')} samples per "
-               f"point, speed at batch {ref.get('batch_size')} on `{ref.get('device')}` (token generation only; "
+               f"point, speed at batch {ref.get('batch_size')} on `{ref.get('device')}`"
+               + (f" in {ref['compute_precision']}" if ref.get("compute_precision") else "")
+               + " (token generation only; "
                "decoding is in results.csv).", ""]
 
     toks = [r["tokenizer"] for r in ok if r.get("tokenizer")]

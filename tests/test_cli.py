@@ -70,6 +70,24 @@ def test_one_job_writes_complete_results(shared_cache, tmp_path, prior):
     assert not list(job.rglob("wandb"))
 
 
+def test_bf16_runs_on_cpu_under_its_own_cache_keys(shared_cache, tmp_path):
+    """precision=bf16 autocasts training, sampling and completion (also on CPU, where auto means fp32); its
+    checkpoints and samples get their own cache keys, while fp32 and auto on CPU share theirs."""
+    runs = {}
+    for precision in ("bf16", "fp32", "auto"):
+        out = tmp_path / precision
+        p = run_cli(SMOKE + ["prior=imagebart", "T=3", f"precision={precision}", f"paths.cache={shared_cache}",
+                             f"hydra.run.dir={out}"] + (["stage=train"] if precision != "bf16" else []), cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        [runs[precision]] = job_results(out)
+    bf16 = runs["bf16"]
+    assert bf16["status"] == "ok" and bf16["compute_precision"] == "bf16"
+    assert isinstance(bf16["fid"], float) and isinstance(bf16["completion_fid"], float)
+    assert bf16["nll_kind"] == "elbo" and 0 < bf16["nll_bits_per_token"] < 20
+    assert runs["fp32"]["compute_precision"] == runs["auto"]["compute_precision"] == "fp32"
+    assert runs["fp32"]["train_key"] == runs["auto"]["train_key"] != bf16["train_key"]
+
+
 def _folder_with(tmp_path, files: dict[str, bytes]):
     d = tmp_path / "imgs"
     d.mkdir()
@@ -94,6 +112,9 @@ BAD_INPUTS = [
     (["prior=absorbing", "budget.params=2000"], r"budget.params=2000 is too small"),
     (["eval.num_samples=1"], r"eval.num_samples=1 must be at least 2"),
     (["stage=everything"], r"stage=everything is not one of: tokens, train, all"),
+    (["precision=fp16"], r"precision=fp16 is not one of: auto, fp32, bf16"),
+    (["prior=imagebart", "T=3", "prior.likelihood_residual=maybe"],
+     r"prior.likelihood_residual='maybe': expected true or false"),
     (["data=folder", "data.path=/no/such/folder"], r"data.path=/no/such/folder: no such folder"),
     (["data=folder", "data.path=EMPTY"], r"data.path=.*imgs: no images"),
     (["tokenizer=taming", "tokenizer.ckpt=/no/such.ckpt", "tokenizer.config=/no/such.yaml"],
