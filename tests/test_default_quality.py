@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from clitools import job_results, run_cli
+from tests.clitools import job_results, run_cli
 
 pytestmark = pytest.mark.slow
 
