@@ -57,14 +57,24 @@ def test_sweep_writes_the_report(sweep):
     md = (out / "report.md").read_text()
     for label in ("AR (Taming)", "ImageBART", "Absorbing (Unleashing)"):
         assert label in md
-    table = [ln for ln in md.splitlines() if ln.startswith("| ImageBART |")]
+    main = md.split("## Main results")[1].split("\n## ")[0]
+    table = [ln for ln in main.splitlines() if ln.startswith("| ImageBART |")]
     assert [ln.split("|")[2].strip() for ln in table] == ["2", "3", "5", "9"]
-    assert len([ln for ln in md.splitlines() if ln.startswith("| AR (Taming) |")]) == 1
+    assert len([ln for ln in main.splitlines() if ln.startswith("| AR (Taming) |")]) == 1
     for fig in ("fid_vs_T.png", "fid_vs_speed.png", "nll_vs_T.png", "completion_fid_vs_T.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
         assert f"figures/{fig}" in md
     assert (out / "results.csv").read_text().count("\n") == 13
     assert list((out / "grids").glob("*_samples_grid.png"))
+    # Training: one row per training run; ImageBART's per-scale terms add up to the row's sum.
+    training = md.split("## Training")[1].split("\n## ")[0]
+    rows = [ln.split(" | ") for ln in training.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [(r[0][2:], r[1]) for r in rows] == [("AR (Taming)", "–")] + [("ImageBART", t) for t in "2359"] + \
+        [("Absorbing (Unleashing)", "–")]
+    t9 = rows[4]
+    terms = [float(cell.split()[1]) for cell in t9[3].split("; ")]
+    assert [cell.split()[0] for cell in t9[3].split("; ")] == [f"scale{t}" for t in range(2, 10)]
+    assert abs(sum(terms) - float(t9[4])) < 5e-3
 
 
 def test_report_cli_rebuilds_without_torch(sweep, tmp_path):
@@ -77,7 +87,9 @@ def test_report_cli_rebuilds_without_torch(sweep, tmp_path):
     p = subprocess.run([sys.executable, "-c", script, str(root / "multirun" / "smoke"), "--out", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (tmp_path / "r" / "report.md").read_text().count("| ImageBART |") == 4
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.split("## Main results")[1].split("\n## ")[0].count("| ImageBART |") == 4
+    assert md.split("## Training")[1].split("\n## ")[0].count("| ImageBART |") == 4
 
 
 def test_second_sweep_trains_nothing(sweep):
