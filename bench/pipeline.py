@@ -160,10 +160,10 @@ def load_trained(prior, train_dir: Path) -> None:
         module.load_state_dict(ckpt["state_dict"])
 
 
-def train_stage(cfg: DictConfig, prior, tokens, device: torch.device, logger) -> tuple[Path, str, dict]:
+def train_stage(cfg: DictConfig, prior, tokens, device: torch.device, precision: str, logger
+                ) -> tuple[Path, str, dict]:
     from bench.train import train_unit
 
-    precision = resolve_precision(cfg, device)
     key = train_key(cfg, tokens.key, precision)
     root = Path(cfg.paths.cache)
     work = root / "train" / f"{key}.work"
@@ -229,7 +229,8 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     try:
         validate(cfg)
         device = resolve_device(cfg)
-        results.update(env_info(device), compute_precision=resolve_precision(cfg, device))
+        precision = resolve_precision(cfg, device)
+        results.update(env_info(device), compute_precision=precision)
         cache_root = Path(cfg.paths.cache)
         name, _ = prior_settings(cfg)
         logger = make_logger(cfg, job_dir, run_name=f"{name}-T{cfg.T}-s{cfg.seed}", group=str(cfg.name),
@@ -263,7 +264,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         torch.manual_seed(int(cfg.seed))  # the initial weights: the same seed gives the same run
         prior = build_prior_checked(cfg, tokens.vocab_size, tokens.grid).to(device)
         results["params"] = prior.num_params()
-        train_dir, tkey, train_meta = train_stage(cfg, prior, tokens, device, logger)
+        train_dir, tkey, train_meta = train_stage(cfg, prior, tokens, device, precision, logger)
         results.update(train_key=tkey, train_steps=train_meta["train_steps"],
                        train_seconds=train_meta["train_seconds"], train_units=train_meta["units"])
         results["stage_seconds"]["train"] = time.time() - t
@@ -272,7 +273,6 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             return finish(results, job_dir, t_job, logger)
 
         t = time.time()
-        precision = resolve_precision(cfg, device)
         ekey = eval_key(cfg, tkey, ref_key, precision)
         from bench.evaluate import evaluate_prior
 

@@ -67,6 +67,12 @@ def point_of(r: dict[str, Any]) -> tuple[str, int | None]:
     return (r["prior"], None if r["prior"] == "ar" else r.get("T"))
 
 
+def job_order(r: dict[str, Any]) -> tuple[int, int, int]:
+    """Sort key of jobs and rows: prior in PRIOR_ORDER (others last), then T, then seed."""
+    rank = PRIOR_ORDER.index(r["prior"]) if r["prior"] in PRIOR_ORDER else len(PRIOR_ORDER)
+    return rank, r.get("T") or 0, r.get("seed") or 0
+
+
 def dedupe_ar(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """AR's T points reuse one result: keep one job per (seed, eval cache) so seeds are not double-counted."""
     seen, out = set(), []
@@ -100,8 +106,7 @@ def aggregate(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[key] = mean_std([r.get(key) for r in rs])
         row["unavailable"] = {k: v for r in rs for k, v in (r.get("unavailable") or {}).items()}
         rows.append(row)
-    order = {p: i for i, p in enumerate(PRIOR_ORDER)}
-    rows.sort(key=lambda r: (order.get(r["prior"], 99), r["T"] or 0))
+    rows.sort(key=job_order)
     return rows
 
 
@@ -141,9 +146,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
 def training_table(jobs: list[dict[str, Any]]) -> str:
     """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
     seen, lines = set(), []
-    order = lambda r: (PRIOR_ORDER.index(r["prior"]) if r["prior"] in PRIOR_ORDER else 9,  # noqa: E731
-                       r.get("T") or 0, r.get("seed") or 0)
-    for r in sorted(jobs, key=order):
+    for r in sorted(jobs, key=job_order):
         units = r.get("train_units") or {}
         if not units or r.get("train_key") in seen:
             continue
@@ -305,8 +308,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
             md += [f"![{caption}]({rel})", ""]
 
     grids = []
-    for r in sorted(dedupe_ar(ok), key=lambda r: (PRIOR_ORDER.index(r["prior"]) if r["prior"] in PRIOR_ORDER else 9,
-                                                  r.get("T") or 0, r.get("seed") or 0)):
+    for r in sorted(dedupe_ar(ok), key=job_order):
         if r.get("seed") != ok[0].get("seed"):
             continue
         label = r["prior"] + ("" if r["prior"] == "ar" else f"_T{r.get('T')}")

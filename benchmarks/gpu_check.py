@@ -36,13 +36,9 @@ from omegaconf import OmegaConf  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.evaluate import sync  # noqa: E402
 from bench.train import autocast  # noqa: E402
 from priors import build_prior  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:

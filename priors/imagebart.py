@@ -390,7 +390,7 @@ class ImageBARTPrior(Prior):
         if not isinstance(residual, bool):
             raise ValueError(f"prior.likelihood_residual={residual!r}: expected true or false")
         # Reject bad options before any fitting work.
-        make_betas(cfg.get("schedule", "linear"), T)
+        betas = make_betas(cfg.get("schedule", "linear"), T)
         _parse_sample(cfg.get("sample"))
         if T > 2:
             layer_split(n_layer, enc_frac, n_enc_layer)
@@ -401,7 +401,7 @@ class ImageBARTPrior(Prior):
             def count(d: int) -> int:
                 with torch.device("meta"):
                     m = ScaleModel(cls.scale_config(t, d, V, L, T, n_layer, n_head, enc_frac, n_enc_layer, dropout,
-                                                    0.5 if residual else None))  # (its 1 log-scale parameter)
+                                                    betas[t] if residual else None))
                 return sum(p.numel() for p in m.parameters() if p.requires_grad)
             return count
 
