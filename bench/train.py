@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bench.cache import atomic_torch_save
 from bench.errors import ConfigError
-from priors.base import Prior
+from priors.base import Prior, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +114,17 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
                     seed: int, device: torch.device, precision: str) -> float:
     """The unit's validation NLL (or its ELBO term) in bits per token on fixed batches with a fixed noise seed, so
     checks at different steps compare."""
-    module = prior.units()[unit]
-    was_training = module.training
-    module.eval()
     g = torch.Generator(device=device).manual_seed(seed)
     total, n = 0.0, 0
-    for i in range(batches):
-        x = val[i * batch_size:(i + 1) * batch_size]
-        if len(x) == 0:
-            break
-        with autocast(device, precision):
-            loss, logs = prior.unit_loss(unit, x.to(device), generator=g)
-        total += bits_per_token(loss, logs) * len(x)
-        n += len(x)
-    module.train(was_training)
+    with eval_mode(prior.units()[unit]):
+        for i in range(batches):
+            x = val[i * batch_size:(i + 1) * batch_size]
+            if len(x) == 0:
+                break
+            with autocast(device, precision):
+                loss, logs = prior.unit_loss(unit, x.to(device), generator=g)
+            total += bits_per_token(loss, logs) * len(x)
+            n += len(x)
     return total / max(1, n)
 
 

@@ -138,45 +138,31 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h_)
 
 
-class DownLevel(nn.Module):
-    """One encoder resolution: ResnetBlocks (each followed by an AttnBlock at attention resolutions),
-    then a Downsample except at the last level. Attribute names give taming's keys `down.i.block.j...`."""
+class Level(nn.Module):
+    """One resolution: ResnetBlocks (each followed by an AttnBlock at attention resolutions), then an optional
+    resample. Encoder levels (taming's `down.i.*`) end in a Downsample except the last; decoder levels (`up.i.*`)
+    in an Upsample except level 0. The attribute names give taming's keys `block.j`, `attn.j`,
+    `downsample` / `upsample`."""
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, use_attn: bool, downsample: bool, dropout: float):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, use_attn: bool, resample: str | None, dropout: float):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out, dropout) for j in range(n_blocks))
         self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n_blocks if use_attn else 0))
-        if downsample:
-            self.downsample = Downsample(c_out)
+        if resample == "down":
+            self.downsample = Downsample(c_out)  # (B, C, H/2, W/2)
+        elif resample == "up":
+            self.upsample = Upsample(c_out)  # (B, C, 2H, 2W)
+        elif resample is not None:
+            raise ValueError(f"resample={resample!r}: expected 'down', 'up' or None")
+        # The module's name, not the module: a second attribute holding it would add duplicate state-dict keys.
+        self.resample = f"{resample}sample" if resample else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for j, block in enumerate(self.block):
             h = block(h)
             if len(self.attn) > 0:
                 h = self.attn[j](h)
-        if hasattr(self, "downsample"):
-            h = self.downsample(h)  # (B, C, H/2, W/2)
-        return h
-
-
-class UpLevel(nn.Module):
-    """One decoder resolution: ResnetBlocks (+ AttnBlocks), then an Upsample except at level 0."""
-
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, use_attn: bool, upsample: bool, dropout: float):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out, dropout) for j in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n_blocks if use_attn else 0))
-        if upsample:
-            self.upsample = Upsample(c_out)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for j, block in enumerate(self.block):
-            h = block(h)
-            if len(self.attn) > 0:
-                h = self.attn[j](h)
-        if hasattr(self, "upsample"):
-            h = self.upsample(h)  # (B, C, 2H, 2W)
-        return h
+        return h if self.resample is None else getattr(self, self.resample)(h)
 
 
 class MidBlock(nn.Module):
@@ -203,8 +189,8 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         res = cfg.resolution
         for i in range(n_levels):
-            self.down.append(DownLevel(cfg.ch * in_ch_mult[i], cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks,
-                                       res in cfg.attn_resolutions, i != n_levels - 1, cfg.dropout))
+            self.down.append(Level(cfg.ch * in_ch_mult[i], cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks,
+                                   res in cfg.attn_resolutions, "down" if i != n_levels - 1 else None, cfg.dropout))
             if i != n_levels - 1:
                 res //= 2
         c = cfg.ch * cfg.ch_mult[-1]
@@ -231,11 +217,11 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, c, kernel_size=3, stride=1, padding=1)
         self.mid = MidBlock(c, cfg.dropout)
         # built from the lowest resolution up, stored so that up[i] is level i (taming's key order)
-        levels: list[UpLevel] = []
+        levels: list[Level] = []
         for i in reversed(range(n_levels)):
             c_out = cfg.ch * cfg.ch_mult[i]
-            levels.insert(0, UpLevel(c, c_out, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, i != 0,
-                                     cfg.dropout))
+            levels.insert(0, Level(c, c_out, cfg.num_res_blocks + 1, res in cfg.attn_resolutions,
+                                   "up" if i != 0 else None, cfg.dropout))
             c = c_out
             if i != 0:
                 res *= 2
