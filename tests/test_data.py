@@ -61,7 +61,8 @@ def test_emoji_split_keeps_near_duplicates_on_one_side():
     # had 13 val images below it: skin-tone twins of a glyph (e.g. skier 26f7 vs 26f7-1f3fc at 0.009) and different
     # sequences twinned by twemoji (families, Santa, shared flags, at 0.000-0.007); 243 of its 405 val images shared
     # a base sequence with train (median nearest RMS 0.069, 0.195 for the others). Under the new split the nearest
-    # pair is two different glyphs at 0.032 (pointing finger vs horns hand; lock vs unlock at 0.036): distinct pictures start about there.
+    # pair is two different glyphs at 0.032 (pointing finger vs horns hand; lock vs unlock at 0.036): distinct
+    # pictures start about there.
     threshold = 0.02
     assert _nearest_train_rms(root, train, val).min() > threshold
     files = sorted(train + val)
