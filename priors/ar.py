@@ -91,12 +91,12 @@ class ARPrior(Prior):
 
     # ---- evaluation -----------------------------------------------------
     def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NLL:
-        """Exact -log2 p(x) / L, averaged over the batch."""
+        """Exact -log2 p(x) / L of each sequence (chain rule over the raster order): kind "exact"."""
         x = x.to(self.device)
         with eval_mode(self), torch.no_grad():
             logp = self.logits(x).float().log_softmax(dim=-1)  # (B, L, V)
-            nats = -logp.gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(dim=1)  # (B,)
-        return NLL(bits_per_token=(nats / self.seq_len / math.log(2)).mean().item(), stderr=None, kind="exact")
+            nats = -logp.gather(-1, x.unsqueeze(-1)).squeeze(-1).double().sum(dim=1)  # (B,)
+        return NLL(per_sequence=(nats / (self.seq_len * math.log(2))).cpu(), kind="exact")
 
     def _next(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if generator is not None and generator.device != logits.device:
@@ -144,3 +144,8 @@ class ARPrior(Prior):
 
     def nfe(self) -> int:
         return self.seq_len  # one call per token for sample(); complete() makes at most as many
+
+    def completion_nfe(self, keep_mask: torch.Tensor) -> int:
+        """complete() makes one call per position from the first to the last one any row generates."""
+        todo = (~keep_mask.to(torch.bool).reshape(-1, self.seq_len)).any(dim=0).nonzero().flatten()
+        return 0 if todo.numel() == 0 else int(todo[-1]) - int(todo[0]) + 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
@@ -49,11 +49,22 @@ def sampling_settings(sample: Mapping[str, Any] | None, flat: Mapping[str, Any],
     return settings
 
 
+NLL_KINDS = ("exact", "elbo", "order_bound")  # what NLL.per_sequence is (see NLL)
+
+
 @dataclass(frozen=True)
 class NLL:
-    bits_per_token: float  # mean negative log-likelihood (or its bound) per token, in bits
-    stderr: float | None  # standard error of a Monte Carlo estimate; None when exact/deterministic
-    kind: str  # "exact" (AR) or "elbo" (an upper bound on -log2 p(x) per token)
+    """Bits per token of each held-out sequence, in the order of the input rows.
+
+    The harness takes the mean, its standard error over sequences (std / sqrt(n) of these values, which holds
+    the Monte Carlo variance too, so it means the same for every prior) and paired per-sequence differences
+    between priors on the same tokens. Kinds: "exact" -log2 p(x) / L; "elbo" a variational bound (an unbiased
+    estimate of it); "order_bound" the Jensen bound over the unmasking orders of an order-mixture sampler.
+    """
+    per_sequence: torch.Tensor | None  # (B,) float64 on CPU: bits per token of each sequence: exact -log2 p(x)/L, or an unbiased Monte Carlo estimate of an upper bound; None when no bound is tractable
+    kind: str | None                   # "exact" | "elbo" | "order_bound"; None when per_sequence is None
+    reason: str | None = None          # one line: why per_sequence is None
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other per-sequence bounds (B,) by name, e.g. {"elbo_eq6": ...}
 
 
 class Prior(nn.Module, abc.ABC):
@@ -81,7 +92,7 @@ class Prior(nn.Module, abc.ABC):
     # ---- evaluation -----------------------------------------------------
     @abc.abstractmethod
     def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NLL:
-        """Negative log-likelihood (or its ELBO bound) of held-out tokens x (B, L) in bits per token."""
+        """-log2 p(x) / L of each held-out sequence x (B, L), or an upper bound on it (see NLL)."""
 
     @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -95,6 +106,11 @@ class Prior(nn.Module, abc.ABC):
     @abc.abstractmethod
     def nfe(self) -> int:
         """Network evaluations one call of sample() makes (per batch, whatever its size)."""
+
+    @abc.abstractmethod
+    def completion_nfe(self, keep_mask: torch.Tensor) -> int:
+        """Network evaluations one call of complete() makes for keep_mask ((B, L), or (L,) for one row), per
+        batch whatever its size: a batch whose rows all share one mask costs what a single row does."""
 
     @abc.abstractmethod
     def arch_config(self) -> dict[str, Any]:

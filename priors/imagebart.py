@@ -269,7 +269,9 @@ class SampleConfig:
     temperature: float = 1.0  # logits are divided by it before sampling
     top_k: int | None = None  # keep only the k most likely ids per step; None = all
     top_p: float | None = None  # nucleus: keep the smallest set of ids with mass >= top_p; None = all
-    completion_passes: int = 2  # forward-backward passes x_2 ~ q^{2,m}, x_1 ~ p^{1,m} after the chain (A.3, Eq. 12)
+    # extra forward-backward passes x_2 ~ q^{2,m}, x_1 ~ p^{1,m} after the masked reverse chain (A.3, Eq. 12);
+    # 0 = one masked pass through the reverse chain, the completion protocol of Tab. 3
+    completion_passes: int = 0
     use_cache: bool = True  # decode with the KV cache; False recomputes the prefix every step (same samples)
 
 
@@ -487,21 +489,14 @@ class ImageBARTPrior(Prior):
 
     @torch.no_grad()
     def nll(self, x: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 256) -> NLL:
-        """ELBO in bits per token (kind "elbo"; exact for T = 2). One forward-chain sample per sequence;
-        stderr = std over sequences / sqrt(B), the standard error of the Monte Carlo mean (of the data
-        mean too, as the sequences differ). A single sequence gets two chain samples so that a batch of
-        one still has a standard error."""
-        if self.T > 2 and x.shape[0] == 1:
-            x = x.repeat(2, 1)  # (2, L)
+        """The ELBO of the chain per sequence in bits per token, kind "elbo": an unbiased single-sample
+        estimate (one forward-chain draw x_2..x_T per sequence, elbo_per_sequence). For T = 2 no noise
+        enters (the one scale ignores x_2): the exact AR likelihood, kind "exact"."""
         with eval_mode(self):
             per_seq = torch.cat([self.elbo_per_sequence(x[i:i + chunk], generator)
                                  for i in range(0, x.shape[0], chunk)])  # (B,)
-        bits = per_seq.double() / (self.seq_len * LN2)  # (B,) bits per token
-        mean = bits.mean().item()
-        if self.T == 2:
-            return NLL(bits_per_token=mean, stderr=None, kind="exact")
-        stderr = (bits.std(unbiased=True) / math.sqrt(bits.numel())).item()
-        return NLL(bits_per_token=mean, stderr=stderr, kind="elbo")
+        bits = (per_seq.double() / (self.seq_len * LN2)).cpu()  # (B,) bits per token
+        return NLL(per_sequence=bits, kind="exact" if self.T == 2 else "elbo")
 
     # ---- sampling -----------------------------------------------------------------------------
     def _draw(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -565,8 +560,20 @@ class ImageBARTPrior(Prior):
     def nfe(self) -> int:
         """Network calls of one sample(): L decoder calls per scale (one per generated position, with or
         without the KV cache) for the T - 1 scales, plus one encoder pass for each of the T - 2
-        encoder-decoder scales: (T - 1) * L + (T - 2). complete() is not counted here."""
+        encoder-decoder scales: (T - 1) * L + (T - 2). complete() is counted by completion_nfe."""
         return (self.T - 1) * self.seq_len + (self.T - 2)
+
+    def completion_nfe(self, keep_mask: torch.Tensor) -> int:
+        """Network calls of one complete(): each pass through a scale decodes the positions from the first
+        to the last one any row generates (n calls) and runs its encoder once if it has one. The masked
+        reverse chain passes through all T - 1 scales, (T - 1) n + (T - 2) calls (the Tab. 3 protocol);
+        each of the `completion_passes` extra passes at t = 2 adds n + 1 (none for T = 2). 0 if n = 0."""
+        gen = (~keep_mask.to(torch.bool).reshape(-1, self.seq_len)).any(0).nonzero().flatten()
+        if gen.numel() == 0:
+            return 0
+        n = int(gen[-1]) - int(gen[0]) + 1
+        passes = self.sample_cfg.completion_passes if self.T > 2 else 0
+        return (self.T - 1) * n + (self.T - 2) + passes * (n + 1)
 
     @torch.no_grad()
     def complete(self, x: torch.Tensor, keep_mask: torch.Tensor,
@@ -577,14 +584,18 @@ class ImageBARTPrior(Prior):
            q(x_T | x_1), which is uniform because beta_T = 1; so x_T = x_1 with noise on the masked entries.
         2. Masked reverse chain (Eq. 11) for t = T..2: x_{t-1} ~ p^{t-1,m}(x_{t-1} | x_t), i.e. the decoder
            samples masked entries and is teacher-forced with the kept ones (x_{t-1} = x_t = x_1 there).
-        3. `sample.completion_passes` forward-backward passes at t = 2 (Eq. 12, p^{1|1,m}):
+           With the default `sample.completion_passes: 0` this one masked pass through the reverse chain
+           is the whole completion: the protocol of the upper-half completion of Tab. 3.
+        3. Optionally, `sample.completion_passes` extra forward-backward passes at t = 2 (Eq. 12, p^{1|1,m}):
            x_2 ~ q^{2,m}(x_2 | x_1) (masked entries redrawn with prob. beta_2), then x_1 ~ p^{1,m}(x_1 | x_2).
            For T = 2 the scale-2 model ignores x_2, so a pass would only draw an independent completion
            of the same distribution (the TT trajectory of Fig. 5); the passes are skipped there.
-        Kept positions are never changed.
+        Kept positions are never changed; with nothing to generate no network is called (completion_nfe).
         """
         keep = keep_mask.to(torch.bool)
         x = x.to(torch.long)
+        if keep.all():
+            return x.clone()
         V = self.vocab_size
         with eval_mode(self):
             noise = torch.randint(0, V, x.shape, generator=generator,

@@ -14,6 +14,8 @@ from priors.absorbing import AbsorbingPrior
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny(V: int = 5, grid=(2, 3), scale: float = 1.0, seed: int = 0, **kw) -> AbsorbingPrior:
     """A tiny prior; `scale` sharpens the output head so conditionals differ strongly between contexts."""
@@ -36,12 +38,14 @@ def count_calls(prior: AbsorbingPrior) -> list[torch.Tensor]:
 
 
 def logp_table(prior: AbsorbingPrior, x: torch.Tensor) -> dict[int, torch.Tensor]:
-    """logp[M][:, i] = log p_theta(x_i | x with the positions in bitmask M masked), (B, L) per M."""
+    """logp[M][:, i] = log p_theta(x_i | x with the positions in bitmask M masked), (B, L) per M, at the
+    sampling temperature (1 unless a test sets it)."""
     L, table = prior.seq_len, {}
     for bits in range(2 ** L):
         mask = torch.tensor([(bits >> i) & 1 for i in range(L)], dtype=torch.bool).expand_as(x)
         with torch.no_grad():
-            lp = prior.model(x.masked_fill(mask, prior.mask_id)).double().log_softmax(-1)  # (B, L, V)
+            logits = prior.model(x.masked_fill(mask, prior.mask_id)).double() / prior.temperature
+            lp = logits.log_softmax(-1)  # (B, L, V)
         table[bits] = lp.gather(-1, x.unsqueeze(-1)).squeeze(-1)  # (B, L)
     return table
 
@@ -110,15 +114,18 @@ def test_training_loss_backpropagates_and_drops_with_steps():
     opt = torch.optim.Adam(prior.parameters(), lr=1e-2)
     prior.train()
     g = torch.Generator().manual_seed(0)
-    before = prior.nll(x, torch.Generator().manual_seed(0)).bits_per_token
+    before = prior.nll(x, torch.Generator().manual_seed(0))
     for _ in range(60):
         loss, _ = prior.unit_loss("model", x, g)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = prior.nll(x, torch.Generator().manual_seed(0)).bits_per_token
+    after = prior.nll(x, torch.Generator().manual_seed(0))
     assert prior.training  # nll restores the caller's mode
-    assert before > 1.5 and after < 0.3 * before
+    for key in ("order_bound", "elbo_eq6"):  # the sampler's bound and the Eq. 6 ELBO both drop
+        b = (before.per_sequence if key == "order_bound" else before.extra[key]).mean().item()
+        a = (after.per_sequence if key == "order_bound" else after.extra[key]).mean().item()
+        assert b > 1.5 and a < 0.3 * b, (key, b, a)
 
 
 # ---- ELBO versus exact likelihoods ------------------------------------------------------
@@ -190,30 +197,147 @@ def test_exact_elbo_bounds_the_exact_likelihood(V):
     assert p_random_order(prior, x).sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
-def test_full_chain_random_sampler_draws_from_the_order_mixture():
-    prior = tiny(V=2, grid=(1, 3), scale=50.0, seed=1)
+def group_sizes(L: int, T: int) -> list[int]:
+    """The random sampler's schedule written out: floor(L (T - s) / T) positions stay masked after step s."""
+    left = [L * (T - s) // T for s in range(T + 1)]
+    return [a - b for a, b in zip(left, left[1:])]
+
+
+def ordered_groupings(free: tuple[int, ...], sizes: list[int]):
+    """Every sequence of disjoint groups (G_1, ..., G_S) of the given sizes that covers `free`."""
+    if not sizes:
+        yield ()
+        return
+    for g in itertools.combinations(free, sizes[0]):
+        for rest in ordered_groupings(tuple(i for i in free if i not in g), sizes[1:]):
+            yield (g,) + rest
+
+
+def sampler_exact(prior: AbsorbingPrior, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-log p_T(x), its order bound B_T(x)), nats (B,) each, for the prior's T-step random sampler, enumerated.
+
+    The sampler reveals groups of fixed sizes in a uniformly random order, so every ordered grouping is
+    equally likely; given one, the revealed tokens are independent draws from the conditionals. p_T is the
+    mixture over the groupings, B_T the mean over them of -log of the product (Jensen's side)."""
+    L, table = prior.seq_len, logp_table(prior, x)
+    logs = []
+    for groups in ordered_groupings(tuple(range(L)), group_sizes(L, prior.T)):
+        M, lp = 2 ** L - 1, torch.zeros(x.shape[0], dtype=torch.float64)
+        for g in groups:
+            lp = lp + sum(table[M][:, i] for i in g)  # every position of the group sees the same context
+            M &= ~sum(1 << i for i in g)
+        logs.append(lp)
+    logs = torch.stack(logs)  # (groupings, B)
+    return -(logs.logsumexp(0) - math.log(len(logs))), -logs.mean(0)
+
+
+def any_order_ar_bound(prior: AbsorbingPrior, x: torch.Tensor) -> torch.Tensor:
+    """The any-order autoregressive bound (nats, (B,)): the chain-rule NLL averaged over all L! orders."""
+    L, table = prior.seq_len, logp_table(prior, x)
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for order in itertools.permutations(range(L)):
+        M = 2 ** L - 1
+        for i in order:
+            total -= table[M][:, i]
+            M &= ~(1 << i)
+    return total / math.factorial(L)
+
+
+def masked_subset_bound(prior: AbsorbingPrior, x: torch.Tensor) -> torch.Tensor:
+    """The same bound as a sum over mask sizes k of (1/k) E_{|M| = k} sum_{i in M} -log p(x_i | x_{~M})."""
+    L, table = prior.seq_len, logp_table(prior, x)
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for bits in range(1, 2 ** L):
+        k = bin(bits).count("1")
+        total -= sum(table[bits][:, i] for i in range(L) if (bits >> i) & 1) / (k * math.comb(L, k))
+    return total
+
+
+CASES = [(2, (1, 4), 1.0), (3, (1, 3), 0.8)]  # (V, grid, temperature): enumerable models
+
+
+@pytest.mark.parametrize("V,grid,temperature", CASES)
+@pytest.mark.parametrize("T", [1, 2, "L"])
+def test_order_bound_bounds_the_T_step_sampler_exactly(V, grid, temperature, T):
+    L = grid[0] * grid[1]
+    prior = tiny(V=V, grid=grid, scale=50.0, seed=1, T=L if T == "L" else T, temperature=temperature)
+    assert [g for _, g in prior.step_sizes(L)] == group_sizes(L, prior.T)  # the sampler's own schedule
+    x = all_sequences(V, L)
+    nll, bound = sampler_exact(prior, x)
+    assert (-nll).exp().sum().item() == pytest.approx(1.0, abs=1e-9)  # p_T is a distribution
+    assert (bound >= nll - 1e-9).all(), (bound - nll).min()  # Jensen, for every sequence
+    if prior.T == 1:
+        torch.testing.assert_close(bound, nll, rtol=0, atol=1e-9)  # one factorised step: no mixture, exact
+    else:
+        assert (bound - nll).max() > 1e-3  # a bound, not an identity, for this sharp model
+    if T == "L":  # T = L: the any-order autoregressive bound
+        torch.testing.assert_close(bound, any_order_ar_bound(prior, x), rtol=0, atol=1e-9)
+        torch.testing.assert_close(bound, masked_subset_bound(prior, x), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("V,grid,temperature", CASES)
+@pytest.mark.parametrize("T", [1, 2, "L"])
+def test_mc_order_bound_is_unbiased_per_sequence(V, grid, temperature, T):
+    L = grid[0] * grid[1]
+    prior = tiny(V=V, grid=grid, scale=5.0, seed=2, T=L if T == "L" else T, temperature=temperature,
+                 nll_samples=2)
+    x = all_sequences(V, L)
+    exact = sampler_exact(prior, x)[1] / (L * math.log(2))  # bits per token
+    R = 300
+    res = prior.nll(x.repeat(R, 1), torch.Generator().manual_seed(0))  # rows r * len(x) + i hold sequence i
+    assert res.kind == "order_bound" and res.reason is None
+    assert res.per_sequence.shape == (R * len(x),) and res.per_sequence.dtype == torch.float64
+    assert res.per_sequence.device.type == "cpu" and set(res.extra) == {"elbo_eq6"}
+    est = res.per_sequence.view(R, len(x))
+    se = est.std(0) / math.sqrt(R)
+    assert ((est.mean(0) - exact).abs() <= 4.5 * se + 1e-5).all(), ((est.mean(0) - exact) / se)
+    if prior.T > 1:
+        assert (se > 0).all()  # the orders are random
+
+
+@pytest.mark.parametrize("T,temperature", [(1, 1.0), (2, 0.8), (3, 1.0)])
+def test_random_sampler_draws_from_the_enumerated_T_step_distribution(T, temperature):
+    prior = tiny(V=2, grid=(1, 3), scale=50.0, seed=1, T=T, temperature=temperature)
     x = all_sequences(2, 3)
-    p = p_random_order(prior, x)  # (8,)
+    p = (-sampler_exact(prior, x)[0]).exp()  # (8,)
+    if T == 3:  # T = L: the order mixture
+        torch.testing.assert_close(p, p_random_order(prior, x), rtol=0, atol=1e-12)
     n = 20000
-    s = prior.sample(n, torch.Generator().manual_seed(0))  # T = L by default
+    s = prior.sample(n, torch.Generator().manual_seed(0))
     code = (s * torch.tensor([4, 2, 1])).sum(1)  # the row of x each sample equals
     freq = torch.bincount(code, minlength=8).double() / n
     sd = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() <= 5 * sd + 1e-3).all(), (freq, p)
 
 
-def test_mc_nll_within_standard_errors_of_exact_elbo():
-    prior = tiny(V=3, grid=(1, 3), scale=5.0, seed=2, nll_samples=64)
-    x = all_sequences(3, 3)
-    exact = prior.exact_elbo(x).mean().item()
+def test_confidence_sampler_has_no_likelihood_but_keeps_the_eq6_elbo():
+    prior = tiny(V=3, grid=(2, 2), T=2, sampler="confidence")
+    x = all_sequences(3, 4)[:5]
     res = prior.nll(x, torch.Generator().manual_seed(0))
-    assert res.kind == "elbo" and res.stderr is not None and res.stderr > 0
-    assert abs(res.bits_per_token - exact) < 4 * res.stderr, (res, exact)
-    # more draws shrink the standard error roughly as 1/sqrt(S)
-    res4 = tiny(V=3, grid=(1, 3), scale=5.0, seed=2, nll_samples=4).nll(x, torch.Generator().manual_seed(0))
-    assert 2 < res4.stderr / res.stderr < 8
+    assert res.per_sequence is None and res.kind is None
+    assert isinstance(res.reason, str) and res.reason and "\n" not in res.reason
+    assert set(res.extra) == {"elbo_eq6"} and res.extra["elbo_eq6"].shape == (5,)
+    assert torch.isfinite(res.extra["elbo_eq6"]).all()
+    prior.set_sampling(sampler="random")  # the same checkpoint under the random sampler has its bound
+    assert prior.nll(x).kind == "order_bound"
+
+
+def test_mc_eq6_elbo_per_sequence_within_standard_errors_of_exact_elbo():
+    prior = tiny(V=3, grid=(1, 3), scale=5.0, seed=2, nll_samples=16)
+    x = all_sequences(3, 3)  # (27, 3)
+    exact = prior.exact_elbo(x)  # (27,)
+    R = 200
+    res = prior.nll(x.repeat(R, 1), torch.Generator().manual_seed(0))  # rows r * 27 + i hold sequence i
+    est = res.extra["elbo_eq6"].view(R, 27)
+    assert res.extra["elbo_eq6"].shape == (R * 27,) and res.extra["elbo_eq6"].dtype == torch.float64
+    se = est.std(0) / math.sqrt(R)
+    assert ((est.mean(0) - exact).abs() < 4.5 * se).all(), ((est.mean(0) - exact) / se)
+    # more draws shrink the Monte Carlo spread of each sequence's estimate roughly as 1/sqrt(draws)
+    prior.nll_samples = 1
+    est1 = prior.nll(x.repeat(R, 1), torch.Generator().manual_seed(0)).extra["elbo_eq6"].view(R, 27)
+    assert 2 < (est1.std(0) / est.std(0)).median() < 8
     with pytest.raises(ValueError, match="nll_samples"):
-        tiny(nll_samples=1)
+        tiny(nll_samples=0)
 
 
 # ---- sampling ----------------------------------------------------------------------------
@@ -288,7 +412,7 @@ def test_complete_keeps_positions_and_spreads_masks(sampler):
     out = prior.complete(x, keep, torch.Generator().manual_seed(0))
     assert torch.equal(out[keep], x[keep])
     assert out.min() >= 0 and out.max() < 5
-    assert len(calls) == min(5, int((~keep).sum(1).max()))
+    assert len(calls) == min(5, int((~keep).sum(1).max())) == prior.completion_nfe(keep)
     assert (calls[0] == prior.mask_id).eq(~keep).all()  # starts from exactly the masked positions
     for c in calls:
         assert torch.equal(c[keep], x[keep])  # kept tokens are context at every step
@@ -297,9 +421,10 @@ def test_complete_keeps_positions_and_spreads_masks(sampler):
     calls.clear()
     half = torch.arange(16).expand(6, 16) >= 8
     prior.complete(x, half)
-    assert len(calls) == 2
+    assert len(calls) == 2 == prior.completion_nfe(half) == prior.completion_nfe(half[0])
     calls.clear()
     assert torch.equal(prior.complete(x, torch.ones_like(keep)), x) and not calls
+    assert prior.completion_nfe(torch.ones_like(keep)) == 0
 
 
 def test_seeded_reproducibility():
@@ -311,7 +436,8 @@ def test_seeded_reproducibility():
     keep = torch.arange(6).expand(16, 6) >= 3
     assert torch.equal(prior.complete(a, keep, torch.Generator().manual_seed(1)),
                        prior.complete(a, keep, torch.Generator().manual_seed(1)))
-    assert prior.nll(a, torch.Generator().manual_seed(2)) == prior.nll(a, torch.Generator().manual_seed(2))
+    r1, r2 = prior.nll(a, torch.Generator().manual_seed(2)), prior.nll(a, torch.Generator().manual_seed(2))
+    assert torch.equal(r1.per_sequence, r2.per_sequence) and torch.equal(r1.extra["elbo_eq6"], r2.extra["elbo_eq6"])
 
 
 # ---- budget and config ----------------------------------------------------------------------

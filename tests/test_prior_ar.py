@@ -40,7 +40,7 @@ def test_exact_nll_matches_brute_force_enumeration():
     computed independently (one uncached forward per prefix)."""
     prior = tiny(vocab_size=3, grid=(1, 3), scale=0.8).eval()
     seqs = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
-    bits = torch.tensor([prior.nll(s[None]).bits_per_token for s in seqs], dtype=torch.float64)
+    bits = torch.cat([prior.nll(s[None]).per_sequence for s in seqs])  # (27,) one sequence at a time
     p = 2.0 ** (-bits * 3)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert p.max() > 2.0 / 27  # far from uniform, so the sum is a real check
@@ -51,10 +51,13 @@ def test_exact_nll_matches_brute_force_enumeration():
                 inp = torch.cat([torch.tensor([prior.start_id]), s[:i]])[None]  # (1, i + 1)
                 chain *= prior.model(inp)[0, -1].double().softmax(-1)[s[i]].item()
             assert pi.item() == pytest.approx(chain, rel=1e-4)
-    # A batch reports the mean over its rows; nll is exact.
+    # A batch reports every row, in order; nll is exact.
     batch = prior.nll(seqs)
-    assert batch.kind == "exact" and batch.stderr is None
-    assert batch.bits_per_token == pytest.approx(bits.mean().item(), rel=1e-5)
+    assert batch.kind == "exact" and batch.reason is None and not batch.extra
+    assert batch.per_sequence.dtype == torch.float64 and batch.per_sequence.device.type == "cpu"
+    torch.testing.assert_close(batch.per_sequence, bits, rtol=1e-5, atol=0)
+    perm = torch.randperm(27, generator=seeded(0))
+    torch.testing.assert_close(prior.nll(seqs[perm]).per_sequence, bits[perm], rtol=1e-5, atol=0)
 
 
 def test_unit_loss_is_the_nll_in_nats_and_trains():
@@ -62,7 +65,7 @@ def test_unit_loss_is_the_nll_in_nats_and_trains():
     target = torch.tensor([[3, 1, 0, 2, 2, 1]]).repeat(8, 1)  # (B, L)
     prior.eval()
     loss, logs = prior.unit_loss("model", target)
-    assert loss.item() == pytest.approx(prior.nll(target).bits_per_token * math.log(2), rel=1e-5)
+    assert loss.item() == pytest.approx(prior.nll(target).per_sequence.mean().item() * math.log(2), rel=1e-5)
     assert logs["bits_per_token"] == pytest.approx(loss.item() / math.log(2))
     with pytest.raises(ValueError, match="unit=scale2"):
         prior.unit_loss("scale2", target)
@@ -73,7 +76,7 @@ def test_unit_loss_is_the_nll_in_nats_and_trains():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert prior.nll(target).bits_per_token < 0.05
+    assert prior.nll(target).per_sequence.max() < 0.05
     prior.top_k = 1
     assert torch.equal(prior.sample(2, seeded(0)), target[:2])  # greedy decoding reproduces it
 
@@ -166,9 +169,18 @@ def test_upper_half_completion_keeps_the_lower_half():
     keep = torch.zeros(6, 4, 4, dtype=torch.bool)
     keep[:, 2:] = True  # lower half of the token grid
     keep = keep.flatten(1)
+    calls = []  # network calls: full forwards (hook) and one-token cached decode steps (wrapper)
+    prior.model.register_forward_hook(lambda *a: calls.append(1))
+    if hasattr(prior.model, "decode"):
+        decode = prior.model.decode
+        prior.model.decode = lambda *a, **k: calls.append(1) or decode(*a, **k)
     out = prior.complete(x, keep, seeded(11))
     assert torch.equal(out[:, 8:], x[:, 8:])
+    assert len(calls) == 8 == prior.completion_nfe(keep) == prior.completion_nfe(keep[0])  # positions 0..7
     assert torch.equal(out, prior.complete(x, keep, seeded(11), use_cache=False))
+    keep[0, 3] = False
+    keep[:, 0] = True  # rows generate positions 1..7 between them
+    assert prior.completion_nfe(keep) == 7 and prior.completion_nfe(torch.ones_like(keep)) == 0
 
 
 def test_from_budget_and_arch_config_rebuild():
