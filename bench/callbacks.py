@@ -1,53 +1,69 @@
-"""Hydra callback: when a sweep ends, write reports/<name>/ and log the comparison table to W&B."""
+"""Hydra callback: mark a sweep's launch, and when it ends write reports/<name>/ and log it to W&B."""
 from __future__ import annotations
 
 import logging
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
+
+from bench.cache import atomic_write_json
+from bench.results import SWEEP_MANIFEST
 
 log = logging.getLogger("priorbench")
 
 
+def sweep_dir_of(config: DictConfig) -> Path:
+    return Path(to_absolute_path(str(config.hydra.sweep.dir)))
+
+
 class ReportCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A fresh id per launch: jobs record it, so folders left by an earlier grid of the same name are stale."""
+        d = sweep_dir_of(config)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(d / SWEEP_MANIFEST, {"id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                               "overrides": list(config.hydra.overrides.task)})
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.utils import to_absolute_path
+        from bench.report import ReportError, write_report
 
-        from bench.report import ReportError, aggregate, find_jobs, write_report
-
-        sweep_dir = Path(to_absolute_path(str(config.hydra.sweep.dir)))
+        sweep_dir = sweep_dir_of(config)
         out = Path(to_absolute_path(str(config.paths.reports))) / sweep_dir.name
         try:
-            path = write_report([sweep_dir], out)
+            path, df = write_report([sweep_dir], out)
         except ReportError as e:
             log.error("report: %s", e)
             sys.exit(1)
-        jobs = find_jobs([sweep_dir])
         log.info("report written to %s", path)
         print(f"report: {path}")
-        self._log_table(config, jobs, aggregate(jobs), sweep_dir)
-        failed = [j for j in jobs if j.get("status") != "ok"]
-        if failed:
-            for j in failed:
-                print(f"failed: prior={j.get('prior')} T={j.get('T')} seed={j.get('seed')}: {j.get('error')}",
-                      file=sys.stderr)
+        self._log_report(config, out, sweep_dir)
+        failed = df[df["status"] != "ok"]
+        if len(failed):
+            for _, j in failed.iterrows():
+                print(f"failed: prior={j['prior']} T={j['T']} seed={j['seed']}: {j['error']}", file=sys.stderr)
             sys.exit(1)
 
     @staticmethod
-    def _log_table(config: DictConfig, jobs: list[dict], rows: list[dict], sweep_dir: Path) -> None:
+    def _log_report(config: DictConfig, out: Path, sweep_dir: Path) -> None:
+        """The comparison table (with intervals) as a W&B Table and the whole report as an artifact."""
         if config.logger.kind != "wandb":
             return
-        from bench.logger import make_logger
-        from bench.report import COLUMNS
+        import pandas as pd
 
-        logger = make_logger(config, sweep_dir, run_name=f"{sweep_dir.name}-report", group=sweep_dir.name,
-                             config={"sweep": str(sweep_dir)}, job_type="report")
+        from bench.logger import make_logger
+
+        logger = make_logger(config, sweep_dir, prior="-", T="-", seed="-", config={"sweep": str(sweep_dir)},
+                             job_type="report")
         try:
-            columns = ["prior", "T", "seeds"] + [c[0] for c in COLUMNS]
-            data = [[r["prior"], r["T"], r["n_seeds"]] + [r[c[0]][0] for c in COLUMNS] for r in rows]
-            logger.log_table("comparison", columns, data)
+            summary = pd.read_csv(out / "summary.csv")
+            logger.log_table("comparison", list(summary.columns),
+                             summary.astype(object).where(summary.notna(), None).values.tolist())
+            logger.log_artifact(f"report-{sweep_dir.name}", "report", [out])
         finally:
             logger.finish()

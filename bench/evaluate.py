@@ -1,14 +1,19 @@
 """The evaluation protocol (DESIGN.md section 5), one code path for every prior.
 
-Reference features of the real train split are a cached stage; a job then
-computes NLL on the validation tokens, unconditional samples and their metrics,
-upper-half completion FID, and sampling speed at batch 50 with a warm-up batch.
+    reference   Inception features of a seeded random sample of the train split (cached once)
+    baselines   real val images and the tokenizer's reconstructions of them, at each column's N (cached once)
+    a job       NLL per validation sequence; samples, their metrics with bootstrap intervals; upper-half
+                completion FID on a seeded random sample of val; speed at batch 50 after a warm-up batch
+
+Every FID-type number of a column is computed at the same N against the same reference: sample metrics at
+N = eval.num_samples, completion FID at N = eval.completion_samples (clipped to the val split), and PRDC with
+equal real and fake counts (the reference subsampled, seeded). Intervals and tests: bench/stats.py.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -19,79 +24,153 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from bench import device as D
 from bench import metrics as M
-from bench.cache import cached_stage, content_key, read_meta
+from bench import stats as S
+from bench.cache import atomic_write_json, cached_stage, content_key
 from bench.data import ImageData
-from bench.errors import ConfigError
 from bench.tokens import TokenSet, decode_tokens
-from bench.train import autocast
 from priors.base import Prior
 
 log = logging.getLogger(__name__)
 
+# Seeds of the protocol's random draws, offset from eval.split_seed: the same draws for every job of a sweep.
+REFERENCE_DRAW, VAL_DRAW, COMPLETION_DRAW, PRDC_DRAW = 0, 1, 2, 3
+
+
+def sample_rows(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random sample of n of n_total rows (all rows when n is None or >= n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=int(n), replace=False))
+
+
+def completion_rows(n_val: int, cfg: Any) -> np.ndarray:
+    """The val images every job completes (and the completion baselines use)."""
+    return sample_rows(n_val, cfg.get("completion_samples"), int(cfg.get("split_seed", 0)) + COMPLETION_DRAW)
+
 
 # ---- reference features -------------------------------------------------
 
-def reference_key(data: ImageData, extractor_name: str, num_reference: int | None) -> str:
-    return content_key("reference-v1", data.key, extractor_name, num_reference)
+def reference_key(data_key: str, weights_sha256: str, cfg: Any) -> str:
+    """Keyed by the extractor weights' content: two weight files of the same name never share a reference."""
+    return content_key("reference-v2", data_key, weights_sha256, cfg.get("num_reference"),
+                       int(cfg.get("split_seed", 0)))
 
 
 def build_reference(data: ImageData, extractor: M.FeatureExtractor, cfg: Any, cache_root: Path
                     ) -> tuple[Path, str]:
-    n_ref = cfg.get("num_reference")
-    key = reference_key(data, extractor.name, n_ref)
+    key = reference_key(data.key, extractor.weights_sha256, cfg)
 
     def build(tmp: Path) -> dict[str, Any]:
-        images = data.train if not n_ref else data.train[: int(n_ref)]
+        rows = sample_rows(len(data.train), cfg.get("num_reference"), int(cfg.get("split_seed", 0)) + REFERENCE_DRAW)
         t0 = time.time()
-        feats = M.images_to_features(torch.from_numpy(images), extractor,
+        feats = M.images_to_features(torch.from_numpy(data.train[rows]), extractor,
                                      batch_size=int(cfg.feature_batch_size), progress=True)
         seconds = time.time() - t0
         torch.save({k: v.cpu() for k, v in feats.items()}, tmp / "features.pt")
-        stats = M.features_to_statistics(feats["pool"])
-        np.savez(tmp / "statistics.npz", **stats)
-        return {"extractor": extractor.name, "n": len(images), "seconds": seconds,
-                "images_per_second": len(images) / max(seconds, 1e-9)}
+        np.save(tmp / "rows.npy", rows)
+        np.savez(tmp / "statistics.npz", **M.features_to_statistics(feats["pool"]))
+        return {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256, "n": len(rows),
+                "n_train": len(data.train), "seconds": seconds, "images_per_second": len(rows) / max(seconds, 1e-9)}
 
-    d = cached_stage(cache_root, "reference", key, build, what="reference features")
-    return d, key
+    return cached_stage(cache_root, "reference", key, build, what="reference features"), key
 
 
 def load_reference(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     feats = torch.load(d / "features.pt", map_location="cpu", weights_only=True)
-    stats = dict(np.load(d / "statistics.npz"))
-    return feats, stats
+    return feats, dict(np.load(d / "statistics.npz"))
 
 
-def reconstruction_fid(tokens: TokenSet, ref_dir: Path, ref_key: str, extractor: M.FeatureExtractor,
-                       cfg: Any, cache_root: Path) -> dict[str, Any]:
-    """rFID of the tokenizer's validation reconstructions against the reference (a small cached stage)."""
-    key = content_key("rfid-v1", tokens.key, ref_key)
+# ---- metrics with intervals -----------------------------------------------
+
+def fid_with_interval(ref_stats: dict[str, np.ndarray], pool: np.ndarray, resamples: int, seed: int) -> S.Estimate:
+    """FID (bench.metrics.features_to_fid, tested equal to torch-fidelity) with its bootstrap interval."""
+    value = M.features_to_fid(ref_stats, pool)
+    fid = S.FIDResampler(ref_stats["mu"], ref_stats["sigma"], pool)
+    return S.bootstrap_estimate(value, S.bootstrap(fid, len(pool), resamples, seed), "fid")
+
+
+def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fake: dict[str, torch.Tensor],
+                   cfg: Any, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """FID, KID, IS, PRDC of one sample set against the reference, each with `<key>_ci` and `<key>_se`.
+
+    Point values come from bench.metrics (torch-fidelity, prdc); PRDC uses as many reference rows as there are
+    samples (seeded subsample). Bootstrap: eval.bootstrap resamples of the samples, the reference fixed."""
+    n = len(fake[M.FEATURE_POOL])
+    resamples = int(cfg.bootstrap)
+    real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, int(cfg.get("split_seed", 0)) + PRDC_DRAW)
+    values, missing = M.compute_metrics(ref_pool, fake, real_stats=ref_stats, real_prdc=torch.from_numpy(real_prdc),
+                                        prdc_k=int(cfg.prdc_k), kid_subsets=int(cfg.kid_subsets),
+                                        kid_subset_size=int(cfg.kid_subset_size), isc_splits=int(cfg.isc_splits),
+                                        seed=seed)
+    out: dict[str, Any] = dict(values)
+    pool = fake[M.FEATURE_POOL].double().numpy()
+    if values.get("fid") is not None:
+        out.update(fid_with_interval(ref_stats, pool, resamples, seed).as_results("fid"))
+    if values.get("kid_mean") is not None:
+        # KID = the unbiased MMD^2 of every sample against every reference row: the value torch-fidelity's
+        # mean over random subsets estimates (tests/test_stats.py), without the noise of which reference rows
+        # its subsets drew, which a bootstrap over the samples cannot see. At most prdc_samples rows per side
+        # enter the n x n kernel matrices (seeded subsamples).
+        cap = int(cfg.prdc_samples)
+        kid_fake = M.subsample_rows(pool, cap, seed + 11)
+        kid = S.KIDResampler(M.subsample_rows(ref_pool.double().numpy(), cap, seed + 12), kid_fake)
+        out.update(S.bootstrap_estimate(kid(np.arange(len(kid_fake))), S.bootstrap(kid, len(kid_fake), resamples,
+                                                                                     seed + 1)).as_results("kid_mean"))
+    if values.get("prdc_precision") is not None:
+        reps = S.bootstrap(S.PRDCResampler(real_prdc, pool, int(cfg.prdc_k)), n, resamples, seed + 2)
+        for j, name in enumerate(S.PRDCResampler.NAMES):
+            out.update(S.bootstrap_estimate(values[name], reps[:, j], name).as_results(name))
+    if values.get("is_mean") is not None:
+        logits = fake[M.FEATURE_LOGITS]
+        reps = S.bootstrap(lambda idx: M.logits_to_isc(logits[torch.from_numpy(idx)], splits=int(cfg.isc_splits),
+                                                       seed=seed)[0], n, resamples, seed + 3)
+        out.update(S.bootstrap_estimate(values["is_mean"], reps, "is_mean").as_results("is_mean"))
+    out["n_bootstrap"] = resamples
+    return out, missing
+
+
+# ---- baselines ------------------------------------------------------------
+
+def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: M.FeatureExtractor,
+                    cfg: Any, cache_root: Path) -> Path:
+    """Two baseline rows at each column's N: real val images (the best a prior can reach at that N) and the
+    tokenizer's reconstructions of the same images (what a perfect prior over these tokens would reach)."""
 
     def build(tmp: Path) -> dict[str, Any]:
-        recon = torch.from_numpy(np.load(tokens.directory / "val_reconstructions.npy"))
-        feats = M.images_to_features(recon, extractor, batch_size=int(cfg.feature_batch_size))
-        ref_stats = dict(np.load(ref_dir / "statistics.npz"))  # FID needs the statistics, not the features
-        fid = M.features_to_fid(ref_stats, feats["pool"])
-        return {"recon_fid": fid, "n": len(recon)}
+        ref_feats, ref_stats = load_reference(ref_dir)
+        recon_all = np.load(tokens.directory / "val_reconstructions.npy")
+        n_val, n_s = len(data.val), int(cfg.num_samples)
+        comp = completion_rows(n_val, cfg)
+        rows = {"real_val": data.val, "reconstruction": recon_all}
+        out: dict[str, Any] = {"n_samples": n_s, "n_completions": len(comp), "n_val": n_val, "unavailable": {}}
+        seed = int(cfg.get("split_seed", 0))
+        sample_idx = sample_rows(n_val, n_s, seed + VAL_DRAW) if n_s <= n_val else None
+        if sample_idx is None:
+            reason = f"the val split has {n_val} images, fewer than eval.num_samples={n_s}"
+            for k in ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage"):
+                out["unavailable"][k] = reason
+        for name, images in rows.items():
+            row: dict[str, Any] = {}
+            if sample_idx is not None:
+                feats = M.images_to_features(torch.from_numpy(images[sample_idx]), extractor,
+                                             batch_size=int(cfg.feature_batch_size), progress=True)
+                values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
+                row.update(values)
+                out["unavailable"].update(missing)
+            if len(comp) >= 2:
+                pool = M.images_to_features(torch.from_numpy(images[comp]), extractor,
+                                            batch_size=int(cfg.feature_batch_size))["pool"].double().numpy()
+                row.update(fid_with_interval(ref_stats, pool, int(cfg.bootstrap), seed).as_results("completion_fid"))
+            out[name] = row
+        atomic_write_json(tmp / "baselines.json", out)
+        return {"n_samples": n_s, "n_completions": len(comp)}
 
-    d = cached_stage(cache_root, "rfid", key, build, what="reconstruction FID")
-    return read_meta(d)
+    return cached_stage(cache_root, "baselines", key, build, what="baselines")
 
 
 # ---- helpers ------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA peak allocated memory on a GPU; peak resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, min_tile: int = 96) -> None:
     """uint8 (N, 3, H, W) -> one PNG grid; small images are enlarged (nearest) so a grid is readable in a paper."""
@@ -111,24 +190,19 @@ def upper_half_keep_mask(n: int, grid: tuple[int, int], device: torch.device) ->
 
 
 def held_out_nll(prior: Prior, val: torch.Tensor, batch_size: int, seed: int, device: torch.device
-                 ) -> tuple[float, float | None, str]:
-    """Mean bits per token over the validation tokens, with the standard error of bound estimators."""
+                 ) -> tuple[np.ndarray | None, str | None, str | None, dict[str, np.ndarray]]:
+    """Per-sequence bits per token over the validation tokens: (values or None, kind, reason, extra bounds)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    means, errs, sizes, kind = [], [], [], "exact"
+    parts, extra, kind, reason = [], {}, None, None
     for i in tqdm(range(0, len(val), batch_size), desc="nll", unit="batch", leave=False):
-        x = val[i:i + batch_size].to(device)
-        r = prior.nll(x, generator=g)
-        means.append(r.bits_per_token)
-        errs.append(r.stderr)
-        sizes.append(len(x))
-        kind = r.kind
-    n = sum(sizes)
-    mean = sum(m * s for m, s in zip(means, sizes)) / n
-    if any(e is None for e in errs):
-        return mean, None, kind
-    # Batches are independent estimates: the stderr of the weighted mean.
-    stderr = math.sqrt(sum((s * e) ** 2 for s, e in zip(sizes, errs))) / n
-    return mean, stderr, kind
+        r = prior.nll(val[i:i + batch_size].to(device), generator=g)
+        kind, reason = r.kind, r.reason
+        if r.per_sequence is not None:
+            parts.append(r.per_sequence.double().cpu().numpy())
+        for k, v in r.extra.items():
+            extra.setdefault(k, []).append(v.double().cpu().numpy())
+    values = np.concatenate(parts) if parts else None
+    return values, kind, reason, {k: np.concatenate(v) for k, v in extra.items()}
 
 
 # ---- the evaluation ------------------------------------------------------
@@ -140,39 +214,46 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
     """Every metric of DESIGN.md section 4 that the eval stage owns, plus grids and arrays in out_dir.
 
     precision "bf16" runs sampling and completion under bf16 autocast (as training, so the speed column is
-    the one a user gets); the NLL stays in float32, where the exact and ELBO comparisons are made."""
+    the one a user gets); the NLL stays in float32, where the exact and bound comparisons are made."""
     n_samples, bs = int(cfg.num_samples), int(cfg.batch_size)
-    if n_samples < 2:
-        raise ConfigError(f"eval.num_samples={n_samples} must be at least 2")
+    out_dir.mkdir(parents=True, exist_ok=True)
     prior.eval()
     results: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
 
-    # NLL on held-out tokens.
+    # NLL on held-out tokens: per sequence, so every prior's stderr means the same and pairs can be compared.
     val = tokens.val if not cfg.get("nll_batches") else tokens.val[: int(cfg.nll_batches) * bs]
-    nll, stderr, kind = held_out_nll(prior, val, bs, seed, device)
-    results.update(nll_bits_per_token=nll, nll_stderr=stderr, nll_kind=kind)
+    per_seq, kind, reason, extra = held_out_nll(prior, val, bs, seed, device)
+    if per_seq is None:
+        unavailable["nll_bits_per_token"] = reason or "no tractable likelihood for this sampler"
+    else:
+        est = S.mean_estimate(per_seq)
+        results.update(est.as_results("nll_bits_per_token"), nll_stderr=est.se, nll_kind=kind,
+                       nll_sequences=len(per_seq))
+        np.save(out_dir / "nll_per_sequence.npy", per_seq)
+    if "elbo_eq6" in extra:
+        results.update(S.mean_estimate(extra["elbo_eq6"]).as_results("elbo_eq6_bits_per_token"))
 
     # Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8).
     g = torch.Generator(device=device).manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory_reason = D.reset_peak_memory(device)
     sample_tokens, images, t_gen, t_dec = [], [], [], []
     n_batches = max(2, math.ceil(n_samples / bs))
     for _ in tqdm(range(n_batches), desc=f"sample {prior.name}", unit="batch", leave=False):
-        sync(device)
+        D.sync(device)
         t0 = time.perf_counter()
-        with autocast(device, precision):
+        with D.autocast(device, precision):
             x = prior.sample(bs, generator=g)
-        sync(device)
+        D.sync(device)
         t1 = time.perf_counter()
         img = decode_tokens(tokenizer, x, tokens.inverse, tokens.grid, batch_size=bs, device=str(device))
-        sync(device)
+        D.sync(device)
         t2 = time.perf_counter()
         sample_tokens.append(x.cpu())
         images.append(img)
         t_gen.append(t1 - t0)
         t_dec.append(t2 - t1)
+    peak = D.peak_memory_mb(device)
     sample_tokens = torch.cat(sample_tokens)[:n_samples]
     images = torch.cat(images)[:n_samples]
     gen_s = float(np.mean(t_gen[1:])) / bs
@@ -180,45 +261,52 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
     results.update(sample_seconds_per_image=gen_s, samples_per_second=1.0 / gen_s,
                    decode_seconds_per_image=dec_s, decode_images_per_second=1.0 / dec_s,
                    nfe=prior.nfe(), batch_size=bs, n_samples=len(images),
-                   peak_memory_mb=peak_memory_mb(device), timed_batches=len(t_gen) - 1)
+                   peak_memory_mb=None if memory_reason else peak, timed_batches=len(t_gen) - 1,
+                   warmup_seconds=t_gen[0])
+    if memory_reason:
+        unavailable["peak_memory_mb"] = memory_reason
 
     feats = M.images_to_features(images, extractor, batch_size=int(cfg.feature_batch_size))
-    values, missing = M.compute_metrics(ref_feats["pool"], feats, real_stats=ref_stats,
-                                        prdc_k=int(cfg.prdc_k), prdc_samples=int(cfg.prdc_samples),
-                                        kid_subsets=int(cfg.kid_subsets), kid_subset_size=int(cfg.kid_subset_size),
-                                        isc_splits=int(cfg.isc_splits), seed=seed)
+    values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
     results.update(values)
     unavailable.update(missing)
+    np.save(out_dir / "sample_features.npy", feats[M.FEATURE_POOL].numpy().astype(np.float32))
 
-    # Upper-half completion (ImageBART Tab. 3 right): keep the lower half of the token grid.
-    n_comp = len(tokens.val) if cfg.get("completion_samples") is None else min(int(cfg.completion_samples),
-                                                                                 len(tokens.val))
+    # Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: keep the lower half.
+    rows = torch.from_numpy(completion_rows(len(tokens.val), cfg))
+    n_comp = len(rows)
     if n_comp < 2:
         results["completion_fid"] = None
         unavailable["completion_fid"] = f"eval.completion_samples={n_comp}: need at least 2 validation images"
         completions = torch.zeros(0, tokens.val.shape[1], dtype=torch.long)
     else:
+        inputs = tokens.val[rows]
         completions = []
         for i in tqdm(range(0, n_comp, bs), desc=f"complete {prior.name}", unit="batch", leave=False):
-            x = tokens.val[i:min(i + bs, n_comp)].to(device)
+            x = inputs[i:i + bs].to(device)
             keep = upper_half_keep_mask(len(x), tokens.grid, device)
-            with autocast(device, precision):
+            with D.autocast(device, precision):
                 completions.append(prior.complete(x, keep, generator=g).cpu())
         completions = torch.cat(completions)
+        results["completion_nfe"] = prior.completion_nfe(upper_half_keep_mask(1, tokens.grid, device))
         comp_images = decode_tokens(tokenizer, completions, tokens.inverse, tokens.grid, bs, str(device))
-        comp_feats = M.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))
-        results["completion_fid"] = M.features_to_fid(ref_stats, comp_feats["pool"])
-        results["completion_samples"] = n_comp
+        comp_pool = M.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))["pool"]
+        results.update(fid_with_interval(ref_stats, comp_pool.double().numpy(), int(cfg.bootstrap), seed + 4)
+                       .as_results("completion_fid"))
+        results["n_completions"] = n_comp
         # Grid rows: masked input (upper half grey), completion, original reconstruction.
         k = min(8, n_comp)
-        originals = decode_tokens(tokenizer, tokens.val[:k], tokens.inverse, tokens.grid, bs, str(device))
+        originals = decode_tokens(tokenizer, inputs[:k], tokens.inverse, tokens.grid, bs, str(device))
         masked = originals.clone()
         masked[:, :, : masked.shape[2] // 2] = 128
         save_grid(torch.cat([masked, comp_images[:k], originals]), out_dir / "completion_grid.png", nrow=k)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_grid(images[:64], out_dir / "samples_grid.png", nrow=8)
     np.savez_compressed(out_dir / "samples.npz", images=images.numpy(), tokens=sample_tokens.numpy(),
                         completions=completions.numpy())
     results["feature_extractor"] = extractor.name
     return results, unavailable
+
+
+def read_baselines(d: Path) -> dict[str, Any]:
+    return json.loads((d / "baselines.json").read_text())

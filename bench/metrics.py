@@ -58,7 +58,7 @@ KEY_KID_MEAN = "kid_mean"
 KEY_KID_STD = "kid_std"
 KEY_IS_MEAN = "is_mean"
 KEY_IS_STD = "is_std"
-KEY_PRECISION = "precision"
+KEY_PRECISION = "prdc_precision"  # "precision" is the compute dtype setting
 KEY_RECALL = "recall"
 KEY_DENSITY = "density"
 KEY_COVERAGE = "coverage"
@@ -362,7 +362,7 @@ def images_to_features(
         raise ValueError(f"feature batch_size must be >= 1, got {batch_size}")
     chunks: dict[str, list[torch.Tensor]] = {}
     n = images.shape[0]
-    with tqdm(total=n, disable=not progress, unit="img", desc=f"features [{extractor.name}]", leave=False) as bar:
+    with tqdm(total=n, disable=not progress or None, unit="img", desc=f"features [{extractor.name}]", leave=False) as bar:
         for start in range(0, n, batch_size):
             out = extractor(images[start:start + batch_size])
             for k, v in out.items():
@@ -492,12 +492,14 @@ def compute_metrics(
     kid_subset_size: int = 1000,
     isc_splits: int = 10,
     seed: int = 0,
+    real_prdc: torch.Tensor | None = None,
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """All sample metrics of `fake` features against the real reference.
 
     real_pool: (N_real, 2048) reference features (None if only statistics are cached: KID and PRDC then unavailable).
     fake: images_to_features output for the samples.
     real_stats: cached features_to_statistics(real_pool); computed from real_pool when None.
+    real_prdc: the real rows PRDC compares with (the protocol passes as many as there are fakes); real_pool when None.
     Returns (metrics, unavailable): every KEY_* in metrics, None where it cannot be computed, and for each None a
     one-line reason in unavailable.
     """
@@ -548,7 +550,8 @@ def compute_metrics(
     elif min(n_fake, n_real, prdc_samples) <= prdc_k:
         skip(prdc_keys, f"PRDC with k={prdc_k} needs more than k samples per side (fake {n_fake}, real {n_real})")
     else:
-        metrics.update(features_to_prdc(real_pool, fake_pool, k=prdc_k, max_samples=prdc_samples, seed=seed))
+        metrics.update(features_to_prdc(real_pool if real_prdc is None else real_prdc, fake_pool, k=prdc_k,
+                                        max_samples=prdc_samples, seed=seed))
 
     return metrics, unavailable
 

@@ -1,7 +1,18 @@
-"""One job = one (prior, T, seed) point: validate, then run the cached stages.
+"""One job = one point of a sweep: check every option, print the plan, then run the cached stages.
 
-`run_job(cfg, job_dir)` is a plain function returning the results dict, so
-tests call it directly; `bench/run.py` is the thin Hydra entry around it.
+    run_job(cfg, job_dir) -> results dict        (also written to job_dir/results.json)
+
+      validate      every option, before any work (one-line ConfigError)
+      plan          which stages are cached and which will run, with the work they stand for
+      data          images and the train/val split
+      tokens        tokenizer (trained or loaded) and the shared token cache
+      reference     Inception features of a seeded sample of the train split
+      baselines     real val images and tokenizer reconstructions at each column's N (table baseline rows)
+      train         the prior's checkpoint(s)
+      eval          NLL, samples, metrics with intervals, completion, speed
+
+`bench/run.py` is the thin Hydra entry around it; tests call it directly. The harness knows priors only
+through their declarations (`Prior.T_applies`, `Prior.eval_only_options`), never by name.
 """
 from __future__ import annotations
 
@@ -12,26 +23,34 @@ import shutil
 import subprocess
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
-from bench.errors import ConfigError
-from bench.train import Preempted
+from bench import device as D
+from bench import metrics as M
+from bench.cache import MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
+from bench.data import ImageData, data_key, load_data, resolve_files
+from bench.errors import ConfigError, Preempted
+from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
+                            reference_key)
+from bench.logger import NullLogger, make_logger, validate_logger
+from bench.results import SCHEMA, empty_results
+from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokenizer_key, validate_tokenizer
+from bench.train import train_unit
+from priors import Prior, build_prior, prior_class
 
 log = logging.getLogger("priorbench")
 
 STAGES = ("tokens", "train", "all")
-RESULT_KEYS = (
-    "prior", "T", "seed", "status", "error", "params", "train_steps", "train_seconds",
-    "nll_bits_per_token", "nll_kind", "fid", "kid_mean", "kid_std", "is_mean", "is_std",
-    "precision", "recall", "density", "coverage", "completion_fid",
-    "sample_seconds_per_image", "samples_per_second", "nfe", "batch_size", "peak_memory_mb",
-    "n_samples", "feature_extractor", "device", "tokens_key", "train_key",
-)
+# Bytes per trainable parameter while training: fp32 weights, gradients, AdamW's two moments, the EMA copy and
+# the best-checkpoint copy; activations come on top, so this is a lower bound on what training needs.
+TRAIN_BYTES_PER_PARAM = 4 * 6
 
 
 # ---- configuration -------------------------------------------------------
@@ -40,41 +59,31 @@ def container(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def resolve_device(cfg: DictConfig) -> torch.device:
-    want = str(cfg.get("device", "auto"))
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={want}: CUDA is not available on this machine")
-    if not (want == "cpu" or want.startswith("cuda")):
-        raise ConfigError(f"device={want} is not one of: auto, cpu, cuda")
-    return torch.device(want)
-
-
-def resolve_precision(cfg: DictConfig, device: torch.device) -> str:
-    """The compute precision of training, sampling and completion: "bf16" (autocast) or "fp32".
-    auto is bf16 on CUDA and fp32 on CPU; NLL and metrics are always computed in float32."""
-    want = str(cfg.get("precision", "auto"))
-    if want not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision={want} is not one of: auto, fp32, bf16")
-    return "bf16" if want == "bf16" or (want == "auto" and device.type == "cuda") else "fp32"
-
-
-def _precision_part(precision: str) -> list[str]:
-    """Cache-key part for the precision: bf16 runs get their own key; fp32 adds nothing, so fp32 keys are the
-    ones written before precision entered the key."""
-    return ["bf16"] if precision == "bf16" else []
-
-
 def prior_settings(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """(prior name, its options without `name`)."""
     pc = container(cfg.prior)
     return pc["name"], {k: v for k, v in pc.items() if k != "name"}
 
 
-def check_int(value: Any, option: str) -> int:
+def prior_class_of(cfg: DictConfig) -> type[Prior]:
+    name, options = prior_settings(cfg)
+    try:
+        return prior_class(name, options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_int(value: Any, option: str, minimum: int | None = None, maximum: int | None = None,
+              optional: bool = False) -> int | None:
+    """An integer option within bounds, or a one-line ConfigError naming it."""
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{option}={value} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{option}={value} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{option}={value} exceeds {maximum}; raise eval.max_samples if this is intended")
     return value
 
 
@@ -84,22 +93,19 @@ def expected_grid(cfg: DictConfig) -> tuple[int, int, int]:
     if tok.kind == "taming":
         proj = OmegaConf.load(str(Path(str(tok.config)).expanduser()))
         params = proj.model.params
-        dd = params.ddconfig
-        f = 2 ** (len(dd.ch_mult) - 1)
+        f = 2 ** (len(params.ddconfig.ch_mult) - 1)
         return int(cfg.data.resolution) // f, int(cfg.data.resolution) // f, int(params.n_embed)
     f = 2 ** (len(tok.model.ch_mult) - 1)
     return int(tok.model.resolution) // f, int(tok.model.resolution) // f, int(tok.model.n_embed)
 
 
-def build_prior_checked(cfg: DictConfig, vocab_size: int, grid: tuple[int, int], device: str | torch.device = "cpu"):
+def build_prior_checked(cfg: DictConfig, vocab_size: int, grid: tuple[int, int],
+                        device: str | torch.device = "cpu") -> Prior:
     """Build the job's prior, turning any bad option into a one-line ConfigError."""
-    from priors import PRIORS, build_prior
-
     name, options = prior_settings(cfg)
-    if name not in PRIORS:
-        raise ConfigError(f"prior={name} is not one of: {', '.join(sorted(PRIORS))}")
+    prior_class_of(cfg)
     T = check_int(cfg.T, "T")
-    budget = check_int(cfg.budget.params, "budget.params")
+    budget = check_int(cfg.budget.params, "budget.params", minimum=1)
     try:
         with torch.device(device):
             return build_prior(name, vocab_size, grid, T=T, budget=budget, cfg=options)
@@ -110,84 +116,121 @@ def build_prior_checked(cfg: DictConfig, vocab_size: int, grid: tuple[int, int],
         raise ConfigError(msg if "=" in msg or "prior" in msg else f"prior={name}: {msg}") from None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every check that needs no work: bad input stops the job before anything is computed."""
-    from bench.data import resolve_files
-    from bench.logger import validate_logger
-    from bench.tokens import validate_tokenizer
+def device_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
+
+@dataclass
+class Settings:
+    """What validation resolves once per job."""
+    device: torch.device
+    precision: str
+    threads: int
+    prior_cls: type[Prior]
+    grid: tuple[int, int]
+    n_embed: int
+    params: int  # trainable parameters at n_embed codes (the effective codebook is at most that)
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Every check that needs no work: bad input stops the job before anything is computed."""
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage} is not one of: {', '.join(STAGES)}")
-    check_int(cfg.seed, "seed")
-    resolve_precision(cfg, resolve_device(cfg))
+    check_int(cfg.seed, "seed", minimum=0)
+    threads = D.resolve_threads(cfg.get("threads", "auto"))
+    device = D.resolve_device(cfg.get("device", "auto"))
+    precision = D.resolve_precision(cfg.get("precision", "auto"), device)
     validate_logger(cfg)
-    if int(cfg.eval.num_samples) < 2:
-        raise ConfigError(f"eval.num_samples={cfg.eval.num_samples} must be at least 2")
+    t = cfg.train
+    check_int(t.steps, "train.steps", minimum=1)
+    check_int(t.batch_size, "train.batch_size", minimum=1)
+    for opt in ("warmup_steps", "val_every", "val_batches", "ckpt_every"):
+        check_int(t[opt], f"train.{opt}", minimum=0 if opt == "warmup_steps" else 1)
+    e = cfg.eval
+    cap = check_int(e.get("max_samples", 1_000_000), "eval.max_samples", minimum=2)
+    check_int(e.num_samples, "eval.num_samples", minimum=2, maximum=cap)
+    check_int(e.batch_size, "eval.batch_size", minimum=1)
+    check_int(e.feature_batch_size, "eval.feature_batch_size", minimum=1)
+    check_int(e.completion_samples, "eval.completion_samples", minimum=2, maximum=cap, optional=True)
+    check_int(e.num_reference, "eval.num_reference", minimum=2, optional=True)
+    check_int(e.bootstrap, "eval.bootstrap", minimum=2)
+    check_int(e.prdc_k, "eval.prdc_k", minimum=1)
+    check_int(e.nll_batches, "eval.nll_batches", minimum=1, optional=True)
     validate_tokenizer(cfg.tokenizer)
     resolve_files(cfg.data)
     h, w, n_embed = expected_grid(cfg)
     # The effective codebook is at most n_embed: checking the budget at that size catches a budget too small.
-    build_prior_checked(cfg, n_embed, (h, w), device="meta")
+    prior = build_prior_checked(cfg, n_embed, (h, w), device="meta")
+    params = prior.num_params()
+    need, have = params * TRAIN_BYTES_PER_PARAM, device_memory_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
+                          f"{need / 2**30:.1f} GiB (weights, gradients, AdamW state, EMA), more than the "
+                          f"{have / 2**30:.1f} GiB {device.type} memory available")
+    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params)
 
 
-# ---- stages ---------------------------------------------------------------
+# ---- cache keys ---------------------------------------------------------------
 
-def train_key(cfg: DictConfig, tokens_key: str, precision: str = "fp32") -> str:
-    from priors import PRIORS
+def _precision_part(precision: str) -> list[str]:
+    """Cache-key part for the precision: bf16 runs get their own key; fp32 adds nothing, so fp32 keys are the
+    ones written before precision entered the key."""
+    return ["bf16"] if precision == "bf16" else []
 
+
+def train_key(cfg: DictConfig, prior_cls: type[Prior], tokens_key: str, precision: str = "fp32") -> str:
     name, options = prior_settings(cfg)
-    options.pop("sample", None)  # sampling-only settings never retrain
-    options.pop("nll_samples", None)  # evaluation-only (absorbing's Monte Carlo ELBO draws)
-    T = int(cfg.T) if PRIORS[name].T_affects_training else None
+    for opt in prior_cls.eval_only_options:  # sampling/evaluation-only settings never retrain
+        options.pop(opt, None)
+    T = int(cfg.T) if prior_cls.T_applies == "training" else None
     return content_key("train-v1", tokens_key, name, options, T, int(cfg.budget.params),
                        container(cfg.train), int(cfg.seed), *_precision_part(precision))
 
 
-def eval_key(cfg: DictConfig, tkey: str, ref_key: str, precision: str = "fp32") -> str:
-    name, options = prior_settings(cfg)
-    # AR ignores T; absorbing samples per T; ImageBART's T is already in the train key.
-    T = None if name == "ar" else int(cfg.T)
-    return content_key("eval-v1", tkey, ref_key, options.get("sample"), T, container(cfg.eval), int(cfg.seed),
+def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, precision: str = "fp32") -> str:
+    _, options = prior_settings(cfg)
+    evaluation = {k: options.get(k) for k in prior_cls.eval_only_options}
+    T = None if prior_cls.T_applies == "none" else int(cfg.T)  # "training": already in the train key
+    return content_key("eval-v2", tkey, ref_key, evaluation, T, container(cfg.eval), int(cfg.seed),
                        *_precision_part(precision))
 
 
-def load_trained(prior, train_dir: Path) -> None:
-    for unit, module in prior.units().items():
-        path = train_dir / f"{unit}.pt"
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("arch") != prior.arch_config() or ckpt.get("unit") != unit:
-            raise ConfigError(f"checkpoint {path} was trained with a different prior configuration")
-        module.load_state_dict(ckpt["state_dict"])
+def baselines_key(tokens_key: str, ref_key: str, cfg_eval: Any) -> str:
+    e = cfg_eval
+    return content_key("baselines-v1", tokens_key, ref_key, int(e.num_samples), e.completion_samples,
+                       int(e.bootstrap), int(e.prdc_k), int(e.kid_subsets), int(e.kid_subset_size),
+                       int(e.isc_splits), int(e.get("split_seed", 0)))
 
 
-def train_stage(cfg: DictConfig, prior, tokens, device: torch.device, precision: str, logger
-                ) -> tuple[Path, str, dict]:
-    from bench.train import train_unit
+# ---- the job ------------------------------------------------------------------
 
-    key = train_key(cfg, tokens.key, precision)
-    root = Path(cfg.paths.cache)
-    work = root / "train" / f"{key}.work"
+@dataclass
+class Job:
+    cfg: DictConfig
+    dir: Path
+    settings: Settings
+    results: dict[str, Any]
+    extractor: M.FeatureExtractor
+    logger: Any = field(default_factory=NullLogger)
 
-    def build(tmp: Path) -> dict[str, Any]:
-        work.mkdir(parents=True, exist_ok=True)
-        units = {}
-        for i, unit in enumerate(prior.units()):
-            r = train_unit(prior, unit, tokens.train, tokens.val, cfg.train, int(cfg.seed) * 100 + i, work,
-                           device, precision, log_fn=logger.log)
-            atomic_torch_save({"arch": prior.arch_config(), "prior": prior.name, "unit": unit,
-                               "state_dict": r["state_dict"], "best_val": r["best_val"],
-                               "best_step": r["best_step"]}, tmp / f"{unit}.pt")
-            units[unit] = {k: r[k] for k in ("best_val", "best_step", "seconds", "steps")}
-            log.info("train: %s:%s done, best val %.4f bits/token at step %d", prior.name, unit, r["best_val"],
-                     r["best_step"])
-        return {"prior": prior.name, "params": prior.num_params(), "units": units,
-                "train_seconds": sum(u["seconds"] for u in units.values()),
-                "train_steps": int(cfg.train.steps)}
+    @property
+    def cache(self) -> Path:
+        return Path(self.cfg.paths.cache)
 
-    d = cached_stage(root, "train", key, build, what=f"train {prior.name}")
-    shutil.rmtree(work, ignore_errors=True)
-    load_trained(prior, d)
-    return d, key, read_meta(d)
+    @property
+    def device(self) -> torch.device:
+        return self.settings.device
+
+    def timed(self, stage: str, t0: float) -> None:
+        self.results["stage_seconds"][stage] = time.time() - t0
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
@@ -203,11 +246,166 @@ def env_info(device: torch.device) -> dict[str, Any]:
     }
 
 
-# ---- the job -------------------------------------------------------------
+def _cached(cache: Path, stage: str, key: str) -> bool:
+    return (cache / stage / key / MANIFEST).is_file()
 
-def empty_results(cfg: DictConfig) -> dict[str, Any]:
-    r = {k: None for k in RESULT_KEYS}
-    r.update(prior=cfg.prior.name, T=cfg.T, seed=cfg.seed, status="ok", unavailable={}, stage_seconds={})
+
+def plan(job: Job) -> list[str]:
+    """One line per stage: cached or to run, with the work it stands for (printed before any work)."""
+    cfg, s = job.cfg, job.settings
+    cache = job.cache
+    dkey, _, train_files, val_files = data_key(cfg.data)
+    tkey = content_key("tokens-v1", tokenizer_key(cfg.tokenizer, SimpleNamespace(key=dkey)))
+    rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
+    bkey = baselines_key(tkey, rkey, cfg.eval)
+    trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
+    ekey = eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)
+    prior = build_prior_checked(cfg, s.n_embed, s.grid, device="meta")
+    units = list(prior.units())
+    n_ref = cfg.eval.num_reference or len(train_files)
+    rows = [
+        ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
+        ("tokens", "tokens", tkey, f"tokenizer ({cfg.tokenizer.kind}) and tokens of {len(train_files) + len(val_files)} images"),
+        ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
+        ("baselines", "baselines", bkey, "real val images and reconstructions at each column's N"),
+        ("train", "train", trkey, f"{len(units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
+                                  f" ({s.params:,} parameters)"),
+        ("eval", "eval", ekey, f"{cfg.eval.num_samples} samples, {cfg.eval.completion_samples or len(val_files)} "
+                               f"completions, NLL of {len(val_files)} val sequences, {cfg.eval.bootstrap} "
+                               "bootstrap resamples"),
+    ]
+    last = {"tokens": "baselines", "train": "train", "all": "eval"}[cfg.stage]
+    lines = []
+    for stage, folder, key, work in rows:
+        state = "cached" if _cached(cache, folder, key) else "runs"
+        lines.append(f"plan: {stage:<9} {state:<6} {work}")
+        if stage == last:
+            break
+    return lines
+
+
+def data_stage(job: Job) -> ImageData:
+    t0 = time.time()
+    data = load_data(job.cfg.data, job.cache)
+    job.timed("data", t0)
+    return data
+
+
+def tokens_stage(job: Job, data: ImageData) -> TokenSet:
+    t0 = time.time()
+    tokens = build_tokens(job.cfg.tokenizer, data, job.cache, str(job.device))
+    job.results["tokens_key"] = tokens.key
+    job.results["tokenizer"] = {k: tokens.meta.get(k) for k in
+                                ("vocab_size", "n_embed", "grid", "recon_psnr", "codebook_usage",
+                                 "codebook_perplexity")}
+    job.timed("tokens", t0)
+    return tokens
+
+
+@dataclass
+class Reference:
+    directory: Path
+    key: str
+    extractor: M.FeatureExtractor
+
+
+def reference_stage(job: Job, data: ImageData) -> Reference:
+    t0 = time.time()
+    ref_dir, ref_key = build_reference(data, job.extractor, job.cfg.eval, job.cache)
+    job.results["n_reference"] = read_meta(ref_dir)["n"]
+    job.timed("reference", t0)
+    return Reference(ref_dir, ref_key, job.extractor)
+
+
+def baselines_stage(job: Job, data: ImageData, tokens: TokenSet, ref: Reference) -> dict[str, Any]:
+    """The table's two baseline rows at each column's N (cached once per tokens + reference + eval sizes)."""
+    t0 = time.time()
+    key = baselines_key(tokens.key, ref.key, job.cfg.eval)
+    d = build_baselines(key, data, tokens, ref.directory, ref.extractor, job.cfg.eval, job.cache)
+    baselines = read_baselines(d)
+    job.results["baselines"] = baselines
+    job.results["tokenizer"]["recon_fid"] = baselines["reconstruction"].get("fid")
+    job.results["tokenizer"]["recon_fid_n"] = baselines["n_samples"]
+    job.logger.summary({f"tokenizer/{k}": v for k, v in job.results["tokenizer"].items()})
+    job.timed("baselines", t0)
+    return baselines
+
+
+def load_trained(prior: Prior, train_dir: Path) -> None:
+    for unit, module in prior.units().items():
+        path = train_dir / f"{unit}.pt"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("arch") != prior.arch_config() or ckpt.get("unit") != unit:
+            raise ConfigError(f"checkpoint {path} was trained with a different prior configuration")
+        module.load_state_dict(ckpt["state_dict"])
+
+
+def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
+    t0 = time.time()
+    cfg, s = job.cfg, job.settings
+    torch.manual_seed(int(cfg.seed))  # the initial weights: the same seed gives the same run
+    prior = build_prior_checked(cfg, tokens.vocab_size, tokens.grid).to(job.device)
+    key = train_key(cfg, s.prior_cls, tokens.key, s.precision)
+    work = job.cache / "train" / f"{key}.work"
+
+    def build(tmp: Path) -> dict[str, Any]:
+        work.mkdir(parents=True, exist_ok=True)
+        units = {}
+        for i, unit in enumerate(prior.units()):
+            r = train_unit(prior, unit, tokens.train, tokens.val, cfg.train, int(cfg.seed) * 100 + i, work,
+                           job.device, s.precision, log_fn=job.logger.log)
+            atomic_torch_save({"arch": prior.arch_config(), "prior": prior.name, "unit": unit,
+                               "state_dict": r["state_dict"], "best_val": r["best_val"],
+                               "best_step": r["best_step"]}, tmp / f"{unit}.pt")
+            units[unit] = {k: r[k] for k in ("best_val", "best_step", "seconds", "steps")}
+            log.info("train: %s:%s done, best val %.4f bits/token at step %d", prior.name, unit, r["best_val"],
+                     r["best_step"])
+        return {"prior": prior.name, "params": prior.num_params(), "units": units,
+                "train_seconds": sum(u["seconds"] for u in units.values()),
+                "train_steps": int(cfg.train.steps)}
+
+    d = cached_stage(job.cache, "train", key, build, what=f"train {prior.name}")
+    shutil.rmtree(work, ignore_errors=True)
+    load_trained(prior, d)
+    meta = read_meta(d)
+    job.results.update(params=prior.num_params(), train_key=key, train_steps=meta["train_steps"],
+                       train_seconds=meta["train_seconds"], train_units=meta["units"])
+    job.logger.best_validation({u: v["best_val"] for u, v in meta["units"].items()})
+    job.timed("train", t0)
+    return prior, key
+
+
+def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: str) -> None:
+    t0 = time.time()
+    cfg, s = job.cfg, job.settings
+    ekey = eval_key(cfg, s.prior_cls, tkey, ref.key, s.precision)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        ref_feats, ref_stats = load_reference(ref.directory)
+        tok_model = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, cfg.tokenizer, str(job.device))
+        t1 = time.time()
+        values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, cfg.eval,
+                                         int(cfg.seed), job.device, tmp, precision=s.precision)
+        atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
+        return {"eval_seconds": time.time() - t1}
+
+    eval_dir = cached_stage(job.cache, "eval", ekey, build, what=f"eval {prior.name} T={cfg.T}")
+    ev = json.loads((eval_dir / "metrics.json").read_text())
+    job.results.update(ev["values"])
+    job.results["unavailable"].update(ev["unavailable"])
+    job.results["eval_dir"] = str(eval_dir)
+    # Small per-job copies: the report rebuilds significance from the job folder, with or without the cache.
+    for name in ("samples_grid.png", "completion_grid.png", "nll_per_sequence.npy"):
+        if (eval_dir / name).is_file():
+            shutil.copy2(eval_dir / name, job.dir / name)
+            if name.endswith(".png"):
+                job.logger.log_image(f"eval/{name[:-4]}", job.dir / name)
+    job.timed("eval", t0)
+
+
+def start_results(cfg: DictConfig) -> dict[str, Any]:
+    r = empty_results()
+    r.update(prior=cfg.prior.name, T=cfg.T, seed=cfg.seed, sweep_id=cfg.get("sweep_id"))
     return r
 
 
@@ -217,107 +415,79 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     A failure (bad option before any work, or an error during it) gives status "failed" and a one-line
     `error`, so one bad point never takes a sweep down.
     """
-    from bench.data import load_data
-    from bench.logger import make_logger
-    from bench.tokens import build_tokens, load_tokenizer
-
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    results = empty_results(cfg)
+    results = start_results(cfg)
     t_job = time.time()
-    logger = None
+    job = None
     try:
-        validate(cfg)
-        device = resolve_device(cfg)
-        precision = resolve_precision(cfg, device)
-        results.update(env_info(device), compute_precision=precision)
-        cache_root = Path(cfg.paths.cache)
+        settings = validate(cfg)
+        D.set_threads(settings.threads)
+        results.update(env_info(settings.device), compute_precision=settings.precision, threads=settings.threads,
+                       T_applies=settings.prior_cls.T_applies)
+        extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(settings.device))
+        job = Job(cfg, job_dir, settings, results, extractor)
+        for line in plan(job):
+            log.info(line)
         name, _ = prior_settings(cfg)
-        logger = make_logger(cfg, job_dir, run_name=f"{name}-T{cfg.T}-s{cfg.seed}", group=str(cfg.name),
-                             config=container(cfg))
+        job.logger = make_logger(cfg, job_dir, prior=name, T=cfg.T, seed=cfg.seed, config=container(cfg))
 
-        t = time.time()
-        data = load_data(cfg.data, cache_root)
-        tokens = build_tokens(cfg.tokenizer, data, cache_root, str(device))
-        results["tokens_key"] = tokens.key
-        results["tokenizer"] = {k: tokens.meta.get(k) for k in
-                                ("vocab_size", "n_embed", "grid", "recon_psnr", "codebook_usage",
-                                 "codebook_perplexity")}
-        results["stage_seconds"]["tokens"] = time.time() - t
-
-        t = time.time()
-        from bench import metrics as M
-        from bench.evaluate import build_reference, load_reference, reconstruction_fid
-
-        extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(device))
-        ref_dir, ref_key = build_reference(data, extractor, cfg.eval, cache_root)
-        results["tokenizer"]["recon_fid"] = reconstruction_fid(tokens, ref_dir, ref_key, extractor, cfg.eval,
-                                                               cache_root)["recon_fid"]
-        results["stage_seconds"]["reference"] = time.time() - t
-        logger.summary({f"tokenizer/{k}": v for k, v in results["tokenizer"].items()})
+        data = data_stage(job)
+        tokens = tokens_stage(job, data)
+        ref = reference_stage(job, data)
+        baselines_stage(job, data, tokens, ref)
         if cfg.stage == "tokens":
-            log.info("stage=tokens: stopping after the shared tokens and reference features")
-            results["status"] = "ok"
-            return finish(results, job_dir, t_job, logger)
-
-        t = time.time()
-        torch.manual_seed(int(cfg.seed))  # the initial weights: the same seed gives the same run
-        prior = build_prior_checked(cfg, tokens.vocab_size, tokens.grid).to(device)
-        results["params"] = prior.num_params()
-        train_dir, tkey, train_meta = train_stage(cfg, prior, tokens, device, precision, logger)
-        results.update(train_key=tkey, train_steps=train_meta["train_steps"],
-                       train_seconds=train_meta["train_seconds"], train_units=train_meta["units"])
-        results["stage_seconds"]["train"] = time.time() - t
+            log.info("stage=tokens: stopping after the shared tokens, reference features and baselines")
+            return finish(job, t_job)
+        prior, tkey = train_stage(job, tokens)
         if cfg.stage == "train":
             log.info("stage=train: stopping after training")
-            return finish(results, job_dir, t_job, logger)
-
-        t = time.time()
-        ekey = eval_key(cfg, tkey, ref_key, precision)
-        from bench.evaluate import evaluate_prior
-
-        def build_eval(tmp: Path) -> dict[str, Any]:
-            ref_feats, ref_stats = load_reference(ref_dir)
-            tok_model = load_tokenizer(cache_root / "tokenizer" / tokens.tokenizer_key,
-                                       cfg.tokenizer, str(device))
-            t0 = time.time()
-            values, missing = evaluate_prior(prior, tokens, tok_model, extractor, ref_feats, ref_stats, cfg.eval,
-                                             int(cfg.seed), device, tmp, precision=precision)
-            atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
-            return {"eval_seconds": time.time() - t0}
-
-        eval_dir = cached_stage(cache_root, "eval", ekey, build_eval, what=f"eval {name} T={cfg.T}")
-        ev = json.loads((eval_dir / "metrics.json").read_text())
-        results.update(ev["values"])
-        results["unavailable"].update(ev["unavailable"])
-        results["eval_dir"] = str(eval_dir)
-        for grid in ("samples_grid.png", "completion_grid.png"):
-            if (eval_dir / grid).is_file():
-                shutil.copy2(eval_dir / grid, job_dir / grid)
-                logger.log_image(f"eval/{grid[:-4]}", job_dir / grid)
-        results["stage_seconds"]["eval"] = time.time() - t
-        logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and v is not None})
-        return finish(results, job_dir, t_job, logger)
+            return finish(job, t_job)
+        eval_stage(job, prior, tokens, ref, tkey)
+        return finish(job, t_job)
     except Preempted:
-        if logger is not None:
-            logger.finish(exit_code=1)
+        if job is not None:
+            job.logger.finish(exit_code=1)
         raise
     except ConfigError as e:
         results.update(status="failed", error=str(e).splitlines()[0] if str(e) else "invalid configuration",
                        error_kind="config")
-        return finish(results, job_dir, t_job, logger)
+        return finish(job, t_job, results, job_dir)
     except Exception as e:  # noqa: BLE001 - one failed job must not take the sweep down
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         results.update(status="failed", error=msg, error_kind="runtime", traceback=traceback.format_exc())
-        return finish(results, job_dir, t_job, logger)
+        log.error("job failed: %s\n%s", msg, results["traceback"])
+        return finish(job, t_job, results, job_dir)
 
 
-def finish(results: dict[str, Any], job_dir: Path, t_job: float, logger) -> dict[str, Any]:
+def summary_line(r: dict[str, Any], path: Path) -> str:
+    """The finished-job line of the log: status, main metrics and where the results are."""
+    def show(key: str) -> str:
+        v = r.get(key)
+        if v is None:
+            return "n/a"
+        digits = next((k.digits for k in SCHEMA if k.name == key), 3)
+        return f"{v:.{digits}f}"
+
+    head = f"job done: prior={r.get('prior')} T={r.get('T')} seed={r.get('seed')} status={r.get('status')}"
+    if r.get("status") != "ok":
+        return f"{head} error={r.get('error')} results={path}"
+    return (f"{head} FID={show('fid')} KID={show('kid_mean')} NLL={show('nll_bits_per_token')} "
+            f"({r.get('nll_kind') or 'n/a'}) compl.FID={show('completion_fid')} s/img={show('sample_seconds_per_image')} "
+            f"results={path}")
+
+
+def finish(job: Job | None, t_job: float, results: dict[str, Any] | None = None,
+           job_dir: Path | None = None) -> dict[str, Any]:
+    results = job.results if results is None else results
+    job_dir = job.dir if job_dir is None else job_dir
     results["job_seconds"] = time.time() - t_job
-    atomic_write_json(job_dir / "results.json", results)
-    if logger is not None:
+    path = job_dir / "results.json"
+    atomic_write_json(path, results)
+    log.info(summary_line(results, path))
+    if job is not None:
         try:
-            logger.summary({k: results.get(k) for k in RESULT_KEYS})
+            job.logger.finish_job(results, path)
         finally:
-            logger.finish(exit_code=0 if results["status"] == "ok" else 1)
+            job.logger.finish(exit_code=0 if results["status"] == "ok" else 1)
     return results

@@ -2,196 +2,281 @@
 
     python bench/report.py multirun/NAME [more sweep dirs...] [--out reports/NAME]
 
-Needs no torch: it reads each job's results.json and .hydra/config.yaml.
+Needs no torch: every table is a groupby of `bench.results.load_results(...)`. A point is every override
+except seed and name; seeds are aggregated within a point (mean and 95% t-interval), a single seed shows its
+bootstrap interval. Each point is tested against the `compare_to` prior's row (bench/stats.py), with Holm's
+correction over the table.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import shutil
-import statistics
 import sys
-from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-PRIOR_ORDER = ("ar", "imagebart", "absorbing")
+import numpy as np
+import pandas as pd
+
+from bench import stats as S
+from bench.results import BASELINE_KEYS, COLUMN_KEYS, KEYS, ResultsError, finite, load_results
+
+ReportError = ResultsError
+PRIOR_ORDER = ("ar", "imagebart", "absorbing")  # display order and labels of the shipped priors; others follow
 PRIOR_LABEL = {"ar": "AR (Taming)", "imagebart": "ImageBART", "absorbing": "Absorbing (Unleashing)"}
-# (results key, column title, digits, lower is better)
-COLUMNS = (
-    ("fid", "FID", 2), ("kid_mean", "KID", 4), ("is_mean", "IS", 2),
-    ("precision", "Prec.", 3), ("recall", "Rec.", 3), ("density", "Dens.", 3), ("coverage", "Cov.", 3),
-    ("nll_bits_per_token", "NLL (bits/tok)", 3), ("completion_fid", "Compl. FID", 2),
-    ("sample_seconds_per_image", "s/img", 4), ("nfe", "NFE", 0), ("params", "Params", 0),
-)
-CSV_KEYS = ("prior", "T", "seed", "status", "error", "params", "train_steps", "train_seconds",
-            "nll_bits_per_token", "nll_stderr", "nll_kind", "fid", "kid_mean", "kid_std", "is_mean", "is_std",
-            "precision", "recall", "density", "coverage", "completion_fid", "sample_seconds_per_image",
-            "samples_per_second", "decode_seconds_per_image", "nfe", "batch_size", "peak_memory_mb", "n_samples",
-            "feature_extractor", "device", "tokens_key", "train_key", "job_dir")
+BASELINE_LABEL = {"real_val": "real val images", "reconstruction": "tokenizer reconstructions"}
+TESTED = tuple(k for k in COLUMN_KEYS if KEYS[k].interval)  # columns tested against the compare_to row
 
 
-class ReportError(ValueError):
-    pass
+def label(prior: str) -> str:
+    return PRIOR_LABEL.get(prior, prior)
 
 
-# ---- collecting ------------------------------------------------------------
+@dataclass
+class Point:
+    key: tuple
+    prior: str
+    T: Any  # None where T does not apply
+    settings: dict[str, str]  # the point's settings besides prior and T
+    jobs: pd.DataFrame  # one job per seed
+    est: dict[str, S.Estimate] = field(default_factory=dict)
+    p: dict[str, float | None] = field(default_factory=dict)
+    significant: dict[str, bool | None] = field(default_factory=dict)
 
-def find_jobs(sweep_dirs: Iterable[Path]) -> list[dict[str, Any]]:
-    jobs = []
-    for sweep in sweep_dirs:
-        sweep = Path(sweep)
-        if not sweep.is_dir():
-            raise ReportError(f"{sweep}: no such sweep folder")
-        for path in sorted(sweep.rglob("results.json")):
-            if ".hydra" in path.parts or "wandb" in path.parts:
-                continue
-            try:
-                r = json.loads(path.read_text())
-            except ValueError as e:
-                r = {"status": "failed", "error": f"unreadable results.json ({e})"}
-            r["job_dir"] = str(path.parent)
-            if "prior" not in r or r.get("prior") is None:
-                r["prior"] = "?"
-            jobs.append(r)
-    if not jobs:
-        raise ReportError(f"no results.json under {', '.join(map(str, sweep_dirs))}")
-    return jobs
+    @property
+    def n_seeds(self) -> int:
+        return len(self.jobs)
+
+    def order(self) -> tuple:
+        rank = PRIOR_ORDER.index(self.prior) if self.prior in PRIOR_ORDER else len(PRIOR_ORDER)
+        return rank, str(self.prior), self.T if self.T is not None else -1, tuple(sorted(self.settings.items()))
 
 
-def point_of(r: dict[str, Any]) -> tuple[str, int | None]:
-    """AR does not depend on T: all its T points are one row."""
-    return (r["prior"], None if r["prior"] == "ar" else r.get("T"))
+def estimate(jobs: pd.DataFrame, key: str) -> S.Estimate:
+    """One seed: the job's value and bootstrap interval. Several: mean over seeds and the t-interval."""
+    values = [v for v in jobs[key] if finite(v)]
+    if not values:
+        return S.Estimate(float("nan"), None, None)
+    if len(jobs) == 1:
+        j = jobs.iloc[0]
+        ci = j.get(f"{key}_ci") if f"{key}_ci" in jobs else None
+        se = j.get(f"{key}_se") if f"{key}_se" in jobs else None
+        return S.Estimate(float(values[0]), se if finite(se) else None,
+                          tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None)
+    return S.seed_estimate(values)
 
 
-def job_order(r: dict[str, Any]) -> tuple[int, int, int]:
-    """Sort key of jobs and rows: prior in PRIOR_ORDER (others last), then T, then seed."""
-    rank = PRIOR_ORDER.index(r["prior"]) if r["prior"] in PRIOR_ORDER else len(PRIOR_ORDER)
-    return rank, r.get("T") or 0, r.get("seed") or 0
+def points_of(df: pd.DataFrame) -> list[Point]:
+    ok = df[df["status"] == "ok"]
+    # A prior whose T does not apply shares one evaluation over its T values: one job per (point, seed).
+    ok = ok.drop_duplicates(subset=["point", "seed"], keep="first")
+    points = []
+    for key, jobs in ok.groupby("point", sort=False):
+        j = jobs.iloc[0]
+        settings = {k: v for k, v in key if k not in ("prior", "T")}
+        T = None if j.get("T_applies") == "none" else j.get("T")
+        pt = Point(key, j["prior"], T, settings, jobs.sort_values("seed"))
+        for k in COLUMN_KEYS + ("elbo_eq6_bits_per_token",):
+            pt.est[k] = estimate(pt.jobs, k)
+        points.append(pt)
+    return sorted(points, key=Point.order)
 
 
-def dedupe_ar(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """AR's T points reuse one result: keep one job per (seed, eval cache) so seeds are not double-counted."""
-    seen, out = set(), []
-    for r in jobs:
-        if r.get("prior") == "ar" and r.get("status") == "ok":
-            key = (r.get("seed"), r.get("eval_dir") or r.get("train_key"))
-            if key in seen:
-                continue
-            seen.add(key)
-        out.append(r)
-    return out
+def nll_values(job: pd.Series) -> np.ndarray | None:
+    path = Path(job["job_dir"]) / "nll_per_sequence.npy"
+    return np.load(path) if path.is_file() else None
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+def compare(pt: Point, ref: Point, key: str) -> float | None:
+    """p-value of pt == ref on one metric."""
+    if pt.n_seeds >= 2 and ref.n_seeds >= 2:
+        return S.welch_test([v for v in pt.jobs[key] if finite(v)], [v for v in ref.jobs[key] if finite(v)])
+    if key == "nll_bits_per_token":
+        a, b = nll_values(pt.jobs.iloc[0]), nll_values(ref.jobs.iloc[0])
+        if a is not None and b is not None and a.shape == b.shape:
+            return S.paired_test(a, b)[2]
+    a, b = pt.est[key], ref.est[key]
+    if not (finite(a.value) and finite(b.value)):
+        return None
+    return S.independent_test(a.value, a.se, b.value, b.se)
 
 
-def aggregate(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in dedupe_ar(jobs):
-        if r.get("status") == "ok":
-            groups[point_of(r)].append(r)
-    rows = []
-    for (prior, T), rs in groups.items():
-        row = {"prior": prior, "T": T, "n_seeds": len(rs), "nll_kind": rs[0].get("nll_kind"),
-               "batch_size": rs[0].get("batch_size")}
-        for key, *_ in COLUMNS:
-            row[key] = mean_std([r.get(key) for r in rs])
-        row["unavailable"] = {k: v for r in rs for k, v in (r.get("unavailable") or {}).items()}
-        rows.append(row)
-    rows.sort(key=job_order)
-    return rows
+def test_against(points: list[Point], ref: Point | None) -> int:
+    """Fill p-values and Holm decisions against the reference row; returns the family size."""
+    if ref is None:
+        return 0
+    family = [(pt, k) for pt in points if pt is not ref for k in TESTED]
+    pvals = [compare(pt, ref, k) for pt, k in family]
+    for (pt, k), p, sig in zip(family, pvals, S.holm(pvals)):
+        pt.p[k], pt.significant[k] = p, sig
+    return sum(p is not None for p in pvals)
 
 
 # ---- formatting ------------------------------------------------------------
 
-def fmt(ms: tuple[float | None, float | None], digits: int, n: int) -> str:
-    m, s = ms
-    if m is None:
+def fmt_value(v: Any, digits: int) -> str:
+    if not finite(v):
         return "n/a"
     if digits == 0:
-        text = f"{m / 1e6:.2f}M" if m >= 1e5 else f"{m:.0f}"
-        return text
-    text = f"{m:.{digits}f}"
-    if n > 1 and s is not None:
-        text += f" ± {s:.{digits}f}"
+        return f"{v / 1e6:.2f}M" if abs(v) >= 1e5 else f"{v:.0f}"
+    return f"{v:.{digits}f}"
+
+
+def fmt_estimate(e: S.Estimate, digits: int) -> str:
+    text = fmt_value(e.value, digits)
+    if text != "n/a" and e.ci is not None and digits > 0:
+        text += f" [{e.ci[0]:.{digits}f}, {e.ci[1]:.{digits}f}]"
     return text
 
 
-def main_table(rows: list[dict[str, Any]]) -> str:
-    head = "| Prior | T | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "---|" * (3 + len(COLUMNS))
-    lines = [head, sep]
-    for r in rows:
+def varying_settings(points: list[Point]) -> list[str]:
+    keys = sorted({k for pt in points for k in pt.settings})
+    return [k for k in keys if len({pt.settings.get(k) for pt in points}) > 1]
+
+
+def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point | None) -> str:
+    extra = varying_settings(points)
+    head = ["Prior", "T", *extra, "seeds", *(KEYS[k].title for k in COLUMN_KEYS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if baselines:
+        for name in ("real_val", "reconstruction"):
+            row = baselines.get(name) or {}
+            cells = []
+            for k in COLUMN_KEYS:
+                if k in BASELINE_KEYS and finite(row.get(k)):
+                    ci = row.get(f"{k}_ci")
+                    cells.append(fmt_estimate(S.Estimate(row[k], row.get(f"{k}_se"), tuple(ci) if ci else None),
+                                              KEYS[k].digits))
+                else:
+                    cells.append("–")
+            lines.append(f"| *{BASELINE_LABEL[name]}* | – | " + "– | " * len(extra) + "– | " + " | ".join(cells) + " |")
+    for pt in points:
         cells = []
-        for key, _, digits in COLUMNS:
-            cell = fmt(r[key], digits, r["n_seeds"])
-            if key == "nll_bits_per_token" and cell != "n/a":
-                cell += " (exact)" if r.get("nll_kind") == "exact" else " (≤, ELBO)"
+        for k in COLUMN_KEYS:
+            cell = fmt_estimate(pt.est[k], KEYS[k].digits)
+            if k == "nll_bits_per_token" and cell != "n/a":
+                kind = pt.jobs.iloc[0].get("nll_kind")
+                cell += {"exact": " (exact)", "elbo": " (≤, ELBO)", "order_bound": " (≤, sampler bound)"}.get(kind, "")
+            if pt.significant.get(k):
+                cell += " *"
             cells.append(cell)
-        T = "–" if r["T"] is None else str(r["T"])
-        lines.append(f"| {PRIOR_LABEL.get(r['prior'], r['prior'])} | {T} | {r['n_seeds']} | " + " | ".join(cells) + " |")
+        T = "–" if pt.T is None else str(pt.T)
+        mark = " (ref.)" if pt is ref else ""
+        lines.append(f"| {label(pt.prior)}{mark} | {T} | " + "".join(f"{pt.settings.get(k, '')} | " for k in extra)
+                     + f"{pt.n_seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> list[str]:
+    """In words: what the sweep can and cannot resolve, and what the A/A pair (if any) found."""
+    out = []
+    if ref is None:
+        return ["No row of the `compare_to` prior: no significance tests."]
+    n_sig = sum(bool(v) for pt in points for v in pt.significant.values())
+    n_raw = sum(1 for pt in points for p in pt.p.values() if p is not None and p < 0.05)
+    out.append(f"`*`: differs from the {label(ref.prior)} row at the 95% level after Holm's correction over the "
+               f"table's {n_tests} comparisons ({n_sig} marked). Without the correction {n_raw} would be marked, "
+               f"of which about {0.05 * n_tests:.1f} are expected by chance alone when nothing differs.")
+    widths = []
+    for k in ("fid", "kid_mean", "completion_fid", "nll_bits_per_token"):
+        half = [(e.ci[1] - e.ci[0]) / 2 for pt in points if (e := pt.est[k]).ci is not None]
+        if half:
+            # Two independent estimates with half-width h differ significantly (unadjusted) at about sqrt(2) h.
+            widths.append(f"{KEYS[k].title} ±{np.median(half):.{KEYS[k].digits}f} (a gap below about "
+                          f"{math.sqrt(2) * np.median(half):.{KEYS[k].digits}f} cannot be resolved)")
+    if widths:
+        out.append("Median 95% half-widths: " + "; ".join(widths) + ".")
+    ref_nll = nll_values(ref.jobs.iloc[0])
+    for pt in points:
+        if pt is ref or ref_nll is None:
+            continue
+        other = nll_values(pt.jobs.iloc[0])
+        if other is not None and other.shape == ref_nll.shape and np.array_equal(other, ref_nll):
+            tested = {k: v for k, v in pt.significant.items() if v is not None and k != "nll_bits_per_token"}
+            sig = [KEYS[k].title for k, v in tested.items() if v]
+            T = "" if pt.T is None else f" T={pt.T}"
+            out.append(f"A/A check: {label(pt.prior)}{T} is the same model as the {label(ref.prior)} row (identical "
+                       f"per-sequence NLL), sampled with other random streams; {len(sig)} of its {len(tested)} "
+                       f"sample-metric comparisons came out significant" + (f" ({', '.join(sig)})." if sig else
+                                                                              ", as it should."))
+    return out
+
+
+def training_table(df: pd.DataFrame) -> str:
+    """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
+    lines = []
+    ok = df[(df["status"] == "ok") & df["train_key"].notna()].drop_duplicates(subset=["train_key"])
+    for _, r in ok.iterrows():
+        units = r.get("train_units") or {}
+        if not isinstance(units, dict) or not units:
+            continue
+        cells = "; ".join(f"{u} {v['best_val']:.3f} ({v['best_step']})" for u, v in units.items())
+        total = sum(v["best_val"] for v in units.values())
+        secs = r.get("train_seconds")
+        T = r.get("T") if r.get("T_applies") == "training" else "–"
+        lines.append((_order(r), f"| {label(r['prior'])} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
+                      + (f"{secs / 60:.1f}" if finite(secs) else "n/a") + " |"))
+    if not lines:
+        return ""
+    return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min |",
+                      "|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
+
+
+def _order(r: pd.Series) -> tuple:
+    rank = PRIOR_ORDER.index(r["prior"]) if r["prior"] in PRIOR_ORDER else len(PRIOR_ORDER)
+    return rank, r.get("T") or 0, r.get("seed") or 0
 
 
 # ---- figures ---------------------------------------------------------------
 
-def training_table(jobs: list[dict[str, Any]]) -> str:
-    """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
-    seen, lines = set(), []
-    for r in sorted(jobs, key=job_order):
-        units = r.get("train_units") or {}
-        if not units or r.get("train_key") in seen:
-            continue
-        seen.add(r.get("train_key"))
-        cells = "; ".join(f"{u} {v['best_val']:.3f} ({v['best_step']})" for u, v in units.items())
-        total = sum(v["best_val"] for v in units.values())
-        secs = r.get("train_seconds")
-        T = r.get("T") if r["prior"] == "imagebart" else "–"
-        lines.append(f"| {PRIOR_LABEL.get(r['prior'], r['prior'])} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
-                     + (f"{secs / 60:.1f}" if secs is not None else "n/a") + " |")
-    if not lines:
-        return ""
-    return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min |",
-                      "|---|---|---|---|---|---|", *lines])
-
-
-def figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
     colors = {"ar": "tab:gray", "imagebart": "tab:blue", "absorbing": "tab:orange"}
+    groups: dict[tuple, list[Point]] = {}
+    for pt in points:
+        groups.setdefault((pt.prior, tuple(sorted(pt.settings.items()))), []).append(pt)
+
+    def name_of(prior: str, settings: tuple) -> str:
+        return label(prior) + ("" if not settings else " (" + ", ".join(f"{k}={v}" for k, v in settings) + ")")
+
+    def save(fig, fname: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / f"{fname}.png", dpi=120)
+        fig.savefig(out / f"{fname}.pdf")
+        plt.close(fig)
+        made.append((title, f"figures/{fname}.png"))
 
     def vs_T(key: str, ylabel: str, fname: str, title: str) -> None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         drawn = False
-        for prior in PRIOR_ORDER:
-            pts = [(r["T"], r[key]) for r in rows if r["prior"] == prior and r[key][0] is not None]
+        for (prior, settings), pts in groups.items():
+            pts = [p for p in pts if finite(p.est[key].value)]
             if not pts:
                 continue
             drawn = True
-            if prior == "ar":
-                m, s = pts[0][1]
-                ax.axhline(m, color=colors[prior], ls="--", label=PRIOR_LABEL[prior])
-                if s:
-                    ax.axhspan(m - s, m + s, color=colors[prior], alpha=0.15)
+            color = colors.get(prior)
+            if pts[0].T is None:  # T does not apply: a horizontal line with its interval
+                e = pts[0].est[key]
+                ax.axhline(e.value, color=color, ls="--", label=name_of(prior, settings))
+                if e.ci:
+                    ax.axhspan(e.ci[0], e.ci[1], color=color, alpha=0.15)
                 continue
-            pts.sort()
-            ts = [p[0] for p in pts]
-            ms = [p[1][0] for p in pts]
-            ss = [p[1][1] or 0.0 for p in pts]
-            ax.errorbar(ts, ms, yerr=ss, marker="o", capsize=3, color=colors.get(prior), label=PRIOR_LABEL.get(prior, prior))
+            pts.sort(key=lambda p: p.T)
+            ts = [p.T for p in pts]
+            ms = [p.est[key].value for p in pts]
+            err = np.array([[m - (p.est[key].ci or (m, m))[0], (p.est[key].ci or (m, m))[1] - m]
+                            for p, m in zip(pts, ms)]).T
+            ax.errorbar(ts, ms, yerr=err, marker="o", capsize=3, color=color, label=name_of(prior, settings))
         if not drawn:
             plt.close(fig)
             return
@@ -199,46 +284,84 @@ def figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        made.append((title, f"figures/{fname}"))
+        ax.legend(fontsize=7)
+        save(fig, fname, title)
 
-    vs_T("fid", "FID ↓", "fid_vs_T.png", "FID vs T")
-    vs_T("nll_bits_per_token", "bits per token ↓", "nll_vs_T.png", "NLL vs T (AR exact, others ELBO)")
-    vs_T("completion_fid", "completion FID ↓", "completion_fid_vs_T.png", "Upper-half completion FID vs T")
+    vs_T("fid", "FID ↓ (95% interval)", "fid_vs_T", "FID vs T")
+    vs_T("nll_bits_per_token", "bits per token ↓", "nll_vs_T", "NLL vs T (AR exact; others upper bounds)")
+    vs_T("completion_fid", "completion FID ↓", "completion_fid_vs_T", "Upper-half completion FID vs T")
 
-    pts = [r for r in rows if r["fid"][0] is not None and r["sample_seconds_per_image"][0] is not None]
+    pts = [p for p in points if finite(p.est["fid"].value) and finite(p.est["sample_seconds_per_image"].value)]
     if pts:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for prior in PRIOR_ORDER:
-            rs = sorted((r for r in pts if r["prior"] == prior), key=lambda r: r["sample_seconds_per_image"][0])
+        for (prior, settings), group in groups.items():
+            rs = sorted((p for p in group if p in pts), key=lambda p: p.est["sample_seconds_per_image"].value)
             if not rs:
                 continue
-            xs = [r["sample_seconds_per_image"][0] for r in rs]
-            ys = [r["fid"][0] for r in rs]
-            ax.plot(xs, ys, marker="o", color=colors.get(prior), label=PRIOR_LABEL.get(prior, prior),
-                    ls="none" if prior == "ar" else "-")
-            for r, x, y in zip(rs, xs, ys):
-                if r["T"] is not None:
-                    ax.annotate(f"T={r['T']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            xs = [p.est["sample_seconds_per_image"].value for p in rs]
+            ys = [p.est["fid"].value for p in rs]
+            ax.plot(xs, ys, marker="o", color=colors.get(prior), label=name_of(prior, settings),
+                    ls="none" if rs[0].T is None else "-")
+            for p, x, y in zip(rs, xs, ys):
+                if p.T is not None:
+                    ax.annotate(f"T={p.T}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
-
         ax.xaxis.set_major_formatter(LogFormatterSciNotation())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        batch = pts[0].get("batch_size")
-        ax.set_xlabel("seconds per image (token generation" + (f", batch {batch})" if batch else ")"))
+        batch = pts[0].jobs.iloc[0].get("batch_size")
+        ax.set_xlabel("seconds per image (token generation" + (f", batch {batch})" if finite(batch) else ")"))
         ax.set_ylabel("FID ↓")
         ax.set_title("Quality vs sampling speed")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "fid_vs_speed.png", dpi=120)
-        plt.close(fig)
-        made.append(("Quality vs sampling speed", "figures/fid_vs_speed.png"))
+        ax.legend(fontsize=7)
+        save(fig, "fid_vs_speed", "Quality vs sampling speed")
     return made
+
+
+# ---- machine-readable outputs ----------------------------------------------
+
+def summary_frame(points: list[Point], ref: Point | None) -> pd.DataFrame:
+    """One row per point: mean, standard error, 95% interval, p-value against the reference, significance."""
+    rows = []
+    for pt in points:
+        row: dict[str, Any] = {"prior": pt.prior, "T": pt.T, **pt.settings, "n_seeds": pt.n_seeds,
+                               "is_reference": pt is ref}
+        for k, e in pt.est.items():
+            row[k] = e.value if finite(e.value) else None
+            row[f"{k}_se"] = e.se
+            row[f"{k}_ci_lo"], row[f"{k}_ci_hi"] = e.ci if e.ci else (None, None)
+            if k in pt.p:
+                row[f"{k}_p"] = pt.p[k]
+                row[f"{k}_significant"] = pt.significant.get(k)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def latex_table(points: list[Point]) -> str:
+    """booktabs: mean ± 95% half-width, the best value of each column in bold."""
+    keys = [k for k in COLUMN_KEYS if KEYS[k].interval]
+    best = {}
+    for k in keys:
+        vals = [pt.est[k].value for pt in points if finite(pt.est[k].value)]
+        if vals and KEYS[k].lower_is_better is not None:
+            best[k] = min(vals) if KEYS[k].lower_is_better else max(vals)
+    lines = [r"\begin{tabular}{ll" + "r" * len(keys) + "}", r"\toprule",
+             "Prior & $T$ & " + " & ".join(KEYS[k].title.replace("%", r"\%") for k in keys) + r" \\", r"\midrule"]
+    for pt in points:
+        cells = []
+        for k in keys:
+            e, d = pt.est[k], KEYS[k].digits
+            if not finite(e.value):
+                cells.append("--")
+                continue
+            text = f"{e.value:.{d}f}"
+            if e.ci:
+                text += rf" $\pm$ {(e.ci[1] - e.ci[0]) / 2:.{d}f}"
+            cells.append(rf"\textbf{{{text}}}" if best.get(k) == e.value else text)
+        T = "--" if pt.T is None else str(pt.T)
+        lines.append(f"{label(pt.prior)} & {T} & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
 
 
 # ---- the report ------------------------------------------------------------
@@ -249,113 +372,125 @@ def shown_path(path: Path) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
-def read_yaml_text(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
-def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) -> Path:
-    jobs = find_jobs(sweep_dirs)
+def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) -> tuple[Path, pd.DataFrame]:
+    all_jobs = load_results(*sweep_dirs, include_stale=True)
+    stale = all_jobs[all_jobs["stale"]]
+    df = all_jobs[~all_jobs["stale"]].reset_index(drop=True)
+    if df.empty:
+        raise ReportError(f"every job under {', '.join(map(str, sweep_dirs))} is stale (left by an earlier launch)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(jobs)
-    failed = [r for r in jobs if r.get("status") != "ok"]
-    ok = [r for r in jobs if r.get("status") == "ok"]
+    ok = df[df["status"] == "ok"]
+    failed = df[df["status"] != "ok"]
+    points = points_of(df)
+    compare_to = next((v for v in df.get("cfg.compare_to", pd.Series(dtype=object)) if isinstance(v, str)), None)
+    ref = next((pt for pt in points if pt.prior == compare_to), None)
+    n_tests = test_against(points, ref)
+    baselines = next((b for b in ok.get("baselines", []) if isinstance(b, dict)), None)
 
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
-        w.writeheader()
-        for r in sorted(jobs, key=lambda r: (str(r.get("prior")), r.get("T") or 0, r.get("seed") or 0)):
-            w.writerow({k: r.get(k) for k in CSV_KEYS})
+    df.drop(columns=["point"]).to_csv(out / "results.csv", index=False)
+    summary_frame(points, ref).to_csv(out / "summary.csv", index=False)
+    (out / "table.tex").write_text(latex_table(points))
 
+    first = ok.iloc[0] if len(ok) else None
     md = [f"# {title or 'priorbench report: ' + out.name}", ""]
-    md += [f"{len(jobs)} jobs ({len(ok)} ok, {len(failed)} failed) from "
-           + ", ".join(f"`{shown_path(d)}`" for d in sweep_dirs) + ". Mean ± std over seeds. AR does not depend on T and is "
-           "shown once; ImageBART's T is its chain length, absorbing's T its number of sampling steps.", ""]
-    md += ["## Main results", "", main_table(rows), ""]
-    extra = sorted({k: v for r in rows for k, v in r["unavailable"].items()}.items())
+    md += [f"{len(df)} jobs ({len(ok)} ok, {len(failed)} failed) from "
+           + ", ".join(f"`{shown_path(d)}`" for d in sweep_dirs)
+           + (f"; {len(stale)} stale job folder(s) of an earlier launch under the same name ignored" if len(stale) else "")
+           + ". A point is every setting except the seed; a prior that T does not apply to is shown once. "
+           "ImageBART's T is its chain length, absorbing's T its number of sampling steps.", ""]
+    md += ["## Main results", "", main_table(points, baselines, ref), ""]
+    if first is not None:
+        n_s, n_c = first.get("n_samples"), first.get("n_completions")
+        md += [f"N per column: FID, KID, IS and PRDC at N = {fmt_value(n_s, 0)} samples (PRDC against as many reference "
+               f"images); completion FID at N = {fmt_value(n_c, 0)} completions; the reference is a seeded random "
+               f"sample of {fmt_value(first.get('n_reference'), 0)} train images, the same for every row and "
+               f"column. Baseline rows are at the same N: real val images (the best a prior can reach at that N) "
+               f"and the tokenizer's reconstructions of them (a perfect prior over these tokens).", "",
+               f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get('n_bootstrap'), 0)} "
+               "resamples, reference fixed; an interval for the metric at this N); NLL: mean ± 1.96 standard errors "
+               "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
+        md += resolution_text(points, ref, n_tests) + [""]
+    extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
     if extra:
         md += ["Unavailable metrics:", ""] + [f"- `{k}`: {v}" for k, v in extra] + [""]
-    if ok:
-        ref = ok[0]
-        md += ["Protocol: features `" + str(ref.get("feature_extractor")) + f"`, {ref.get('n_samples')} samples per "
-               f"point, speed at batch {ref.get('batch_size')} on `{ref.get('device')}`"
-               + (f" in {ref['compute_precision']}" if ref.get("compute_precision") else "")
-               + " (token generation only; "
-               "decoding is in results.csv).", ""]
+    if first is not None:
+        md += ["Protocol: features `" + str(first.get("feature_extractor")) + f"`, speed at batch "
+               f"{fmt_value(first.get('batch_size'), 0)} on `{first.get('device')}` in "
+               f"{first.get('compute_precision')} with {fmt_value(first.get('threads'), 0)} thread(s) (token "
+               "generation only, warm-up batch excluded; decoding is in results.csv); ImageBART completion with "
+               f"{first.get('cfg.prior.sample.completion_passes', 0) if first['prior'] == 'imagebart' else 'its configured'} "
+               "extra forward-backward passes (0: Tab. 3's single masked reverse pass).", ""]
 
-    toks = [r["tokenizer"] for r in ok if r.get("tokenizer")]
+    toks = [t for t in ok.get("tokenizer", []) if isinstance(t, dict)]
     if toks:
         t = toks[0]
-        md += ["## Tokenizer", "", "| K_eff | codebook | usage | perplexity | grid | val PSNR (dB) | rFID |",
+        md += ["## Tokenizer", "", "| K_eff | codebook | usage | perplexity | grid | val PSNR (dB) | rFID (N) |",
                "|---|---|---|---|---|---|---|",
                f"| {t.get('vocab_size')} | {t.get('n_embed')} | {100 * (t.get('codebook_usage') or 0):.1f}% | "
                f"{(t.get('codebook_perplexity') or 0):.1f} | {'x'.join(map(str, t.get('grid') or []))} | "
-               f"{(t.get('recon_psnr') or 0):.2f} | "
-               + (f"{t['recon_fid']:.2f}" if t.get("recon_fid") is not None else "n/a") + " |", ""]
+               f"{(t.get('recon_psnr') or 0):.2f} | " + (f"{t['recon_fid']:.2f} ({t.get('recon_fid_n')})"
+                                                        if finite(t.get("recon_fid")) else "n/a") + " |", ""]
 
-    training = training_table(ok)
+    training = training_table(df)
     if training:
         md += ["## Training", "",
                "Best validation value per trained model (bits/token, at the step in brackets; the checkpoint the "
                "evaluation uses). ImageBART's scale 2 is Eq. 8's cross-entropy and scales t > 2 the Eq. 7 KL terms, "
                "so their sum is its ELBO on the validation batches; absorbing's is its Eq. 6 ELBO. Jobs that share "
-               "a training run (AR at every T, absorbing at every T) are shown once.", "", training, ""]
+               "a training run are shown once.", "", training, ""]
 
-    figs = figures(rows, out / "figures")
+    figs = figures(points, out / "figures")
     if figs:
-        md += ["## Figures", ""]
+        md += ["## Figures", "", "Also as PDF next to each PNG.", ""]
         for caption, rel in figs:
             md += [f"![{caption}]({rel})", ""]
 
     grids = []
-    for r in sorted(dedupe_ar(ok), key=job_order):
-        if r.get("seed") != ok[0].get("seed"):
-            continue
-        label = r["prior"] + ("" if r["prior"] == "ar" else f"_T{r.get('T')}")
+    for pt in points:
+        job = pt.jobs.iloc[0]
+        name = pt.prior + ("" if pt.T is None else f"_T{pt.T}") + "".join(f"_{k}={v}" for k, v in pt.settings.items()
+                                                                         if k in varying_settings(points))
+        name = name.replace("/", "-")
         for kind in ("samples_grid", "completion_grid"):
-            src = Path(r["job_dir"]) / f"{kind}.png"
+            src = Path(job["job_dir"]) / f"{kind}.png"
             if src.is_file():
-                dst = out / "grids" / f"{label}_{kind}.png"
+                dst = out / "grids" / f"{name}_{kind}.png"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
-                grids.append((label, kind, f"grids/{dst.name}"))
+                grids.append((name, kind, f"grids/{dst.name}"))
     if grids:
         md += ["## Samples and completions", "",
                "Completion grids: top row the input with its upper half masked (grey: those tokens are generated), "
                "middle the completion, bottom the tokenizer's reconstruction of the original tokens.", ""]
-        for label, kind, rel in grids:
-            md += [f"**{label}**, {kind.replace('_', ' ')}:", "", f"![{label} {kind}]({rel})", ""]
+        for name, kind, rel in grids:
+            md += [f"**{name}**, {kind.replace('_', ' ')}:", "", f"![{name} {kind}]({rel})", ""]
 
-    if failed:
+    if len(failed):
         md += ["## Failed jobs", "", "| prior | T | seed | error | job |", "|---|---|---|---|---|"]
-        for r in failed:
+        for _, r in failed.iterrows():
             err = str(r.get("error") or "").replace("|", "\\|")
             md += [f"| {r.get('prior')} | {r.get('T')} | {r.get('seed')} | {err} | `{Path(r['job_dir']).name}` |"]
         md += [""]
 
     md += ["## Environment", ""]
-    if ok:
-        env = ok[0]
-        md += [f"- device: `{env.get('device')}`", f"- torch: `{env.get('torch')}`, CUDA: `{env.get('cuda')}`",
-               f"- commit: `{env.get('commit')}`"]
-    stage_totals: dict[str, float] = defaultdict(float)
-    for r in jobs:
-        for k, v in (r.get("stage_seconds") or {}).items():
-            stage_totals[k] += v or 0.0
-    if stage_totals:
-        md += ["- wall time per stage, summed over jobs: " +
-               ", ".join(f"{k} {v:.1f} s" for k, v in stage_totals.items())]
-    cfg_text = None
-    for r in ok or jobs:
-        cfg_text = read_yaml_text(Path(r["job_dir"]) / ".hydra" / "config.yaml")
-        if cfg_text:
-            break
-    if cfg_text:
+    if first is not None:
+        md += [f"- device: `{first.get('device')}`", f"- torch: `{first.get('torch')}`, CUDA: `{first.get('cuda')}`",
+               f"- commit: `{first.get('commit')}`"]
+    totals: dict[str, float] = {}
+    for st in df["stage_seconds"]:
+        for k, v in (st if isinstance(st, dict) else {}).items():
+            totals[k] = totals.get(k, 0.0) + (v or 0.0)
+    if totals:
+        md += ["- wall time per stage, summed over jobs: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items())]
+    cfg_path = next((Path(d) / ".hydra" / "config.yaml" for d in (ok if len(ok) else df)["job_dir"]
+                     if (Path(d) / ".hydra" / "config.yaml").is_file()), None)
+    if cfg_path is not None:
         md += ["", "<details><summary>Resolved config of the first job</summary>", "", "```yaml",
-               cfg_text.rstrip(), "```", "", "</details>"]
+               cfg_path.read_text().rstrip(), "```", "", "</details>"]
     md += [""]
     (out / "report.md").write_text("\n".join(md))
-    return out / "report.md"
+    return out / "report.md", df
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or Path("reports") / args.sweep_dirs[0].resolve().name
     try:
-        path = write_report(args.sweep_dirs, out)
+        path, _ = write_report(args.sweep_dirs, out)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""priorbench entry point: one Hydra job = one (prior, T, seed) point.
+"""priorbench entry point: one Hydra job = one point of a sweep (`--help` lists the usage).
 
     python bench/run.py                                   # one job on the embedded default
     python bench/run.py -m prior=ar,imagebart,absorbing T=2,3,5,9   # the sweep, then the report
@@ -13,6 +13,10 @@ from pathlib import Path
 
 # Before torch loads: OpenMP spin-waiting on a busy shared CPU slows small ops by orders of magnitude.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Progress bars only on a terminal: under SLURM, nohup or CI a bar's carriage-return frames pile up into one
+# endless line; there the log's own lines (validation, stage and job lines) report progress.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -20,8 +24,9 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import to_absolute_path  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from bench.errors import Preempted  # noqa: E402
 from bench.pipeline import run_job  # noqa: E402
-from bench.train import Preempted  # noqa: E402
+from bench.results import sweep_id  # noqa: E402
 
 log = logging.getLogger("priorbench")
 
@@ -31,19 +36,50 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("prior", "data", "tokenizer", "train", "eval", "logger", "experiment")
 
 
+def group_choices(group: str, extra_dirs: list[Path] = ()) -> list[str]:
+    return sorted({p.stem for d in (CONF_DIR, *extra_dirs) for p in (d / group).glob("*.yaml")})
+
+
+def search_dirs(overrides) -> list[Path]:
+    """Config folders added with hydra.searchpath=[file://DIR,...]: their groups' options are choices too."""
+    dirs = []
+    for o in overrides:
+        if o.key_or_group == "hydra.searchpath":
+            for entry in o.value() or []:
+                if str(entry).startswith("file://"):
+                    dirs.append(Path(str(entry)[len("file://"):]))
+    return dirs
+
+
 def check_group_choices(argv: list[str]) -> str | None:
-    """One line for an unknown config-group choice (prior=foo), before Hydra's multi-line composition error."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")):
+    """One line for an unknown config-group choice (prior=foo), before Hydra's multi-line composition error.
+
+    Overrides are read with Hydra's own parser, so its sweep syntax (a,b / glob(*) / choice(...) / range(...))
+    is expanded exactly as Hydra will, and only plain unknown names are refused."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import HydraException
+
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return None  # Hydra reports its own syntax errors
+    extra = search_dirs(overrides)
+    for o in overrides:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete():
             continue
-        key, value = arg.split("=", 1)
-        if key not in GROUPS:
+        choices = group_choices(group, extra)
+        value = o.value()
+        if isinstance(value, Glob):
+            if not value.filter(choices):
+                return f"{group}={o.input_line.split('=', 1)[1]} matches none of: {', '.join(choices)}"
             continue
-        choices = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-        for v in value.split(","):
-            v = v.strip()
-            if v and v != "null" and v not in choices:
-                return f"{key}={v} is not one of: {', '.join(choices)}"
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [value]
+        for v in values:
+            if v is not None and str(v) != "null" and str(v) not in choices:
+                return f"{group}={v} is not one of: {', '.join(choices)}"
     return None
 
 
@@ -53,7 +89,10 @@ def main(cfg: DictConfig) -> dict:
         # Relative paths mean the directory the user started from, whatever the launcher's cwd is.
         cfg.paths.cache = to_absolute_path(str(cfg.paths.cache))
         cfg.paths.reports = to_absolute_path(str(cfg.paths.reports))
-    hc = HydraConfig.get()
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            # Written by the sweep callback at launch: job folders of earlier launches under this name are stale.
+            cfg.sweep_id = sweep_id(Path(to_absolute_path(str(hc.sweep.dir))))
     try:
         results = run_job(cfg, Path(hc.runtime.output_dir))
     except Preempted as p:

@@ -9,7 +9,6 @@ sequences, so every model sees the same compute (DESIGN.md section 3).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -22,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.cache import atomic_torch_save
-from bench.errors import ConfigError
+from bench.device import autocast
+from bench.errors import ConfigError, Preempted
 from priors.base import Prior, eval_mode
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,6 @@ CKPT_VERSION = 1
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
-
-
-class Preempted(BaseException):
-    """A preemption signal arrived during training; a checkpoint was written.
-
-    A BaseException so that no `except Exception` on the way up turns it into a failed job: the job must stop
-    and be requeued, and its rerun resumes from the checkpoint.
-    """
-
-    def __init__(self, message: str, signum: int, previous_handler: Any) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.previous_handler = previous_handler  # e.g. submitit's checkpoint-and-requeue handler
 
 
 # What SLURM sends before preemption or the time limit (SIGTERM; SIGUSR1/SIGUSR2 with --signal, submitit
@@ -87,12 +74,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
     for k, v in module.state_dict().items():
@@ -129,7 +110,7 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
 
 
 def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int,
-               work_dir: Path, device: torch.device, precision: str = "auto",
+               work_dir: Path, device: torch.device, precision: str = "fp32",
                log_fn: Callable[[dict[str, float], int], None] | None = None,
                stop_after: int | None = None) -> dict[str, Any]:
     """Train one unit to `cfg.steps`, resuming from `work_dir/<unit>.ckpt` if present.
@@ -220,8 +201,8 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
             record.update({f"train/{unit}/{k}": v for k, v in logs.items()})
             if step % int(cfg.val_every) == 0 or step == steps:
                 record[f"val/{unit}/bits_per_token"] = validate()
-                bar.write(f"{prior.name}:{unit} step {step}: val {record[f'val/{unit}/bits_per_token']:.4f} "
-                          "bits/token")
+                log.info("%s:%s step %d/%d: val %.4f bits/token, loss %.4f", prior.name, unit, step, steps,
+                         record[f"val/{unit}/bits_per_token"], loss_value)
             if log_fn is not None:
                 log_fn(record, step)
             if step % int(cfg.ckpt_every) == 0 or step == steps:

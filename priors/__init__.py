@@ -1,47 +1,39 @@
 """The priors behind one interface (priors.base.Prior), by the name a config uses.
 
-ImageBART and absorbing diffusion are imported on first use, so `import priors`
-and the AR prior never depend on (or pay the import of) the other modules.
+A prior defined elsewhere (a user's own, or a test's) needs no entry here: its conf/prior/NAME.yaml names
+its class as `class: package.module:ClassName`.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from priors.absorbing import AbsorbingPrior
 from priors.ar import ARPrior
 from priors.base import NLL, Prior
+from priors.imagebart import ImageBARTPrior
 
-# name -> (module, class); this order is the order error messages and sweeps list them in
-_LOCATIONS = {
-    "ar": ("priors.ar", "ARPrior"),
-    "absorbing": ("priors.absorbing", "AbsorbingPrior"),
-    "imagebart": ("priors.imagebart", "ImageBARTPrior"),
-}
+# name -> class; this order is the order error messages and sweeps list them in
+PRIORS: dict[str, type[Prior]] = {"ar": ARPrior, "absorbing": AbsorbingPrior, "imagebart": ImageBARTPrior}
+CLASS_KEY = "class"  # option naming a prior class outside this package: "package.module:ClassName"
 
 
-class _Registry(Mapping):
-    """name -> Prior subclass, importing each module the first time its name is looked up."""
-
-    def __getitem__(self, name: str) -> type[Prior]:
-        module, cls = _LOCATIONS[name]
-        return getattr(importlib.import_module(module), cls)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_LOCATIONS)
-
-    def __len__(self) -> int:
-        return len(_LOCATIONS)
-
-
-PRIORS: Mapping[str, type[Prior]] = _Registry()
-
-
-def __getattr__(attr: str):  # `from priors import ImageBARTPrior` also imports lazily
-    for name, (_, cls) in _LOCATIONS.items():
-        if cls == attr:
-            return PRIORS[name]
-    raise AttributeError(f"module 'priors' has no attribute {attr!r}")
+def prior_class(name: str, cfg: Mapping[str, Any] | None = None) -> type[Prior]:
+    """The class of prior `name`: the registry's, or the one its config names under `class`."""
+    target = (cfg or {}).get(CLASS_KEY)
+    if target:
+        module, _, attr = str(target).partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"prior.{CLASS_KEY}={target}: cannot import it ({e})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Prior)):
+            raise ValueError(f"prior.{CLASS_KEY}={target} is not a priors.base.Prior subclass")
+        return cls
+    if name not in PRIORS:
+        raise ValueError(f"prior={name} is not one of: {', '.join(PRIORS)}")
+    return PRIORS[name]
 
 
 def build_prior(name: str, vocab_size: int, grid: tuple[int, int], T: int, budget: int,
@@ -51,13 +43,12 @@ def build_prior(name: str, vocab_size: int, grid: tuple[int, int], T: int, budge
     cfg is the prior's Hydra config group (conf/prior/NAME.yaml) without `name`; a `name`
     key equal to `name` is tolerated. Keys under `sample:` are sampling-only.
     """
-    if name not in _LOCATIONS:
-        raise ValueError(f"prior={name} is not one of: {', '.join(_LOCATIONS)}")
-    cfg = dict(cfg)
+    cls = prior_class(name, cfg)
+    cfg = {k: v for k, v in cfg.items() if k != CLASS_KEY}
     given = cfg.pop("name", name)
     if given != name:
         raise ValueError(f"prior={name} was given the config of prior {given}")
-    return PRIORS[name].from_budget(vocab_size, grid, budget=budget, T=T, **cfg)
+    return cls.from_budget(vocab_size, grid, budget=budget, T=T, **cfg)
 
 
-__all__ = ["PRIORS", "build_prior", "Prior", "NLL", "ARPrior"]
+__all__ = ["PRIORS", "build_prior", "prior_class", "Prior", "NLL", "ARPrior", "ImageBARTPrior", "AbsorbingPrior"]

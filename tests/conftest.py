@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_STAGES = ("data", "tokenizer", "tokens", "reference", "rfid")
+SHARED_STAGES = ("data", "tokenizer", "tokens", "reference", "baselines")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bench.pipeline import RESULT_KEYS
+from bench.results import INTERVAL_KEYS, SCHEMA
 from tests.clitools import job_results, popen_cli, run_cli
 
 SMOKE = ["experiment=smoke", "logger=none"]
@@ -28,14 +28,23 @@ def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
     assert r["status"] == "ok" and r["fid"] is None and r["tokens_key"]
     tok = r["tokenizer"]
     assert 1 < tok["vocab_size"] <= 64 and tok["grid"] == [8, 8] and tok["recon_psnr"] > 5
-    assert tok["recon_fid"] is not None and tok["recon_fid"] > 0
+    assert tok["recon_fid"] is not None and tok["recon_fid"] > 0 and tok["recon_fid_n"] == 16
+    # The baseline rows, at the columns' N: real val images beat their reconstructions.
+    base = r["baselines"]
+    assert base["n_samples"] == 16 and base["n_completions"] == 8
+    for row in ("real_val", "reconstruction"):
+        for key in ("fid", "kid_mean", "prdc_precision", "coverage", "completion_fid"):
+            lo, hi = base[row][f"{key}_ci"]
+            assert lo < base[row][key] < hi, (row, key)
+    assert base["real_val"]["fid"] < base["reconstruction"]["fid"]
 
     second = run_cli(SMOKE + ["stage=tokens", f"paths.cache={shared_cache}"], cwd=tmp_path / "outputs")
     assert second.returncode == 0, second.stderr[-3000:]
     log2 = second.stdout + second.stderr
     assert "training a VQGAN" not in log2
-    for stage in ("data", "tokenizer", "tokens", "reference features", "reconstruction FID"):
+    for stage in ("data", "tokenizer", "tokens", "reference features", "baselines"):
         assert f"{stage}: reusing cache" in log2
+    assert "plan: tokens    cached" in log2 and "plan: tokens    runs" in log
 
 
 def test_two_processes_on_an_empty_cache_train_the_tokenizer_once(tmp_path):
@@ -55,14 +64,22 @@ def test_one_job_writes_complete_results(shared_cache, tmp_path, prior):
     p = run_cli(SMOKE + [f"prior={prior}", "T=3", f"paths.cache={shared_cache}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     [r] = job_results(tmp_path / "outputs")
-    assert set(RESULT_KEYS) <= set(r)
+    assert {k.name for k in SCHEMA} <= set(r)
     assert r["status"] == "ok" and r["error"] is None
     assert r["prior"] == prior and r["T"] == 3 and r["train_steps"] == 30
-    for key in ("fid", "kid_mean", "precision", "recall", "density", "coverage", "completion_fid",
-                "nll_bits_per_token", "sample_seconds_per_image", "samples_per_second", "params", "nfe"):
+    for key in ("fid", "kid_mean", "prdc_precision", "recall", "density", "coverage", "completion_fid",
+                "nll_bits_per_token", "sample_seconds_per_image", "samples_per_second", "params", "nfe",
+                "peak_memory_mb", "threads"):
         assert isinstance(r[key], (int, float)), key
+    for key in ("fid", "kid_mean", "prdc_precision", "recall", "density", "coverage", "completion_fid",
+                "nll_bits_per_token"):
+        assert key in INTERVAL_KEYS
+        lo, hi = r[f"{key}_ci"]
+        assert lo <= r[key] <= hi and r[f"{key}_se"] >= 0, key
+    assert r["n_samples"] == 16 and r["n_completions"] == 8 and r["n_bootstrap"] >= 200
     assert r["is_mean"] is None and "logits" in r["unavailable"]["is_mean"]
-    assert r["nll_kind"] == ("exact" if prior == "ar" else "elbo")
+    assert r["nll_kind"] == {"ar": "exact", "imagebart": "elbo", "absorbing": "order_bound"}[prior]
+    assert r["nll_sequences"] > 1 and r["nll_stderr"] > 0
     assert r["nfe"] == {"ar": 64, "imagebart": 2 * 64 + 1, "absorbing": 3}[prior]
     assert abs(r["params"] - 150000) <= 15000
     job = tmp_path / "outputs"
@@ -120,6 +137,14 @@ BAD_INPUTS = [
     (["tokenizer=taming", "tokenizer.ckpt=/no/such.ckpt", "tokenizer.config=/no/such.yaml"],
      r"tokenizer.ckpt=/no/such.ckpt: file not found"),
     (["logger=wandb", "wandb.mode=sometimes"], r"wandb.mode=sometimes is not one of: offline, online, disabled"),
+    (["train.steps=0"], r"train.steps=0 must be at least 1"),
+    (["train.steps=-5"], r"train.steps=-5 must be at least 1"),
+    (["train.batch_size=0"], r"train.batch_size=0 must be at least 1"),
+    (["budget.params=1000000000000"], r"budget.params=1000000000000: training .* parameters needs at least .* GiB"),
+    (["eval.num_samples=100000000"], r"eval.num_samples=100000000 exceeds 1000000"),
+    (["eval.bootstrap=1"], r"eval.bootstrap=1 must be at least 2"),
+    (["threads=0"], r"threads=0 must be a positive integer or auto"),
+    (["-m", "prior=choice(ar,nosuch)"], r"prior=nosuch is not one of: absorbing, ar, imagebart"),
 ]
 
 
@@ -165,3 +190,21 @@ def test_group_choices_are_checked_per_sweep_value():
     assert run.check_group_choices(["-m", "prior=ar,imagebrat"]) == \
         "prior=imagebrat is not one of: absorbing, ar, imagebart"
     assert run.check_group_choices(["hydra/launcher=joblib", "experiment=smoke"]) is None
+    # Hydra's own sweep syntax is expanded by Hydra's parser, not refused.
+    assert run.check_group_choices(["-m", "prior=glob(*)"]) is None
+    assert run.check_group_choices(["-m", "prior=choice(ar,imagebart)"]) is None
+    assert run.check_group_choices(["-m", "prior=glob(nosuch*)"]).startswith("prior=glob(nosuch*) matches none of")
+
+
+def test_hydra_sweep_syntax_runs(tmp_path, smoke_token_cache):
+    p = run_cli(["-m", "prior=glob(*)", "experiment=smoke", "stage=tokens", "logger=none", "name=g",
+                 f"paths.cache={smoke_token_cache}"], cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(j["prior"] for j in job_results(tmp_path / "multirun" / "g")) == ["absorbing", "ar", "imagebart"]
+
+
+def test_help_shows_the_usage(tmp_path):
+    p = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert p.returncode == 0
+    assert "python bench/run.py -m prior=ar,imagebart,absorbing T=2,3,5,9" in p.stdout
+    assert "prior: absorbing, ar, imagebart" in p.stdout

@@ -1,0 +1,227 @@
+"""The one schema of result keys, and sweep results as a pandas DataFrame (DESIGN.md sections 4 and 6).
+
+Torch-free: the report, notebooks and `python bench/report.py` import it without torch.
+
+    SCHEMA              every key of results.json: title, unit, digits, direction, where it comes from
+    load_results(dirs)  one DataFrame row per job: the flattened results, the job's resolved config
+                        (`cfg.*` columns), its overrides (`override.*` columns), job folder and sweep name
+
+A *point* is every override except `seed` and `name` (POINT_EXCLUDED): jobs that differ in any other
+setting are different points; seeds are aggregated within a point. A prior that declares T does not apply
+to it (`T_applies: none` in its results) has one point for every T.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+SWEEP_MANIFEST = "sweep.json"  # written by the sweep callback at launch: the sweep's id, so stale jobs are known
+POINT_EXCLUDED = ("seed", "name")  # overrides that do not define a point (DESIGN.md section 6)
+# Overrides that say where and how a job ran, not what it computed: never a point setting.
+RUN_ONLY_PREFIXES = ("paths.", "logger", "wandb.", "hydra", "threads", "device", "stage")
+
+
+class ResultsError(ValueError):
+    """A sweep folder that cannot be read (no such folder, no jobs)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    title: str
+    unit: str = ""
+    digits: int = 3
+    lower_is_better: bool | None = None  # None: not a quality measure
+    source: str = "eval"  # job | tokenizer | train | eval | speed | env
+    interval: bool = False  # results.json also carries `<name>_ci` = [lo, hi] (95%) and `<name>_se`
+    column: bool = False  # a column of the report's main table
+    doc: str = ""
+
+
+SCHEMA: tuple[Key, ...] = (
+    # identity and status
+    Key("prior", "Prior", source="job", doc="prior name (conf/prior/)"),
+    Key("T", "T", source="job", digits=0, doc="ImageBART chain length / absorbing sampling steps"),
+    Key("T_applies", "T applies to", source="job", doc="how T applies to the prior: none | training | sampling"),
+    Key("seed", "seed", source="job", digits=0),
+    Key("status", "status", source="job", doc="ok | failed"),
+    Key("error", "error", source="job", doc="null or one line"),
+    Key("sweep_id", "sweep id", source="job", doc="id of the sweep launch that wrote this job"),
+    Key("threads", "threads", source="job", digits=0, doc="intra-op CPU threads the job computed with"),
+    # training
+    Key("params", "Params", source="train", digits=0, column=True, doc="trainable transformer parameters"),
+    Key("train_steps", "train steps", source="train", digits=0),
+    Key("train_seconds", "train s", "s", 1, source="train"),
+    # likelihood
+    Key("nll_bits_per_token", "NLL", "bits/token", 3, True, interval=True, column=True,
+        doc="exact, ELBO or sampler bound (nll_kind); interval and stderr over validation sequences"),
+    Key("nll_stderr", "NLL stderr", "bits/token", 4, doc="standard error over validation sequences (incl. Monte Carlo)"),
+    Key("nll_kind", "NLL kind", doc="exact | elbo | order_bound"),
+    Key("nll_sequences", "NLL sequences", digits=0, doc="validation sequences the NLL averages"),
+    Key("elbo_eq6_bits_per_token", "Eq. 6 ELBO", "bits/token", 3, True, interval=True,
+        doc="absorbing: Unleashing Eq. 6 ELBO (what the paper reports and training optimises)"),
+    # sample metrics
+    Key("fid", "FID", "", 2, True, interval=True, column=True),
+    Key("kid_mean", "KID", "", 4, True, interval=True, column=True,
+        doc="unbiased MMD^2 of all samples against all reference rows (the limit of torch-fidelity's subset mean)"),
+    Key("kid_std", "KID std", "", 4, doc="spread over torch-fidelity's KID subsets; the interval is kid_mean_ci"),
+    Key("is_mean", "IS", "", 2, False, interval=True, column=True),
+    Key("is_std", "IS std", "", 2),
+    Key("prdc_precision", "Prec.", "", 3, False, interval=True, column=True),
+    Key("recall", "Rec.", "", 3, False, interval=True, column=True),
+    Key("density", "Dens.", "", 3, False, interval=True, column=True),
+    Key("coverage", "Cov.", "", 3, False, interval=True, column=True),
+    Key("completion_fid", "Compl. FID", "", 2, True, interval=True, column=True,
+        doc="upper-half completion FID (ImageBART Tab. 3 right)"),
+    Key("n_samples", "N samples", digits=0, doc="generated samples per metric"),
+    Key("n_completions", "N completions", digits=0),
+    Key("n_reference", "N reference", digits=0, doc="reference images for FID/KID (PRDC: n_samples of them)"),
+    Key("n_bootstrap", "bootstrap resamples", digits=0),
+    Key("feature_extractor", "features"),
+    # speed and memory
+    Key("sample_seconds_per_image", "s/img", "s", 4, True, source="speed", column=True,
+        doc="token generation at batch_size, warm-up excluded"),
+    Key("samples_per_second", "img/s", "1/s", 2, False, source="speed"),
+    Key("decode_seconds_per_image", "decode s/img", "s", 5, True, source="speed"),
+    Key("decode_images_per_second", "decode img/s", "1/s", 1, False, source="speed"),
+    Key("nfe", "NFE", digits=0, source="speed", column=True, doc="network evaluations per sample() call"),
+    Key("completion_nfe", "completion NFE", digits=0, source="speed"),
+    Key("batch_size", "batch", digits=0, source="speed"),
+    Key("peak_memory_mb", "peak MB", "MiB", 0, source="speed",
+        doc="CUDA: peak allocated during sampling; CPU: peak RSS of the job's sampling (reset before)"),
+    Key("compute_precision", "precision", source="env", doc="fp32 | bf16 (compute dtype of sampling/training)"),
+    Key("device", "device", source="env"),
+    Key("tokens_key", "tokens key", source="job"),
+    Key("train_key", "train key", source="job"),
+)
+KEYS: dict[str, Key] = {k.name: k for k in SCHEMA}
+INTERVAL_KEYS = tuple(k.name for k in SCHEMA if k.interval)
+COLUMN_KEYS = tuple(k.name for k in SCHEMA if k.column)
+# Sample metrics whose baseline rows (real val images, tokenizer reconstructions) exist at the column's N.
+BASELINE_KEYS = ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage", "completion_fid")
+
+
+def empty_results() -> dict[str, Any]:
+    """Every schema key (None), every interval key, and the maps each job fills."""
+    r: dict[str, Any] = {k.name: None for k in SCHEMA}
+    for name in INTERVAL_KEYS:
+        r[f"{name}_ci"] = None
+        r[f"{name}_se"] = None
+    r.update(status="ok", unavailable={}, stage_seconds={})
+    return r
+
+
+def ci_key(name: str) -> str:
+    return f"{name}_ci"
+
+
+def se_key(name: str) -> str:
+    return f"{name}_se"
+
+
+# ---- loading ----------------------------------------------------------------
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    out[prefix[:-1]] = d
+    return out
+
+
+def read_overrides(job_dir: Path) -> dict[str, str]:
+    """The job's task overrides (`.hydra/overrides.yaml`) as {key: value string}."""
+    path = Path(job_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    out = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def sweep_id(sweep_dir: Path) -> str | None:
+    path = Path(sweep_dir) / SWEEP_MANIFEST
+    try:
+        return json.loads(path.read_text()).get("id")
+    except (OSError, ValueError):
+        return None
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job folders of a sweep: those holding results.json, not inside W&B or Hydra folders."""
+    return sorted(p.parent for p in Path(sweep_dir).rglob("results.json")
+                  if ".hydra" not in p.parts and "wandb" not in p.parts)
+
+
+def read_job(job_dir: Path) -> dict[str, Any]:
+    path = Path(job_dir) / "results.json"
+    try:
+        r = json.loads(path.read_text())
+    except ValueError as e:
+        r = {"status": "failed", "error": f"unreadable results.json ({e})"}
+    base = empty_results()
+    base.update(r)
+    return base
+
+
+def is_point_setting(key: str) -> bool:
+    return key not in POINT_EXCLUDED and not key.startswith(RUN_ONLY_PREFIXES)
+
+
+def load_results(*sweep_dirs: str | Path, include_stale: bool = False) -> pd.DataFrame:
+    """One row per job of the given sweep folders.
+
+    Columns: every SCHEMA key and `<key>_ci` / `<key>_se` of interval keys; `cfg.<dotted.key>` for the job's
+    resolved config; `override.<key>` for each override; `job_dir`, `sweep`, `stale` (a job folder left by
+    an earlier launch under the same sweep name: not in the sweep's own list), `point` (the tuple of point
+    settings, with T dropped where it does not apply), plus the results' maps (`unavailable`, `tokenizer`,
+    `baselines`, `train_units`, `stage_seconds`) as object columns. Stale jobs are dropped unless
+    include_stale.
+    """
+    rows = []
+    for sweep in sweep_dirs:
+        sweep = Path(sweep)
+        if not sweep.is_dir():
+            raise ResultsError(f"{sweep}: no such sweep folder")
+        sid = sweep_id(sweep)
+        for d in job_dirs(sweep):
+            r = read_job(d)
+            if r.get("prior") is None:
+                r["prior"] = "?"
+            cfg_path = d / ".hydra" / "config.yaml"
+            cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+            overrides = read_overrides(d)
+            row = dict(r)
+            row.update({f"cfg.{k}": v for k, v in _flatten(cfg or {}).items()})
+            row.update({f"override.{k}": v for k, v in overrides.items()})
+            row["overrides"] = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+            row["job_dir"] = str(d)
+            row["sweep"] = sweep.name
+            row["stale"] = sid is not None and r.get("sweep_id") != sid
+            settings = {k: v for k, v in overrides.items() if is_point_setting(k)}
+            if r.get("T_applies") == "none":
+                settings.pop("T", None)
+            row["point"] = tuple(sorted(settings.items()))
+            rows.append(row)
+    if not rows:
+        raise ResultsError(f"no results.json under {', '.join(map(str, sweep_dirs))}")
+    df = pd.DataFrame(rows)
+    if not include_stale:
+        df = df[~df["stale"]].reset_index(drop=True)
+        if df.empty:
+            raise ResultsError(f"every job under {', '.join(map(str, sweep_dirs))} is stale (left by an earlier launch)")
+    return df
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,152 @@
+"""Intervals and significance (bench/stats.py) against direct computation, closed forms and simulation."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from prdc import compute_prdc
+from scipy import stats as sps
+
+from bench import metrics as M
+from bench import stats as S
+
+
+def gaussian(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(shift, scale, size=(n, d))
+
+
+def ref_stats(x: np.ndarray) -> dict[str, np.ndarray]:
+    return M.features_to_statistics(torch.from_numpy(x))
+
+
+# ---- resamplers equal the direct metric on the resampled rows -------------------------------------------
+
+@pytest.mark.parametrize("n,d", [(40, 64), (120, 16)], ids=["n<=d (Gram route)", "n>d (d x d route)"])
+def test_fid_resampler_equals_fid_of_the_resampled_rows(n, d):
+    ref = ref_stats(gaussian(300, d, 0))
+    x = gaussian(n, d, 1, shift=0.3)
+    fid = S.FIDResampler(ref["mu"], ref["sigma"], x)
+    assert fid(np.arange(n)) == pytest.approx(M.features_to_fid(ref, x), rel=1e-9)
+    for idx in S.bootstrap_indices(n, 5, seed=3):
+        # Duplicated rows included: the route must be exact for any multiset of rows.
+        assert fid(idx) == pytest.approx(M.statistics_to_fid(ref, ref_stats(x[idx])), rel=1e-7)
+
+
+def test_kid_resampler_is_the_unbiased_mmd_and_matches_torch_fidelity_in_expectation():
+    real, fake = gaussian(60, 8, 0), gaussian(30, 8, 1, shift=0.2)
+    kid = S.KIDResampler(real, fake)
+    k = S.polynomial_kernel
+    m, n = len(real), len(fake)
+    brute = ((k(fake, fake).sum() - np.trace(k(fake, fake))) / (n * (n - 1))
+             + (k(real, real).sum() - np.trace(k(real, real))) / (m * (m - 1)) - 2 * k(fake, real).mean())
+    assert kid(np.arange(n)) == pytest.approx(brute, rel=1e-10)
+    # With equal set sizes and one subset holding everything, torch-fidelity's KID is this statistic exactly.
+    same = S.KIDResampler(real[:n], fake)
+    tf_one, _ = M.features_to_kid(torch.from_numpy(real[:n]), torch.from_numpy(fake), subsets=1, subset_size=n)
+    assert same(np.arange(n)) == pytest.approx(tf_one, rel=1e-9)
+    # torch-fidelity's subsets of size n hold every fake and n random reals: its mean over many subsets is the
+    # same U-statistic in expectation.
+    tf_mean, _ = M.features_to_kid(torch.from_numpy(real), torch.from_numpy(fake), subsets=4000, subset_size=n)
+    assert tf_mean == pytest.approx(brute, abs=0.02 * abs(brute) + 2e-3)
+
+
+def test_prdc_resampler_equals_the_prdc_package():
+    real, fake = gaussian(50, 12, 0), gaussian(50, 12, 1, shift=0.4)
+    prdc = S.PRDCResampler(real, fake, k=5)
+    for idx in [np.arange(50), *S.bootstrap_indices(50, 3, seed=5)]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ref = compute_prdc(real_features=real, fake_features=fake[idx], nearest_k=5)
+        np.testing.assert_allclose(prdc(idx), [ref["precision"], ref["recall"], ref["density"], ref["coverage"]],
+                                   rtol=1e-12, atol=1e-12)
+
+
+# ---- coverage and error rates on Gaussians with known answers ---------------------------------------------
+
+def binomial_bounds(trials: int, p: float) -> tuple[int, int]:
+    """Counts outside which a correct procedure lands with probability < 0.2% on either side."""
+    return int(sps.binom.ppf(0.002, trials, p)), int(sps.binom.isf(0.002, trials, p))
+
+
+def test_fid_interval_covers_the_expected_fid_at_this_n():
+    """The interval is for the FID at this N (what a table column compares): over repeated sample sets, the 95%
+    interval covers E[FID_N] (by simulation) about 95% of the time."""
+    d, n, trials = 6, 150, 150
+    ref = {"mu": np.zeros(d), "sigma": np.eye(d)}
+    draw = lambda seed: gaussian(n, d, seed, shift=0.25, scale=1.2)  # noqa: E731
+    expected = np.mean([M.features_to_fid(ref, draw(10_000 + i)) for i in range(3000)])
+    covered = 0
+    for t in range(trials):
+        x = draw(t)
+        fid = S.FIDResampler(ref["mu"], ref["sigma"], x)
+        est = S.bootstrap_estimate(fid(np.arange(n)), S.bootstrap(fid, n, 200, seed=t))
+        covered += est.ci[0] <= expected <= est.ci[1]
+    lo, hi = binomial_bounds(trials, 0.95)
+    assert lo - 4 <= covered <= hi, (covered, trials)  # a little slack below: the bootstrap sd is itself noisy
+
+
+def test_false_positive_rate_near_five_percent_and_a_worse_model_always_detected():
+    """A/A on synthetic features: two sample sets of one distribution against one reference are "different"
+    about 5% of the time; a clearly shifted distribution is "different" every time."""
+    d, n, trials = 6, 120, 200
+    ref = {"mu": np.zeros(d), "sigma": np.eye(d)}
+
+    def fid_estimate(x: np.ndarray, seed: int) -> S.Estimate:
+        fid = S.FIDResampler(ref["mu"], ref["sigma"], x)
+        return S.bootstrap_estimate(fid(np.arange(len(x))), S.bootstrap(fid, len(x), 200, seed))
+
+    same = worse = 0
+    for t in range(trials):
+        a = fid_estimate(gaussian(n, d, 2 * t, shift=0.2), t)
+        b = fid_estimate(gaussian(n, d, 2 * t + 1, shift=0.2), t + 7)
+        c = fid_estimate(gaussian(n, d, 2 * t + 1, shift=0.8), t + 7)
+        same += S.independent_test(a.value, a.se, b.value, b.se) < 0.05
+        worse += S.independent_test(c.value, c.se, a.value, a.se) < 0.05 and c.value > a.value
+    lo, hi = binomial_bounds(trials, 0.05)
+    assert lo <= same <= hi, same
+    assert worse == trials
+
+
+def test_paired_test_is_the_one_sample_t_test_on_differences():
+    rng = np.random.default_rng(0)
+    a = rng.normal(5, 1, 400)
+    b = a + rng.normal(0.02, 0.2, 400)
+    mean, se, p = S.paired_test(a, b)
+    d = a - b
+    assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / 20)
+    assert p == pytest.approx(2 * sps.norm.sf(abs(mean) / se), rel=1e-12)
+    assert 0.01 < p < 0.5  # a moderate p, where the normal and t (399 dof) tails agree closely
+    assert p == pytest.approx(sps.ttest_1samp(d, 0).pvalue, rel=0.02)
+    assert S.paired_test(a, a.copy()) == (0.0, 0.0, 1.0)
+
+
+def test_seed_interval_is_the_t_interval():
+    v = [224.3, 224.9, 222.5]
+    e = S.seed_estimate(v)
+    lo, hi = sps.t.interval(0.95, 2, loc=np.mean(v), scale=sps.sem(v))
+    assert e.value == pytest.approx(np.mean(v)) and e.ci == pytest.approx((lo, hi))
+    assert S.seed_estimate([1.0]).ci is None
+
+
+def test_welch_test_matches_scipy_and_handles_identical_values():
+    a, b = [228.3, 224.4, 226.7], [254.3, 253.9, 255.1]
+    assert S.welch_test(a, b) == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
+    assert S.welch_test([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert S.welch_test([1.0], [2.0, 3.0]) is None
+
+
+def test_holm_against_brute_force():
+    p = [0.001, 0.04, 0.03, None, 0.2, 0.012]
+    # Sorted testable: 0.001 (<= .05/5), 0.012 (<= .05/4 = .0125), 0.03 (> .05/3): stop.
+    assert S.holm(p) == [True, False, False, None, False, True]
+    assert S.holm([0.04]) == [True]
+    assert S.holm([None]) == [None]
+
+
+def test_mean_estimate_and_normal_interval():
+    v = np.array([1.0, 2.0, 3.0, 4.0])
+    e = S.mean_estimate(v)
+    assert e.value == 2.5 and e.se == pytest.approx(np.std(v, ddof=1) / 2)
+    assert e.ci == pytest.approx((2.5 - S.Z95 * e.se, 2.5 + S.Z95 * e.se))
