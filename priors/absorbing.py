@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from priors.base import NLL, Prior, eval_mode, sampling_settings
-from priors.transformer import Transformer, TransformerConfig, count_params, fit_d_model
+from priors.flops import encoder_flops
+from priors.transformer import Transformer, TransformerConfig, compiled, count_params, fit_d_model, full_logits
 
 LOSSES = ("reweighted_elbo", "elbo")
 SAMPLERS = ("random", "confidence")
@@ -317,6 +318,11 @@ class AbsorbingPrior(Prior):
         x = torch.full((n, self.seq_len), self.mask_id, dtype=torch.long, device=self.device)  # (B, L) all masked
         return self._denoise(x, torch.ones_like(x, dtype=torch.bool), generator)
 
+    def sample_flops(self, use_cache: bool | None = None) -> int:
+        """Model FLOPs of one image of sample() (priors/flops.py): T bidirectional passes over L tokens
+        (there is no cache to use)."""
+        return self.T * encoder_flops(self.cfg, self.seq_len)
+
     @torch.no_grad()
     def complete(self, x: torch.Tensor, keep_mask: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -330,10 +336,11 @@ class AbsorbingPrior(Prior):
         S = min(self.T, int(m.max()))
         if S == 0:
             return x.clone()
+        forward = compiled(full_logits) if self.compile_mode == "on" else full_logits
         with eval_mode(self):
             for s in range(1, S + 1):
                 remain = self._remaining(m, s, S)  # (B,) how many stay masked after this step
-                logits = self.model(x).float() / self.temperature  # (B, L, V)
+                logits = forward(self.model, x).float() / self.temperature  # (B, L, V)
                 probs = logits.softmax(-1)
                 B, L, V = probs.shape
                 x_hat = torch.multinomial(probs.view(B * L, V), 1, generator=generator).view(B, L)  # (B, L)

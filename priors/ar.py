@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from priors.base import NLL, Prior, eval_mode, sampling_settings
-from priors.transformer import (Transformer, TransformerConfig, check_sampling, count_params,
-                                fit_d_model, sample_logits)
+from priors.flops import decoder_sample_flops
+from priors.transformer import (Transformer, TransformerConfig, check_sampling, compiled, count_params,
+                                decode_logits, fit_d_model, sample_logits)
 
 SAMPLE_KEYS = ("temperature", "top_k", "top_p")  # sampling-only settings: never change what is trained
 
@@ -112,6 +113,10 @@ class ARPrior(Prior):
         x = torch.zeros(n, self.seq_len, dtype=torch.long, device=self.device)
         return self.complete(x, keep, generator, use_cache=use_cache)
 
+    def sample_flops(self, use_cache: bool | None = None) -> int:
+        """Model FLOPs of one image of sample() (priors/flops.py): L decoder calls; None = the cached path."""
+        return decoder_sample_flops(self.model.cfg, self.seq_len, use_cache is not False)
+
     def complete(self, x: torch.Tensor, keep_mask: torch.Tensor, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
         """The AR baseline of ImageBART Fig. 5: walk positions in raster order, keep the kept
@@ -123,23 +128,36 @@ class ARPrior(Prior):
         if x.shape != keep.shape or x.shape[1] != self.seq_len:
             raise ValueError(f"x {tuple(x.shape)} and keep_mask {tuple(keep.shape)} must both be (B, {self.seq_len})")
         out = x.clone()
-        todo = (~keep).any(dim=0).nonzero().flatten()  # positions that some row generates
+        gen = (~keep).any(dim=0)  # (L,) positions that some row generates
+        todo = gen.nonzero().flatten()
         if todo.numel() == 0:
             return out
         first, last = int(todo[0]), int(todo[-1])
+        # Read on the host once, not once per step (a per-step read would sync with a GPU every token).
+        gen_at, mixed_at = gen.tolist(), (gen & keep.any(dim=0)).tolist()
         start = torch.full_like(out[:, :1], self.start_id)  # (B, 1)
+        compiled_step = self.compile_mode == "on"
+        step = compiled(decode_logits) if compiled_step else decode_logits
         with eval_mode(self), torch.no_grad():
             cache = self.model.new_cache() if use_cache else None
-            # Every row keeps positions < first: read them in one call; nothing after `last` is generated.
-            step_in = torch.cat([start, out[:, :first]], dim=1)  # (B, first + 1)
+            prev = None  # (B,) the tokens at position i - 1, fed to the cached step at position i
             for i in range(first, last + 1):
-                if use_cache:
-                    logits = self.model(step_in, cache=cache)[:, -1]  # (B, V)
-                else:
+                if not use_cache:
                     logits = self.model(torch.cat([start, out[:, :i]], dim=1))[:, -1]  # (B, V)
-                if not keep[:, i].all():
-                    out[:, i] = torch.where(keep[:, i], x[:, i], self._next(logits, generator))
-                step_in = out[:, i:i + 1]  # (B, 1)
+                elif i == first:
+                    # Every row keeps positions < first: read them in one call; nothing after `last` is generated.
+                    logits = self.model(torch.cat([start, out[:, :first]], dim=1), cache=cache)[:, -1]  # (B, V)
+                    positions = cache.layers[0].positions  # arange(L) on the device: the static step's positions
+                else:
+                    # One new position per call, written into the preallocated cache. The compiled step takes
+                    # its position as a tensor (one graph for every step), the eager one as an int.
+                    logits = step(self.model, prev[:, None], cache, positions[i:i + 1] if compiled_step else i)
+                if gen_at[i]:
+                    tok = self._next(logits, generator)  # (B,)
+                    prev = torch.where(keep[:, i], x[:, i], tok) if mixed_at[i] else tok
+                    out[:, i] = prev
+                else:
+                    prev = out[:, i].contiguous()  # kept by every row
         return out
 
     def nfe(self) -> int:

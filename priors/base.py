@@ -123,3 +123,17 @@ class Prior(nn.Module, abc.ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # ---- compiled sampling -----------------------------------------------
+    compile_mode: str = "off"  # set_compile's mode; a class default, so subclasses need not initialise it
+
+    def set_compile(self, mode: str) -> None:
+        """Run sample()'s network calls through torch.compile ("on") or eagerly ("off", the default).
+
+        The first sample() after "on", for each batch size, compiles (tens of seconds on a CPU): make it
+        a warm-up call outside the timed sampling. Samples equal the eager ones up to float rounding
+        (tests/test_sampling_paths.py); a prior without a compiled path samples eagerly either way.
+        """
+        if mode not in ("off", "on"):
+            raise ValueError(f"compile mode {mode!r} is not one of: off, on")
+        self.compile_mode = mode

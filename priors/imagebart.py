@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from priors.base import NLL, Prior, eval_mode
-from priors.transformer import Transformer, TransformerConfig, check_sampling, fit_d_model, sample_logits
+from priors.flops import decoder_sample_flops, encoder_flops
+from priors.transformer import (KVCache, Transformer, TransformerConfig, check_sampling, compiled, fit_d_model,
+                                sample_logits)
 
 LN2 = math.log(2.0)
 
@@ -516,6 +518,12 @@ class ImageBARTPrior(Prior):
         Decoding stops after the last position any row must generate (later ones cannot influence it),
         and a leading run of forced positions is fed in one call.
         """
+        with eval_mode(self):  # sampling never drops out (sample() and complete() are in eval mode already)
+            return self._sample_scale(t, x_t, generator, keep_mask, forced, use_cache)
+
+    def _sample_scale(self, t: int, x_t: torch.Tensor, generator: torch.Generator | None,
+                      keep_mask: torch.Tensor | None, forced: torch.Tensor | None, use_cache: bool | None
+                      ) -> torch.Tensor:
         model = self._scale(t)
         use_cache = self.sample_cfg.use_cache if use_cache is None else use_cache
         n, L = x_t.shape
@@ -530,21 +538,35 @@ class ImageBARTPrior(Prior):
             first, stop = int(gen_pos[0]), int(gen_pos[-1]) + 1
             out[:, :first] = forced[:, :first]
             out[:, stop:] = forced[:, stop:]
-        prefix = torch.cat([start, out[:, :first]], dim=1)  # (n, first + 1)
         cache = model.decoder.new_cache() if use_cache else None
-        step_in = prefix
+        compiled_step = self.compile_mode == "on"
+        step = compiled(self._decode_logits) if compiled_step else self._decode_logits
         for i in range(first, stop):
-            if use_cache:
-                h = model.decoder(step_in, memory=memory, cache=cache)[:, -1:]  # (n, 1, V)
-            else:
+            if not use_cache:
                 h = model.decoder(torch.cat([start, out[:, :i]], dim=1), memory=memory)[:, -1:]  # (n, 1, V)
-            logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
+                logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
+            elif i == first:
+                # Prefill: the start id and the forced prefix in one call, which also projects the memory once.
+                h = model.decoder(torch.cat([start, out[:, :first]], dim=1), memory=memory, cache=cache)[:, -1:]
+                logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
+                positions = cache.layers[0].positions  # arange(L) on the device: the static step's positions
+            else:
+                # Only the new position goes through the cached decoder; the compiled step takes its position
+                # as a tensor (one graph for every step), the eager one as an int.
+                logits = step(model, tok[:, None], cache, positions[i:i + 1] if compiled_step else i, x_t)  # (n, V)
             tok = self._draw(logits, generator)  # (n,)
             if keep_mask is not None:
                 tok = torch.where(keep_mask[:, i], forced[:, i], tok)
             out[:, i] = tok
-            step_in = tok[:, None]  # (n, 1): only the new position goes through the cached decoder
         return out
+
+    @staticmethod
+    def _decode_logits(model: ScaleModel, tok: torch.Tensor, cache: KVCache, pos: int | torch.Tensor,
+                       x_t: torch.Tensor) -> torch.Tensor:
+        """Logits (n, V) of x_{t-1} at position pos from the token before it (n, 1): one cached decoder step
+        plus the likelihood residual of x_t there. pos: int or (1,) tensor (Transformer.decode)."""
+        x_col = x_t[:, pos:pos + 1] if isinstance(pos, int) else x_t[:, pos]  # (n, 1)
+        return model.output_logits(model.decoder.decode(tok, cache, pos), x_col)[:, 0]  # (n, V)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -556,6 +578,20 @@ class ImageBARTPrior(Prior):
             for t in range(self.T, 1, -1):
                 x = self.sample_scale(t, x, generator)
         return x
+
+    def sample_flops(self, use_cache: bool | None = None) -> int:
+        """Model FLOPs of one image of sample() (priors/flops.py): per scale, the encoder's one bidirectional
+        pass over x_t (scales t < T) and L decoder calls cross-attending to its L memory tokens.
+        use_cache None = the configured `sample.use_cache`."""
+        use_cache = self.sample_cfg.use_cache if use_cache is None else use_cache
+        total, L = 0, self.seq_len
+        for t in range(2, self.T + 1):
+            model = self._scale(t)
+            memory = 0 if model.encoder is None else L
+            if model.encoder is not None:
+                total += encoder_flops(model.encoder.cfg, L)
+            total += decoder_sample_flops(model.decoder.cfg, L, use_cache, memory)
+        return total
 
     def nfe(self) -> int:
         """Network calls of one sample(): L decoder calls per scale (one per generated position, with or

@@ -10,6 +10,15 @@ values of every position seen so far, and the cross-attention keys and values of
 the memory (computed once, since the memory does not change while decoding).
 Without it, sampling L tokens recomputes the whole prefix at every step.
 
+The cache is static: (B, H, seq_len, hd) buffers allocated once by the first
+(prefill) call, then written by index. `Transformer.decode` is the one-token step
+of a sampling loop, with two forms of the position argument:
+- a Python int (eager): attention reads the written prefix only;
+- a (1,) tensor (static shapes): attention reads the whole buffer with the
+  positions after it masked, so one graph serves every step. This is the form
+  `torch.compile` (and CUDA graphs) capture; `compiled()` holds the compiled steps.
+Neither form allocates cache memory, syncs with the host or grows a tensor per step.
+
 Callers apply bf16 autocast on CUDA; nothing here casts to float32 explicitly.
 """
 from __future__ import annotations
@@ -41,7 +50,7 @@ class TransformerConfig:
 
 
 class LayerKV:
-    """The cached keys/values of one block: self-attention grown step by step, cross-attention fixed."""
+    """The cached keys/values of one block: self-attention written position by position, cross-attention fixed."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity  # the model's seq_len: buffers are allocated once at this length
@@ -49,27 +58,49 @@ class LayerKV:
         self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
         self.cross_k: torch.Tensor | None = None  # (B, H, M, hd), keys of the memory
         self.cross_v: torch.Tensor | None = None  # (B, H, M, hd), values of the memory
+        self.positions: torch.Tensor | None = None  # arange(capacity) on the buffers' device: the static mask
 
     def append(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, H, l, hd) at [offset, offset + l); return all (B, H, offset + l, hd)."""
         B, H, l, hd = k.shape
         if self.k is None:
             # Preallocated instead of torch.cat per step: concatenation would copy the whole
-            # cache at every token, O(L^2) memory traffic over one sample.
-            self.k = k.new_empty(B, H, self.capacity, hd)
-            self.v = v.new_empty(B, H, self.capacity, hd)
+            # cache at every token, O(L^2) memory traffic over one sample. Zeros, not empty:
+            # the static decode step reads unwritten positions (masked, with weight 0, and
+            # 0 * NaN garbage would still be NaN).
+            self.k = k.new_zeros(B, H, self.capacity, hd)
+            self.v = v.new_zeros(B, H, self.capacity, hd)
+            self.positions = torch.arange(self.capacity, device=k.device)
         elif self.k.shape[0] != B:
             raise ValueError(f"KVCache holds batch size {self.k.shape[0]}, got {B}; use a new cache")
         self.k[:, :, offset:offset + l] = k
         self.v[:, :, offset:offset + l] = v
         return self.k[:, :, :offset + l], self.v[:, :, :offset + l]
 
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position's keys/values (B, H, 1, hd) into the allocated buffers.
+
+        pos int: return the prefix (B, H, pos + 1, hd). pos (1,) tensor: an index_put_ (which
+        torch.compile keeps in place) and the whole buffers (B, H, capacity, hd), for a masked read.
+        """
+        if self.k is None:
+            raise ValueError("KVCache is empty: fill it with a forward(..., cache=cache) call first")
+        if isinstance(pos, int):
+            self.k[:, :, pos] = k[:, :, 0]
+            self.v[:, :, pos] = v[:, :, 0]
+            return self.k[:, :, :pos + 1], self.v[:, :, :pos + 1]
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        return self.k, self.v
+
 
 class KVCache:
-    """Per-layer self-attention K/V grown step by step, plus per-layer cross-attention K/V computed once.
+    """Per-layer self-attention K/V written step by step, plus per-layer cross-attention K/V computed once.
 
-    `length` is the number of positions already held; the next forward call's
-    tokens sit at positions length, length + 1, ...
+    `length` is the number of positions the forward calls have filled; the next forward call's
+    tokens sit at positions length, length + 1, ... (`Transformer.decode` takes its position
+    explicitly and leaves `length` alone).
     """
 
     def __init__(self, n_layer: int, capacity: int):
@@ -110,6 +141,17 @@ class SelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
         y = y.transpose(1, 2).reshape(B, l, D)  # (B, l, D)
         return self.resid_drop(self.proj(y))
+
+    def decode(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor) -> torch.Tensor:
+        """One new position per row (see Transformer.decode). (B, 1, D) -> (B, 1, D)"""
+        B, _, D = x.shape
+        qkv = self.qkv(x).view(B, 3, self.n_head, 1, D // self.n_head)  # (B, 3, H, 1, hd): one matmul for q, k, v
+        k, v = kv.write(qkv[:, 1], qkv[:, 2], pos)  # (B, H, pos + 1 or capacity, hd)
+        # A single query may attend to every written key (they all precede it); in the static form the
+        # buffer's later positions are masked out.
+        mask = None if isinstance(pos, int) else (kv.positions <= pos).view(1, -1)  # (1, capacity)
+        y = F.scaled_dot_product_attention(qkv[:, 0], k, v, attn_mask=mask)  # (B, H, 1, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
 
 
 class CrossAttention(nn.Module):
@@ -171,6 +213,13 @@ class Block(nn.Module):
             x = x + self.cross(self.ln_cross(x), memory, kv)
         return x + self.mlp(self.ln_mlp(x))
 
+    def decode(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor) -> torch.Tensor:
+        """One new position per row through the cache; the memory's K/V are already in it. (B, 1, D)"""
+        x = x + self.attn.decode(self.ln_attn(x), kv, pos)
+        if self.cross is not None:
+            x = x + self.cross(self.ln_cross(x), None, kv)
+        return x + self.mlp(self.ln_mlp(x))
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -223,6 +272,63 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = offset + l
         return self.head(x) if self.head is not None else x  # (B, l, vocab_out) or (B, l, D)
+
+    def decode(self, idx: torch.Tensor, cache: KVCache, pos: int | torch.Tensor) -> torch.Tensor:
+        """The one-token step of a sampling loop: logits (B, 1, vocab_out) of idx (B, 1) at position pos.
+
+        The cache must hold positions 0 .. pos - 1 (a forward(..., cache=cache) prefill, then decode
+        steps); the memory's cross-attention K/V come from the prefill. pos is an int (eager: attention
+        reads the prefix) or a (1,) int64 tensor on the model's device, e.g. a slice of arange
+        (static shapes: attention reads the whole buffer, masked; what torch.compile captures).
+        Both forms give the same values up to float rounding. Inference only (no dropout); the
+        caller tracks positions (cache.length is not updated).
+        """
+        if self.training:
+            raise RuntimeError("Transformer.decode is for sampling: call it in eval mode")
+        p = cache.layers[0].positions
+        if p is None:
+            raise ValueError("KVCache is empty: fill it with a forward(..., cache=cache) call first")
+        x = self.tok_emb(idx) + self.pos_emb(p[pos:pos + 1] if isinstance(pos, int) else pos)  # (B, 1, D)
+        for block, kv in zip(self.blocks, cache.layers):
+            x = block.decode(x, kv, pos)  # (B, 1, D)
+        x = self.ln_f(x)
+        return self.head(x) if self.head is not None else x  # (B, 1, vocab_out) or (B, 1, D)
+
+
+# ---- compiled steps --------------------------------------------------------
+
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+# torch.compile's backend for the compiled steps. "inductor" generates the fused kernels; tests set "eager"
+# (dynamo's graph capture alone: the same graphs and static shapes, no C++ compilation, seconds not minutes).
+COMPILE_BACKEND = "inductor"
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn), made once per function and shared by every model it is called with.
+
+    The functions compiled here take their modules as arguments, so dynamo guards on shapes, dtypes
+    and devices rather than on one model: models of one architecture and batch size share a graph,
+    and each new shape costs one more compilation (tens of seconds on a CPU), paid by the first call.
+    Static shapes (dynamic=False): the decode steps use the tensor-position form, so one graph
+    serves every position; fullgraph=True makes a graph break an error instead of a silent slowdown.
+    """
+    key = (fn, COMPILE_BACKEND)
+    if key not in _COMPILED:
+        # One graph per architecture x batch size: ImageBART T=9 alone has 8 decoders, dynamo's default
+        # limit of graphs per function, after which it would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+    return _COMPILED[key]
+
+
+def decode_logits(model: Transformer, idx: torch.Tensor, cache: KVCache, pos: int | torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) of one decode step (the AR sampler's network call; compiled as a whole)."""
+    return model.decode(idx, cache, pos)[:, -1]  # (B, V)
+
+
+def full_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """model(idx) without a cache (B, L, V): the absorbing sampler's network call, compiled as a whole."""
+    return model(idx)
 
 
 # ---- parameter budget ------------------------------------------------------

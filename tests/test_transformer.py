@@ -82,6 +82,52 @@ def test_kv_cache_equals_full_forward_cross_attention(chunks, memory_every_call)
     assert (other - full).abs().amax() > 1e-3  # the memory is actually attended to
 
 
+@pytest.mark.parametrize("cross_attn", [False, True])
+def test_decode_steps_equal_the_full_forward(cross_attn):
+    """Transformer.decode after a one-token prefill: the int form (eager) runs the same ops as a cached forward
+    call, bit for bit; the tensor form (static shapes: the whole buffer, masked) agrees to float rounding."""
+    model = tiny(causal=True, cross_attn=cross_attn)
+    idx = torch.randint(0, 13, (4, 12), generator=torch.Generator().manual_seed(9))
+    memory = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(10)) if cross_attn else None
+    with torch.no_grad():
+        full = model(idx, memory=memory)  # (B, L, V)
+        chunked = cached_forward(model, idx, [1] * 12, memory)
+        outs = {}
+        for form in ("int", "tensor"):
+            cache = model.new_cache()
+            steps = [model(idx[:, :1], memory=memory, cache=cache)]  # prefill: allocates, projects the memory
+            positions = cache.layers[0].positions
+            for i in range(1, 12):
+                pos = i if form == "int" else positions[i:i + 1]
+                steps.append(model.decode(idx[:, i:i + 1], cache, pos))
+            outs[form] = torch.cat(steps, dim=1)  # (B, L, V)
+    assert torch.equal(outs["int"], chunked)
+    torch.testing.assert_close(outs["int"], full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["tensor"], full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_needs_a_filled_cache_and_eval_mode():
+    model = tiny(causal=True)
+    with pytest.raises(ValueError, match="KVCache is empty"):
+        model.decode(torch.zeros(2, 1, dtype=torch.long), model.new_cache(), 0)
+    cache = model.new_cache()
+    model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.decode(torch.zeros(2, 1, dtype=torch.long), cache, 1)
+
+
+def test_state_dict_keys_are_those_of_existing_checkpoints():
+    """The decode path reuses the fused qkv projection: parameter names stay those of saved checkpoints."""
+    model = tiny(causal=True, cross_attn=True, n_layer=1)
+    block = ["ln_attn.weight", "ln_attn.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "ln_cross.weight", "ln_cross.bias", "cross.q.weight", "cross.q.bias",
+             "cross.kv.weight", "cross.kv.bias", "cross.proj.weight", "cross.proj.bias", "ln_mlp.weight",
+             "ln_mlp.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias"]
+    assert list(model.state_dict()) == (["tok_emb.weight", "pos_emb.weight"] + [f"blocks.0.{k}" for k in block]
+                                        + ["ln_f.weight", "ln_f.bias", "head.weight"])
+
+
 def test_cross_attention_needs_memory():
     model = tiny(causal=True, cross_attn=True)
     with pytest.raises(ValueError, match="memory"):
