@@ -35,14 +35,18 @@ class ReportCallback(Callback):
 
         sweep_dir = sweep_dir_of(config)
         out = Path(to_absolute_path(str(config.paths.reports))) / sweep_dir.name
+        # Hydra turns a callback's exception into a warning and exits 0: a sweep without its report must not.
         try:
             path, df = write_report([sweep_dir], out)
+            log.info("report written to %s", path)
+            print(f"report: {path}")
+            self._log_report(config, out, sweep_dir)
         except ReportError as e:
             log.error("report: %s", e)
             sys.exit(1)
-        log.info("report written to %s", path)
-        print(f"report: {path}")
-        self._log_report(config, out, sweep_dir)
+        except Exception:  # noqa: BLE001
+            log.exception("report: failed; rebuild it with python bench/report.py %s", sweep_dir)
+            sys.exit(1)
         failed = df[df["status"] != "ok"]
         if len(failed):
             for _, j in failed.iterrows():

@@ -11,6 +11,7 @@ equal real and fake counts (the reference subsampled, seeded). Intervals and tes
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,7 +31,9 @@ from bench import stats as S
 from bench.cache import atomic_write_json, cached_stage, content_key
 from bench.data import ImageData
 from bench.tokens import TokenSet, decode_tokens
+from bench.errors import ConfigError
 from priors.base import Prior
+from priors.flops import matmul_peak_flops, sample_flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -101,23 +104,17 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
     resamples = int(cfg.bootstrap)
     real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, int(cfg.get("split_seed", 0)) + PRDC_DRAW)
     values, missing = M.compute_metrics(ref_pool, fake, real_stats=ref_stats, real_prdc=torch.from_numpy(real_prdc),
-                                        prdc_k=int(cfg.prdc_k), kid_subsets=int(cfg.kid_subsets),
-                                        kid_subset_size=int(cfg.kid_subset_size), isc_splits=int(cfg.isc_splits),
-                                        seed=seed)
+                                        prdc_k=int(cfg.prdc_k), prdc_samples=int(cfg.prdc_samples),
+                                        isc_splits=int(cfg.isc_splits), seed=seed)
     out: dict[str, Any] = dict(values)
     pool = fake[M.FEATURE_POOL].double().numpy()
     if values.get("fid") is not None:
         out.update(fid_with_interval(ref_stats, pool, resamples, seed).as_results("fid"))
     if values.get("kid_mean") is not None:
-        # KID = the unbiased MMD^2 of every sample against every reference row: the value torch-fidelity's
-        # mean over random subsets estimates (tests/test_stats.py), without the noise of which reference rows
-        # its subsets drew, which a bootstrap over the samples cannot see. At most prdc_samples rows per side
-        # enter the n x n kernel matrices (seeded subsamples).
-        cap = int(cfg.prdc_samples)
-        kid_fake = M.subsample_rows(pool, cap, seed + 11)
-        kid = S.KIDResampler(M.subsample_rows(ref_pool.double().numpy(), cap, seed + 12), kid_fake)
-        out.update(S.bootstrap_estimate(kid(np.arange(len(kid_fake))), S.bootstrap(kid, len(kid_fake), resamples,
-                                                                                     seed + 1)).as_results("kid_mean"))
+        kid_real, kid_fake = M.kid_rows(ref_pool, fake[M.FEATURE_POOL], int(cfg.prdc_samples), seed)
+        kid = S.KIDResampler(kid_real, kid_fake)
+        out.update(S.bootstrap_estimate(values["kid_mean"], S.bootstrap(kid, len(kid_fake), resamples, seed + 1))
+                   .as_results("kid_mean"))
     if values.get("prdc_precision") is not None:
         reps = S.bootstrap(S.PRDCResampler(real_prdc, pool, int(cfg.prdc_k)), n, resamples, seed + 2)
         for j, name in enumerate(S.PRDCResampler.NAMES):
@@ -205,6 +202,38 @@ def held_out_nll(prior: Prior, val: torch.Tensor, batch_size: int, seed: int, de
     return values, kind, reason, {k: np.concatenate(v) for k, v in extra.items()}
 
 
+# ---- speed ----------------------------------------------------------------
+
+COMPILE_MODES = ("auto", "off", "on")
+
+
+def resolve_compile(want: Any, device: torch.device) -> str:
+    """eval.compile: auto = the compiled decode steps on CUDA, where launching each small kernel from Python
+    costs more than the math, and eager on a CPU, where compiling was measured not to pay off at these sizes."""
+    want = str(want)
+    if want not in COMPILE_MODES:
+        raise ConfigError(f"eval.compile={want} is not one of: {', '.join(COMPILE_MODES)}")
+    if want == "auto":
+        return "on" if device.type == "cuda" else "off"
+    return want
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops(device: str, threads: int) -> float:
+    """The device's matmul peak, measured once per process (and thread count)."""
+    return matmul_peak_flops(device)
+
+
+def efficiency(prior: Prior, seconds_per_image: float, device: torch.device) -> dict[str, float | None]:
+    """Model FLOPs per image of sample() (counted from the architecture), the FLOP/s achieved, and that as a
+    share of the device's measured matmul peak."""
+    flops = sample_flops_per_image(prior)
+    peak = device_peak_flops(str(device), torch.get_num_threads())
+    achieved = None if flops is None else flops / seconds_per_image
+    return {"sample_flops_per_image": flops, "achieved_flops": achieved, "peak_flops": peak,
+            "sampler_peak_percent": None if achieved is None else 100 * achieved / peak}
+
+
 # ---- the evaluation ------------------------------------------------------
 
 def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.FeatureExtractor,
@@ -234,7 +263,10 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
     if "elbo_eq6" in extra:
         results.update(S.mean_estimate(extra["elbo_eq6"]).as_results("elbo_eq6_bits_per_token"))
 
-    # Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8).
+    # Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
+    # is also where a compiled path compiles: compile time never enters s/img.
+    compile_mode = resolve_compile(cfg.get("compile", "auto"), device)
+    prior.set_compile(compile_mode)
     g = torch.Generator(device=device).manual_seed(seed)
     memory_reason = D.reset_peak_memory(device)
     sample_tokens, images, t_gen, t_dec = [], [], [], []
@@ -262,7 +294,11 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
                    decode_seconds_per_image=dec_s, decode_images_per_second=1.0 / dec_s,
                    nfe=prior.nfe(), batch_size=bs, n_samples=len(images),
                    peak_memory_mb=None if memory_reason else peak, timed_batches=len(t_gen) - 1,
-                   warmup_seconds=t_gen[0])
+                   warmup_seconds=t_gen[0], compile=compile_mode,
+                   compile_seconds=max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None)
+    results.update(efficiency(prior, gen_s, device))
+    if results["sample_flops_per_image"] is None:
+        unavailable["sampler_peak_percent"] = f"prior={prior.name} does not count its sampling FLOPs (sample_flops)"
     if memory_reason:
         unavailable["peak_memory_mb"] = memory_reason
 

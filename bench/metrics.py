@@ -55,14 +55,13 @@ from bench.errors import ConfigError
 # Result keys: the names results.json uses (DESIGN.md section 4).
 KEY_FID = "fid"
 KEY_KID_MEAN = "kid_mean"
-KEY_KID_STD = "kid_std"
 KEY_IS_MEAN = "is_mean"
 KEY_IS_STD = "is_std"
 KEY_PRECISION = "prdc_precision"  # "precision" is the compute dtype setting
 KEY_RECALL = "recall"
 KEY_DENSITY = "density"
 KEY_COVERAGE = "coverage"
-METRIC_KEYS = (KEY_FID, KEY_KID_MEAN, KEY_KID_STD, KEY_IS_MEAN, KEY_IS_STD,
+METRIC_KEYS = (KEY_FID, KEY_KID_MEAN, KEY_IS_MEAN, KEY_IS_STD,
                KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE)
 
 # Feature names in the dicts that extractors return.
@@ -436,6 +435,25 @@ def features_to_kid(
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
+def kid_rows(real_pool: Any, fake_pool: Any, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows KID uses: every real and fake row, or seeded subsamples of at most max_rows per side (its kernel
+    matrices are n x n). The bootstrap of KID's interval resamples exactly these fake rows."""
+    real = subsample_rows(_as_features(real_pool, "real pool features", min_rows=2).numpy(), max_rows, seed + 12)
+    fake = subsample_rows(_as_features(fake_pool, "fake pool features", min_rows=2).numpy(), max_rows, seed + 11)
+    return real, fake
+
+
+def features_to_kid_unbiased(real: Any, fake: Any) -> float:
+    """KID as the unbiased MMD^2 of all fake rows against all real rows with torch-fidelity's kernel
+    k(x, y) = (x.y / d + 1)^3: the value torch-fidelity's mean over random subsets estimates, without the
+    noise of which rows its subsets drew. With equal set sizes and one subset holding everything it is
+    torch-fidelity's KID exactly (tests/test_stats.py)."""
+    from bench.stats import KIDResampler
+
+    fake = np.asarray(fake, np.float64)
+    return KIDResampler(np.asarray(real, np.float64), fake)(np.arange(len(fake)))
+
+
 def logits_to_isc(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
     """Inception Score exp(E_x KL(p(y|x) || p(y))) via torch-fidelity: (mean, std over splits).
 
@@ -488,8 +506,6 @@ def compute_metrics(
     real_stats: dict[str, np.ndarray] | None = None,
     prdc_k: int = 5,
     prdc_samples: int = 10000,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
     isc_splits: int = 10,
     seed: int = 0,
     real_prdc: torch.Tensor | None = None,
@@ -526,15 +542,12 @@ def compute_metrics(
         metrics[KEY_FID] = features_to_fid(stats_real, fake_pool)
 
     # KID
-    kid_keys = (KEY_KID_MEAN, KEY_KID_STD)
     if real_pool is None:
-        skip(kid_keys, "no real reference features (only statistics): KID needs features")
+        skip((KEY_KID_MEAN,), "no real reference features (only statistics): KID needs features")
     elif min(n_fake, n_real) < 2:
-        skip(kid_keys, f"KID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
+        skip((KEY_KID_MEAN,), f"KID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
     else:
-        metrics[KEY_KID_MEAN], metrics[KEY_KID_STD] = features_to_kid(
-            real_pool, fake_pool, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed + 2020,
-        )
+        metrics[KEY_KID_MEAN] = features_to_kid_unbiased(*kid_rows(real_pool, fake_pool, prdc_samples, seed))
 
     # IS: of the samples alone
     is_keys = (KEY_IS_MEAN, KEY_IS_STD)

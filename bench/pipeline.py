@@ -38,7 +38,7 @@ from bench.cache import MANIFEST, atomic_torch_save, atomic_write_json, cached_s
 from bench.data import ImageData, data_key, load_data, resolve_files
 from bench.errors import ConfigError, Preempted
 from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
-                            reference_key)
+                            reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.results import SCHEMA, empty_results
 from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokenizer_key, validate_tokenizer
@@ -164,6 +164,7 @@ def validate(cfg: DictConfig) -> Settings:
     check_int(e.bootstrap, "eval.bootstrap", minimum=2)
     check_int(e.prdc_k, "eval.prdc_k", minimum=1)
     check_int(e.nll_batches, "eval.nll_batches", minimum=1, optional=True)
+    resolve_compile(e.get("compile", "auto"), device)
     validate_tokenizer(cfg.tokenizer)
     resolve_files(cfg.data)
     h, w, n_embed = expected_grid(cfg)
@@ -199,15 +200,15 @@ def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, p
     _, options = prior_settings(cfg)
     evaluation = {k: options.get(k) for k in prior_cls.eval_only_options}
     T = None if prior_cls.T_applies == "none" else int(cfg.T)  # "training": already in the train key
-    return content_key("eval-v2", tkey, ref_key, evaluation, T, container(cfg.eval), int(cfg.seed),
+    return content_key("eval-v3", tkey, ref_key, evaluation, T, container(cfg.eval), int(cfg.seed),
                        *_precision_part(precision))
 
 
 def baselines_key(tokens_key: str, ref_key: str, cfg_eval: Any) -> str:
     e = cfg_eval
-    return content_key("baselines-v1", tokens_key, ref_key, int(e.num_samples), e.completion_samples,
-                       int(e.bootstrap), int(e.prdc_k), int(e.kid_subsets), int(e.kid_subset_size),
-                       int(e.isc_splits), int(e.get("split_seed", 0)))
+    return content_key("baselines-v2", tokens_key, ref_key, int(e.num_samples), e.completion_samples,
+                       int(e.bootstrap), int(e.prdc_k), int(e.prdc_samples), int(e.isc_splits),
+                       int(e.get("split_seed", 0)))
 
 
 # ---- the job ------------------------------------------------------------------
@@ -424,7 +425,8 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         settings = validate(cfg)
         D.set_threads(settings.threads)
         results.update(env_info(settings.device), compute_precision=settings.precision, threads=settings.threads,
-                       T_applies=settings.prior_cls.T_applies)
+                       T_applies=settings.prior_cls.T_applies,
+                       prior_label=settings.prior_cls.label or settings.prior_cls.name)
         extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(settings.device))
         job = Job(cfg, job_dir, settings, results, extractor)
         for line in plan(job):

@@ -25,23 +25,19 @@ from bench import stats as S
 from bench.results import BASELINE_KEYS, COLUMN_KEYS, KEYS, ResultsError, finite, load_results
 
 ReportError = ResultsError
-PRIOR_ORDER = ("ar", "imagebart", "absorbing")  # display order and labels of the shipped priors; others follow
-PRIOR_LABEL = {"ar": "AR (Taming)", "imagebart": "ImageBART", "absorbing": "Absorbing (Unleashing)"}
 BASELINE_LABEL = {"real_val": "real val images", "reconstruction": "tokenizer reconstructions"}
 TESTED = tuple(k for k in COLUMN_KEYS if KEYS[k].interval)  # columns tested against the compare_to row
-
-
-def label(prior: str) -> str:
-    return PRIOR_LABEL.get(prior, prior)
 
 
 @dataclass
 class Point:
     key: tuple
     prior: str
+    label: str  # the prior's own name for reports
     T: Any  # None where T does not apply
     settings: dict[str, str]  # the point's settings besides prior and T
     jobs: pd.DataFrame  # one job per seed
+    rank: int = 0  # the prior's first position in the sweep's job order: priors appear as the user listed them
     est: dict[str, S.Estimate] = field(default_factory=dict)
     p: dict[str, float | None] = field(default_factory=dict)
     significant: dict[str, bool | None] = field(default_factory=dict)
@@ -51,8 +47,7 @@ class Point:
         return len(self.jobs)
 
     def order(self) -> tuple:
-        rank = PRIOR_ORDER.index(self.prior) if self.prior in PRIOR_ORDER else len(PRIOR_ORDER)
-        return rank, str(self.prior), self.T if self.T is not None else -1, tuple(sorted(self.settings.items()))
+        return self.rank, self.T if self.T is not None else -1, tuple(sorted(self.settings.items()))
 
 
 def estimate(jobs: pd.DataFrame, key: str) -> S.Estimate:
@@ -74,11 +69,13 @@ def points_of(df: pd.DataFrame) -> list[Point]:
     # A prior whose T does not apply shares one evaluation over its T values: one job per (point, seed).
     ok = ok.drop_duplicates(subset=["point", "seed"], keep="first")
     points = []
+    first_seen = {prior: i for i, prior in reversed(list(enumerate(df["prior"])))}
     for key, jobs in ok.groupby("point", sort=False):
         j = jobs.iloc[0]
         settings = {k: v for k, v in key if k not in ("prior", "T")}
         T = None if j.get("T_applies") == "none" else j.get("T")
-        pt = Point(key, j["prior"], T, settings, jobs.sort_values("seed"))
+        lab = j.get("prior_label") if isinstance(j.get("prior_label"), str) else j["prior"]
+        pt = Point(key, j["prior"], lab, T, settings, jobs.sort_values("seed"), rank=first_seen[j["prior"]])
         for k in COLUMN_KEYS + ("elbo_eq6_bits_per_token",):
             pt.est[k] = estimate(pt.jobs, k)
         points.append(pt)
@@ -116,6 +113,17 @@ def test_against(points: list[Point], ref: Point | None) -> int:
 
 
 # ---- formatting ------------------------------------------------------------
+
+T_MEANING = {"none": "does not apply to", "training": "changes the trained model of",
+             "sampling": "only changes sampling and evaluation of"}
+
+
+def t_meaning(df: pd.DataFrame) -> str:
+    """What T means per prior, from each prior's own declaration (`T_applies`)."""
+    parts = [f"{T_MEANING.get(applies, applies)} {lab}"
+             for (lab, applies), _ in df.groupby(["prior_label", "T_applies"], sort=False, dropna=True)]
+    return "T " + "; it ".join(parts) + "." if parts else ""
+
 
 def fmt_value(v: Any, digits: int) -> str:
     if not finite(v):
@@ -165,7 +173,7 @@ def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point
             cells.append(cell)
         T = "–" if pt.T is None else str(pt.T)
         mark = " (ref.)" if pt is ref else ""
-        lines.append(f"| {label(pt.prior)}{mark} | {T} | " + "".join(f"{pt.settings.get(k, '')} | " for k in extra)
+        lines.append(f"| {pt.label}{mark} | {T} | " + "".join(f"{pt.settings.get(k, '')} | " for k in extra)
                      + f"{pt.n_seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -177,7 +185,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
         return ["No row of the `compare_to` prior: no significance tests."]
     n_sig = sum(bool(v) for pt in points for v in pt.significant.values())
     n_raw = sum(1 for pt in points for p in pt.p.values() if p is not None and p < 0.05)
-    out.append(f"`*`: differs from the {label(ref.prior)} row at the 95% level after Holm's correction over the "
+    out.append(f"`*`: differs from the {ref.label} row at the 95% level after Holm's correction over the "
                f"table's {n_tests} comparisons ({n_sig} marked). Without the correction {n_raw} would be marked, "
                f"of which about {0.05 * n_tests:.1f} are expected by chance alone when nothing differs.")
     widths = []
@@ -198,7 +206,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
             tested = {k: v for k, v in pt.significant.items() if v is not None and k != "nll_bits_per_token"}
             sig = [KEYS[k].title for k, v in tested.items() if v]
             T = "" if pt.T is None else f" T={pt.T}"
-            out.append(f"A/A check: {label(pt.prior)}{T} is the same model as the {label(ref.prior)} row (identical "
+            out.append(f"A/A check: {pt.label}{T} is the same model as the {ref.label} row (identical "
                        f"per-sequence NLL), sampled with other random streams; {len(sig)} of its {len(tested)} "
                        f"sample-metric comparisons came out significant" + (f" ({', '.join(sig)})." if sig else
                                                                               ", as it should."))
@@ -208,6 +216,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
 def training_table(df: pd.DataFrame) -> str:
     """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
     lines = []
+    first_seen = {prior: i for i, prior in reversed(list(enumerate(df["prior"])))}
     ok = df[(df["status"] == "ok") & df["train_key"].notna()].drop_duplicates(subset=["train_key"])
     for _, r in ok.iterrows():
         units = r.get("train_units") or {}
@@ -217,17 +226,14 @@ def training_table(df: pd.DataFrame) -> str:
         total = sum(v["best_val"] for v in units.values())
         secs = r.get("train_seconds")
         T = r.get("T") if r.get("T_applies") == "training" else "–"
-        lines.append((_order(r), f"| {label(r['prior'])} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
+        lab = r.get("prior_label") if isinstance(r.get("prior_label"), str) else r["prior"]
+        lines.append(((first_seen[r["prior"]], T if T != "–" else 0, r.get("seed") or 0),
+                      f"| {lab} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
                       + (f"{secs / 60:.1f}" if finite(secs) else "n/a") + " |"))
     if not lines:
         return ""
     return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min |",
                       "|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
-
-
-def _order(r: pd.Series) -> tuple:
-    rank = PRIOR_ORDER.index(r["prior"]) if r["prior"] in PRIOR_ORDER else len(PRIOR_ORDER)
-    return rank, r.get("T") or 0, r.get("seed") or 0
 
 
 # ---- figures ---------------------------------------------------------------
@@ -241,13 +247,15 @@ def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    colors = {"ar": "tab:gray", "imagebart": "tab:blue", "absorbing": "tab:orange"}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {prior: palette[i % len(palette)] for i, prior in enumerate(dict.fromkeys(pt.prior for pt in points))}
+    labels = {pt.prior: pt.label for pt in points}
     groups: dict[tuple, list[Point]] = {}
     for pt in points:
         groups.setdefault((pt.prior, tuple(sorted(pt.settings.items()))), []).append(pt)
 
     def name_of(prior: str, settings: tuple) -> str:
-        return label(prior) + ("" if not settings else " (" + ", ".join(f"{k}={v}" for k, v in settings) + ")")
+        return labels[prior] + ("" if not settings else " (" + ", ".join(f"{k}={v}" for k, v in settings) + ")")
 
     def save(fig, fname: str, title: str) -> None:
         fig.tight_layout()
@@ -280,7 +288,7 @@ def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
         if not drawn:
             plt.close(fig)
             return
-        ax.set_xlabel("T (ImageBART chain length / absorbing sampling steps)")
+        ax.set_xlabel("T (chain length / sampling steps)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -359,7 +367,7 @@ def latex_table(points: list[Point]) -> str:
                 text += rf" $\pm$ {(e.ci[1] - e.ci[0]) / 2:.{d}f}"
             cells.append(rf"\textbf{{{text}}}" if best.get(k) == e.value else text)
         T = "--" if pt.T is None else str(pt.T)
-        lines.append(f"{label(pt.prior)} & {T} & " + " & ".join(cells) + r" \\")
+        lines.append(f"{pt.label} & {T} & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 
@@ -398,7 +406,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
            + ", ".join(f"`{shown_path(d)}`" for d in sweep_dirs)
            + (f"; {len(stale)} stale job folder(s) of an earlier launch under the same name ignored" if len(stale) else "")
            + ". A point is every setting except the seed; a prior that T does not apply to is shown once. "
-           "ImageBART's T is its chain length, absorbing's T its number of sampling steps.", ""]
+           + t_meaning(df), ""]
     md += ["## Main results", "", main_table(points, baselines, ref), ""]
     if first is not None:
         n_s, n_c = first.get("n_samples"), first.get("n_completions")
@@ -414,13 +422,18 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
     extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
     if extra:
         md += ["Unavailable metrics:", ""] + [f"- `{k}`: {v}" for k, v in extra] + [""]
+    col = "cfg.prior.sample.completion_passes"
+    passes = sorted({str(int(v)) for v in (ok[col] if col in ok else []) if finite(v)})
     if first is not None:
         md += ["Protocol: features `" + str(first.get("feature_extractor")) + f"`, speed at batch "
                f"{fmt_value(first.get('batch_size'), 0)} on `{first.get('device')}` in "
-               f"{first.get('compute_precision')} with {fmt_value(first.get('threads'), 0)} thread(s) (token "
-               "generation only, warm-up batch excluded; decoding is in results.csv); ImageBART completion with "
-               f"{first.get('cfg.prior.sample.completion_passes', 0) if first['prior'] == 'imagebart' else 'its configured'} "
-               "extra forward-backward passes (0: Tab. 3's single masked reverse pass).", ""]
+               f"{first.get('compute_precision')} with {fmt_value(first.get('threads'), 0)} thread(s), "
+               f"{'compiled' if first.get('compile') == 'on' else 'eager'} decode steps (token generation only, "
+               "warm-up batch excluded; decoding is in results.csv); % peak = model FLOPs of sampling per second "
+               f"over the device's measured matmul peak ({fmt_value((first.get('peak_flops') or float('nan')) / 1e9, 1)} "
+               "GFLOP/s)"
+               + (f"; completion with {', '.join(passes)} extra forward-backward pass(es) where a prior has the option "
+                  "(0: ImageBART Tab. 3's single masked reverse pass)" if passes else "") + ".", ""]
 
     toks = [t for t in ok.get("tokenizer", []) if isinstance(t, dict)]
     if toks:

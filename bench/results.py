@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -48,6 +50,7 @@ SCHEMA: tuple[Key, ...] = (
     # identity and status
     Key("prior", "Prior", source="job", doc="prior name (conf/prior/)"),
     Key("T", "T", source="job", digits=0, doc="ImageBART chain length / absorbing sampling steps"),
+    Key("prior_label", "Prior", source="job", doc="the prior's name in reports (declared by the prior)"),
     Key("T_applies", "T applies to", source="job", doc="how T applies to the prior: none | training | sampling"),
     Key("seed", "seed", source="job", digits=0),
     Key("status", "status", source="job", doc="ok | failed"),
@@ -70,7 +73,6 @@ SCHEMA: tuple[Key, ...] = (
     Key("fid", "FID", "", 2, True, interval=True, column=True),
     Key("kid_mean", "KID", "", 4, True, interval=True, column=True,
         doc="unbiased MMD^2 of all samples against all reference rows (the limit of torch-fidelity's subset mean)"),
-    Key("kid_std", "KID std", "", 4, doc="spread over torch-fidelity's KID subsets; the interval is kid_mean_ci"),
     Key("is_mean", "IS", "", 2, False, interval=True, column=True),
     Key("is_std", "IS std", "", 2),
     Key("prdc_precision", "Prec.", "", 3, False, interval=True, column=True),
@@ -91,6 +93,14 @@ SCHEMA: tuple[Key, ...] = (
     Key("decode_seconds_per_image", "decode s/img", "s", 5, True, source="speed"),
     Key("decode_images_per_second", "decode img/s", "1/s", 1, False, source="speed"),
     Key("nfe", "NFE", digits=0, source="speed", column=True, doc="network evaluations per sample() call"),
+    Key("sample_flops_per_image", "GFLOP/img", "FLOP", 0, source="speed",
+        doc="model FLOPs of sample() per image, counted from the architecture, NFE and context lengths"),
+    Key("achieved_flops", "FLOP/s", "FLOP/s", 0, False, source="speed"),
+    Key("peak_flops", "peak FLOP/s", "FLOP/s", 0, source="speed", doc="the device's measured matmul peak"),
+    Key("sampler_peak_percent", "% peak", "%", 1, False, source="speed", column=True,
+        doc="achieved FLOP/s of sampling as a percentage of the device's measured matmul peak"),
+    Key("compile", "compile", source="speed", doc="eval.compile as resolved: on | off"),
+    Key("compile_seconds", "compile s", "s", 1, source="speed", doc="compiling, in the warm-up batch; never in s/img"),
     Key("completion_nfe", "completion NFE", digits=0, source="speed"),
     Key("batch_size", "batch", digits=0, source="speed"),
     Key("peak_memory_mb", "peak MB", "MiB", 0, source="speed",
@@ -158,9 +168,13 @@ def sweep_id(sweep_dir: Path) -> str | None:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job folders of a sweep: those holding results.json, not inside W&B or Hydra folders."""
-    return sorted(p.parent for p in Path(sweep_dir).rglob("results.json")
-                  if ".hydra" not in p.parts and "wandb" not in p.parts)
+    """Job folders of a sweep, in job-number order: those holding results.json, not inside W&B or Hydra folders."""
+    def order(d: Path) -> tuple:
+        num = d.name.split("_", 1)[0]
+        return (int(num) if num.isdigit() else float("inf"), d.name)
+
+    return sorted((p.parent for p in Path(sweep_dir).rglob("results.json")
+                   if ".hydra" not in p.parts and "wandb" not in p.parts), key=order)
 
 
 def read_job(job_dir: Path) -> dict[str, Any]:
@@ -207,6 +221,8 @@ def load_results(*sweep_dirs: str | Path, include_stale: bool = False) -> pd.Dat
             row["overrides"] = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
             row["job_dir"] = str(d)
             row["sweep"] = sweep.name
+            num = d.name.split("_", 1)[0]
+            row["job_num"] = int(num) if num.isdigit() else None  # Hydra's job number: the order of the grid
             row["stale"] = sid is not None and r.get("sweep_id") != sid
             settings = {k: v for k, v in overrides.items() if is_point_setting(k)}
             if r.get("T_applies") == "none":
@@ -224,4 +240,5 @@ def load_results(*sweep_dirs: str | Path, include_stale: bool = False) -> pd.Dat
 
 
 def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A real number that is not NaN or infinite (Python or numpy scalar; never a bool)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)

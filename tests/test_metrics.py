@@ -24,8 +24,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from bench.errors import ConfigError
 from bench.metrics import (
     FEATURE_LOGITS, FEATURE_POOL, KEY_COVERAGE, KEY_DENSITY, KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN,
-    KEY_KID_STD, KEY_PRECISION, KEY_RECALL, METRIC_KEYS, NO_LOGITS_REASON, NUM_LOGITS, POOL_DIM,
-    TorchFidelityInception, TorchScriptFIDInception, check_images, compute_metrics, features_to_kid,
+    KEY_PRECISION, KEY_RECALL, METRIC_KEYS, NO_LOGITS_REASON, NUM_LOGITS, POOL_DIM,
+    TorchFidelityInception, TorchScriptFIDInception, check_images, compute_metrics, features_to_kid, features_to_kid_unbiased,
     features_to_prdc, features_to_statistics, fid_helper_weights_path, images_to_features,
     images_to_inception_input, load_feature_extractor, logits_to_isc, statistics_to_fid, subsample_rows,
     torch_fidelity_cached_weights_path,
@@ -290,7 +290,8 @@ def test_prdc_subsampling_caps_rows_and_is_seeded():
     # features_to_prdc is compute_prdc on exactly those <= max_samples rows per side
     ours = features_to_prdc(real, fake, k=3, max_samples=50, seed=7)
     ref = compute_prdc(subsample_rows(real.double().numpy(), 50, 7), subsample_rows(fake.double().numpy(), 50, 8), 3)
-    assert ours == pytest.approx({k: float(v) for k, v in ref.items()}, abs=1e-12)
+    assert ours == pytest.approx({("prdc_" if k == "precision" else "") + k: float(v) for k, v in ref.items()},
+                                 abs=1e-12)
     assert ours == features_to_prdc(real, fake, k=3, max_samples=50, seed=7)
     full = features_to_prdc(real, fake, k=3, max_samples=10000)
     assert full != ours
@@ -304,11 +305,13 @@ def test_compute_metrics_combines_the_pieces_and_explains_gaps():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(120, 16, generator=g)
     fake_pool = torch.randn(80, 16, generator=g) + 0.3
-    metrics, unavailable = compute_metrics(real, {FEATURE_POOL: fake_pool}, prdc_k=3, kid_subsets=5, kid_subset_size=50)
+    metrics, unavailable = compute_metrics(real, {FEATURE_POOL: fake_pool}, prdc_k=3)
     assert set(metrics) == set(METRIC_KEYS)
     assert metrics[KEY_FID] == pytest.approx(
         statistics_to_fid(features_to_statistics(real), features_to_statistics(fake_pool)), rel=1e-12)
-    assert (metrics[KEY_KID_MEAN], metrics[KEY_KID_STD]) == features_to_kid(real, fake_pool, 5, 50, seed=2020)
+    # KID over every row (the limit of torch-fidelity's subset mean; equal to it with one full subset).
+    assert metrics[KEY_KID_MEAN] == pytest.approx(features_to_kid_unbiased(real.double(), fake_pool.double()), rel=1e-12)
+    assert metrics[KEY_KID_MEAN] == pytest.approx(features_to_kid(real, fake_pool, 1000, 50, seed=0)[0], abs=0.02)
     prdc = features_to_prdc(real, fake_pool, k=3)
     assert all(metrics[k] == prdc[k] for k in prdc)
     # no logits: IS is null with the reason, everything else present
@@ -322,7 +325,7 @@ def test_compute_metrics_combines_the_pieces_and_explains_gaps():
         None, {FEATURE_POOL: fake_pool, FEATURE_LOGITS: logits}, real_stats=features_to_statistics(real))
     assert metrics2[KEY_FID] == pytest.approx(metrics[KEY_FID], rel=1e-12)
     assert metrics2[KEY_IS_MEAN] is not None and metrics2[KEY_IS_MEAN] > 1
-    assert set(unavailable2) == {KEY_KID_MEAN, KEY_KID_STD, KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE}
+    assert set(unavailable2) == {KEY_KID_MEAN, KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE}
     assert all(metrics2[k] is None for k in unavailable2)
     assert all(isinstance(r, str) and "\n" not in r for r in unavailable2.values())
 
