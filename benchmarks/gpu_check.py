@@ -10,12 +10,18 @@ FFHQ VQGAN), with each prior's own conf/prior/*.yaml options. Per point it measu
   decoder-only last scale) after 2 warm-up steps, under bf16 autocast as `bench.train` trains; loss finite;
   seconds per step, tokens per second, peak allocated memory;
 - sample: one warm-up batch, then `--sample-batches` timed `sample()` calls at `--sample-batch` (50, the speed
-  protocol of ImageBART Fig. 8) under bf16 autocast as the eval stage samples; seconds per image, NFE, peak memory.
+  protocol of ImageBART Fig. 8) under bf16 autocast as the eval stage samples; seconds per image, NFE, peak memory,
+  model FLOPs per image (priors/flops.py) and the achieved share of the measured bf16 matmul peak;
+- sample_compiled (unless --no-compile): the same with `Prior.set_compile("on")` (torch.compile of the decode
+  step / the absorbing full pass, static KV cache): the warm-up batch compiles and is reported as
+  warmup_seconds; same_tokens_fraction compares its first timed batch with the eager one (same seed; bf16
+  kernels of another float order may flip a few draws).
 
 The weights are random (speed and memory do not depend on them). Results go to DIR/gpu_check.json and a
 markdown table on stdout; DIR defaults to $OUT when set (the device machine's output folder), else ".".
 `--quick` shrinks everything (8x8 grid, 256 codes, 4 layers, 300k parameters, small batches) so that the
-script itself can be checked on a CPU in seconds (tests/test_benchmarks.py does).
+script itself can be checked on a CPU in seconds (tests/test_benchmarks.py does, with --compile-backend eager:
+dynamo's graph capture without inductor's code generation).
 """
 from __future__ import annotations
 
@@ -36,9 +42,10 @@ from omegaconf import OmegaConf  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.evaluate import sync  # noqa: E402
-from bench.train import autocast  # noqa: E402
+import priors.transformer  # noqa: E402
+from bench.device import autocast, sync  # noqa: E402
 from priors import build_prior  # noqa: E402
+from priors.flops import matmul_peak_flops, sample_flops_per_image  # noqa: E402
 
 
 def reset_peak(device: torch.device) -> None:
@@ -89,12 +96,21 @@ def time_train(prior, unit: str, batch: int, steps: int, device: torch.device, p
 
 
 @torch.no_grad()
-def time_sample(prior, batch: int, batches: int, device: torch.device, precision: str, g: torch.Generator) -> dict:
+def time_sample(prior, batch: int, batches: int, device: torch.device, precision: str, seed: int,
+                compile_mode: str = "off") -> tuple[dict, torch.Tensor]:
+    """Sampling speed of one path; also the first timed batch's tokens (seeded by `seed`, for comparisons)."""
     prior.eval()
+    prior.set_compile(compile_mode)
     reset_peak(device)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    sync(device)
+    t0 = time.perf_counter()
     with autocast(device, precision):
-        x = prior.sample(batch, generator=g)  # warm-up batch, as in the eval stage
-    times = []
+        x = prior.sample(batch, generator=g)  # warm-up batch, as in the eval stage; compiles when compile is on
+    sync(device)
+    warmup = time.perf_counter() - t0
+    g.manual_seed(seed)
+    times, first = [], None
     for _ in range(batches):
         sync(device)
         t0 = time.perf_counter()
@@ -102,10 +118,22 @@ def time_sample(prior, batch: int, batches: int, device: torch.device, precision
             x = prior.sample(batch, generator=g)
         sync(device)
         times.append(time.perf_counter() - t0)
+        first = x if first is None else first
+    prior.set_compile("off")
     ok = bool(((x >= 0) & (x < prior.vocab_size)).all())
     s = sum(times) / len(times) / batch
-    return {"batch": batch, "seconds_per_image": s, "images_per_second": 1.0 / s, "nfe": prior.nfe(),
-            "tokens_in_range": ok, "peak_memory_mib": peak_mib(device)}
+    return {"batch": batch, "compile": compile_mode, "seconds_per_image": s, "images_per_second": 1.0 / s,
+            "warmup_seconds": warmup, "nfe": prior.nfe(), "tokens_in_range": ok,
+            "peak_memory_mib": peak_mib(device)}, first
+
+
+def add_efficiency(sample: dict, prior, peak: float) -> dict:
+    """Model FLOPs per image (priors/flops.py), the FLOP/s they were done at, and that as a share of the peak."""
+    flops = sample_flops_per_image(prior)
+    achieved = None if flops is None else flops / sample["seconds_per_image"]
+    sample.update(flops_per_image=flops, flop_per_s=achieved,
+                  share_of_peak=None if achieved is None else achieved / peak)
+    return sample
 
 
 def main() -> int:
@@ -121,7 +149,13 @@ def main() -> int:
     parser.add_argument("--sample-batch", type=int, default=50)
     parser.add_argument("--sample-batches", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, to check the script on a CPU")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the compiled sampling path (sample_compiled)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled path (eager: graph capture only, for tests)")
+    parser.add_argument("--peak-seconds", type=float, default=2.0, help="length of the matmul peak benchmark")
     args = parser.parse_args()
+    priors.transformer.COMPILE_BACKEND = args.compile_backend
 
     preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / "ffhq_tab3.yaml"), resolve=False)
     vocab, grid, train_batch = 1024, (16, 16), int(preset["train"]["batch_size"])
@@ -132,14 +166,16 @@ def main() -> int:
         budget = args.budget or 300_000
         args.sample_batch = min(args.sample_batch, 4)
         args.train_steps = min(args.train_steps, 2)
+        args.peak_seconds = min(args.peak_seconds, 0.2)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak_flops(device, seconds=args.peak_seconds)  # bf16 on CUDA, float32 on a CPU
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
            "torch": torch.__version__, "cuda": torch.version.cuda, "precision": args.precision,
            "budget": budget, "vocab": vocab, "grid": list(grid), "prior_overrides": preset.get("prior", {}),
-           "quick": args.quick}
+           "quick": args.quick, "matmul_peak_flop_per_s": peak, "compile_backend": args.compile_backend}
     print(json.dumps(env))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     points = []
     for name in args.priors:
@@ -166,7 +202,13 @@ def main() -> int:
                 units = list(prior.units())
                 row["train"] = [time_train(prior, u, train_batch, args.train_steps, device, args.precision, g)
                                 for u in ([units[0], units[-1]] if len(units) > 1 else units)]
-            row["sample"] = time_sample(prior, args.sample_batch, args.sample_batches, device, args.precision, g)
+            row["sample"], eager = time_sample(prior, args.sample_batch, args.sample_batches, device, args.precision, 0)
+            add_efficiency(row["sample"], prior, peak)
+            if args.compile:
+                row["sample_compiled"], tokens = time_sample(prior, args.sample_batch, args.sample_batches, device,
+                                                             args.precision, 0, compile_mode="on")
+                add_efficiency(row["sample_compiled"], prior, peak)
+                row["sample_compiled"]["same_tokens_fraction"] = float((tokens == eager).double().mean())
         except Exception as e:  # one point failing (e.g. out of memory) must not lose the others
             row["error"] = f"{type(e).__name__}: {e}"
             failed += 1
@@ -178,21 +220,26 @@ def main() -> int:
         (out_dir / "gpu_check.json").write_text(json.dumps({"env": env, "points": rows}, indent=1))
 
     print(f"\n| prior | T | params | train s/step (unit) | train tok/s | train peak MiB | sample s/img "
-          f"(batch {args.sample_batch}) | NFE | sample peak MiB |\n|---|---|---|---|---|---|---|---|---|")
+          f"(batch {args.sample_batch}) | NFE | sample peak MiB | share of peak | compiled s/img | compile s "
+          f"| compiled share of peak | same tokens |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         if "error" in r:
-            print(f"| {r['prior']} | {r['T'] or '–'} | – | {r['error'][:80]} | | | | | |")
+            print(f"| {r['prior']} | {r['T'] or '–'} | – | {r['error'][:80]} | | | | | | | | | | |")
             continue
         tr = r.get("train") or []
-        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        c = r.get("sample_compiled", {})
         print(f"| {r['prior']} | {r['T'] or '–'} | {r['params'] / 1e6:.1f}M | "
               + "; ".join(f"{t['seconds_per_step']:.3f} ({t['unit']})" for t in tr) + " | "
               + "; ".join(f"{t['tokens_per_second']:.0f}" for t in tr) + " | "
               + "; ".join(fmt(t['peak_memory_mib'], '.0f') for t in tr) + " | "
               f"{r['sample']['seconds_per_image']:.4f} | {r['sample']['nfe']} | "
-              f"{fmt(r['sample']['peak_memory_mib'], '.0f')} |")
+              f"{fmt(r['sample']['peak_memory_mib'], '.0f')} | {fmt(r['sample']['share_of_peak'], '.1%')} | "
+              f"{fmt(c.get('seconds_per_image'), '.4f')} | {fmt(c.get('warmup_seconds'), '.1f')} | "
+              f"{fmt(c.get('share_of_peak'), '.1%')} | {fmt(c.get('same_tokens_fraction'), '.3f')} |")
     print(f"\nwrote {out_dir / 'gpu_check.json'}")
     bad = [r for r in rows if "error" not in r and (not r["sample"]["tokens_in_range"]
+                                                    or not r.get("sample_compiled", {}).get("tokens_in_range", True)
                                                     or not all(t["loss_finite"] for t in r.get("train") or []))]
     return 1 if failed or bad else 0
 

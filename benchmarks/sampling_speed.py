@@ -1,35 +1,32 @@
-"""Sampling speed with and without the KV cache, on the same weights.
+"""Sampling speed per path (uncached, eager cached, compiled) and its share of the measured matmul peak.
 
-    python benchmarks/sampling_speed.py [--batch 8] [--device cpu] [--threads N]
+    python benchmarks/sampling_speed.py [--shapes default 256] [--threads N] [--repeats 3] [--json FILE]
 
-Builds the AR prior at 256 tokens (16x16 grid, V=1024, ~4M parameters) and times
-`sample()` with the cache (one new token per network call) and without it (the
-whole prefix recomputed at every step), after a warm-up, device synchronised.
-Then the same for one ImageBART encoder-decoder scale (T=3, scale t=2: the
-decoder cross-attends to the encoder memory) through its public `sample_scale`,
-if `priors.imagebart` is importable. Both modes draw from the same generator
-seed, so they must produce identical tokens; the script checks it.
+Shapes (random weights: speed does not depend on them):
+- default: the embedded default sweep's shapes: batch 50 (ImageBART Fig. 8), an 8x8 grid (64 tokens), V=130,
+  400k parameters per model (ImageBART: per scale), 4 layers, 4 heads;
+- 256: a 16x16 grid (256 tokens), V=1024, 4M parameters, batch 8 (the uncached runs take ~30 s each).
+Samplers: AR `sample()`; the ImageBART decoder: one encoder-decoder scale (T=3, scale t=2, its encoder pass
+included) through `sample_scale`; absorbing `sample()` with T=--absorbing-T steps (it has no cache).
+Paths: uncached (the whole prefix recomputed at every token), eager (static KV cache, one token per call)
+and compiled (`Prior.set_compile("on")`: torch.compile of the decode step / the full pass; its first call
+compiles, timed apart as "compile s"). All paths of a sampler draw from the same seed and must give the
+same tokens; the script checks it. Timings are interleaved rounds (every path once per round, uncached
+only in the first --uncached-repeats rounds) and the table shows medians, so a busy moment of a shared
+machine hits every path alike. FLOP/s use the model FLOPs of priors/flops.py and the peak of
+priors.flops.matmul_peak_flops (float32 square matmuls at the same thread count).
 
-The paper protocol (ImageBART Fig. 8) uses batch 50 on a GPU; the CPU default
-batch is smaller so the uncached runs finish in about a minute on 2 cores.
-
-On a CPU shared with other jobs, OpenMP's default spin-waiting makes every small
-per-token op wait for busy cores: cached sampling measured 20x slower (34 s instead
-of 1.9 s for 256 tokens) with 2 threads on a loaded 2-core machine. The script
-therefore asks for passive waiting (OMP_WAIT_POLICY=PASSIVE) unless the caller set
-a policy; it must be set before torch is imported.
-
-The cached path is made of many tiny ops, so on a 2-core machine the speed-up depends
-on what waking the second thread costs: on one such machine a LayerNorm of (8, 1, 236)
-took 6 us with 1 thread and 80-120 us with 2, and the speed-ups were about 10x (AR)
-and 9-11x (ImageBART decoder) at 2 threads against 19x and 18x with --threads 1
-(the cached times barely change; the uncached ones use the second core).
+On a CPU shared with other jobs, OpenMP's default spin-waiting makes every small per-token op wait for busy
+cores, so the script asks for passive waiting (OMP_WAIT_POLICY=PASSIVE) unless the caller set a policy (it
+must be set before torch is imported). With 2 threads each small op also pays for waking the second
+thread (a LayerNorm of (8, 1, 236): 6 us with 1 thread, 80-120 us with 2 on a loaded 2-core machine).
 """
 from __future__ import annotations
 
 import argparse
-import inspect
+import json
 import os
+import statistics
 import sys
 import time
 
@@ -38,95 +35,147 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import priors.transformer  # noqa: E402
+from priors.absorbing import AbsorbingPrior  # noqa: E402
 from priors.ar import ARPrior  # noqa: E402
+from priors.flops import decoder_sample_flops, encoder_flops, matmul_peak_flops, sample_flops_per_image  # noqa: E402
+from priors.imagebart import ImageBARTPrior  # noqa: E402
 
-V, GRID = 1024, (16, 16)
+SHAPES = {  # name: (V, grid, parameters per model, batch)
+    "default": (130, (8, 8), 400_000, 50),
+    "256": (1024, (16, 16), 4_000_000, 8),
+}
+PATHS = ("uncached", "eager", "compiled")
 
 
-def sync(device: torch.device):
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
+class Sampler:
+    """One sampler at one shape: how to run each path, and its model FLOPs per image per path."""
+
+    def __init__(self, name: str, prior, run, flops: dict[str, float], paths: tuple[str, ...]):
+        self.name, self.prior, self._run, self.flops, self.paths = name, prior, run, flops, paths
+
+    def run(self, path: str, seed: int) -> torch.Tensor:
+        self.prior.set_compile("on" if path == "compiled" else "off")
+        g = torch.Generator(device=self.prior.device).manual_seed(seed)
+        return self._run(g, path != "uncached")
 
 
-def report(what: str, n: int, t_cached: float, t_full: float, same: bool):
-    print(f"{what}: batch {n}, {GRID[0] * GRID[1]} tokens")
-    print(f"  with KV cache:     {t_cached:8.2f} s  ({t_cached / n:.3f} s/image)")
-    print(f"  without KV cache:  {t_full:8.2f} s  ({t_full / n:.3f} s/image)")
-    print(f"  speed-up:          {t_full / t_cached:8.1f}x   identical samples: {same}")
+def build(shape: str, device: torch.device, absorbing_T: int, which: list[str]) -> list[Sampler]:
+    V, grid, budget, batch = SHAPES[shape]
+    L = grid[0] * grid[1]
+    out = []
+    if "ar" in which:
+        torch.manual_seed(0)
+        ar = ARPrior.from_budget(V, grid, budget=budget, n_layer=4, n_head=4).to(device).eval()
+        out.append(Sampler("ar", ar, lambda g, cached: ar.sample(batch, g, use_cache=cached),
+                           {p: sample_flops_per_image(ar, use_cache=p != "uncached") for p in PATHS}, PATHS))
+    if "imagebart" in which:
+        torch.manual_seed(0)
+        # T=3: the budget is split over T-1=2 scales, so 2x the budget gives each scale the AR model's budget.
+        ib = ImageBARTPrior.from_budget(V, grid, budget=2 * budget, T=3, n_layer=4, n_head=4).to(device).eval()
+        x_t = torch.randint(0, V, (batch, L), generator=torch.Generator(device=device).manual_seed(0),
+                            device=device)  # (B, L)
+        scale = ib.scales["scale2"]
+        flops = {p: encoder_flops(scale.encoder.cfg, L) + decoder_sample_flops(
+            scale.decoder.cfg, L, use_cache=p != "uncached", memory=L) for p in PATHS}
+        out.append(Sampler("imagebart decoder (T=3, t=2)", ib,
+                           lambda g, cached: ib.sample_scale(2, x_t, g, use_cache=cached), flops, PATHS))
+    if "absorbing" in which:
+        torch.manual_seed(0)
+        ab = AbsorbingPrior.from_budget(V, grid, budget=budget, n_layer=4, n_head=4, T=absorbing_T).to(device).eval()
+        out.append(Sampler(f"absorbing (T={absorbing_T})", ab, lambda g, cached: ab.sample(batch, g),
+                           {p: sample_flops_per_image(ab) for p in PATHS}, ("eager", "compiled")))
+    return out
 
 
-def bench_ar(args, device: torch.device):
-    torch.manual_seed(0)
-    prior = ARPrior.from_budget(V, GRID, budget=args.budget, T=None, n_layer=4, n_head=4).to(device)
-    print(f"ar: d_model={prior.d_model}, n_layer=4, params={prior.num_params():,}, device={device}")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    prior.sample(args.batch, gen, use_cache=True)  # warm-up: allocator, kernels, thread pool
-    keep = torch.ones(args.batch, prior.seq_len, dtype=torch.bool, device=device)
-    keep[:, -8:] = False  # warm-up of the uncached path at full length, 8 steps only
-    prior.complete(torch.zeros_like(keep, dtype=torch.long), keep, gen, use_cache=False)
-    gen.manual_seed(1)
-    t_cached, a = timed(lambda: prior.sample(args.batch, gen, use_cache=True), device)
-    gen.manual_seed(1)
-    t_full, b = timed(lambda: prior.sample(args.batch, gen, use_cache=False), device)
-    report("ar", args.batch, t_cached, t_full, torch.equal(a, b))
-    return t_full / t_cached
+def bench_shape(shape: str, args, device: torch.device, peak: float) -> list[dict]:
+    V, grid, budget, batch = SHAPES[shape]
+    print(f"\n## shapes '{shape}': batch {batch}, {grid[0] * grid[1]} tokens, V={V}, {budget:,} parameters "
+          f"per model, 4 layers, 4 heads", flush=True)
+    rows = []
+    for s in build(shape, device, args.absorbing_T, args.priors):
+        paths = [p for p in s.paths if p in args.paths]
+        ref, compile_s, times = None, None, {p: [] for p in paths}
+        with torch.no_grad():
+            for p in paths:  # warm-up: allocator, thread pool, kernels; the compiled path compiles here
+                if p == "uncached":
+                    continue  # its first call is as warm as the others (no compilation, same kernels)
+                t0 = time.perf_counter()
+                out = s.run(p, seed=0)
+                if p == "compiled":
+                    compile_s = time.perf_counter() - t0
+            same = {}
+            for r in range(args.repeats):
+                for p in paths:
+                    if p == "uncached" and r >= args.uncached_repeats:
+                        continue
+                    sync(device)
+                    t0 = time.perf_counter()
+                    out = s.run(p, seed=1)
+                    sync(device)
+                    times[p].append(time.perf_counter() - t0)
+                    if ref is None:
+                        ref = out
+                    same[p] = same.get(p, True) and torch.equal(out, ref)
+        s.prior.set_compile("off")
+        print(f"{s.name}: params {s.prior.num_params():,}" + (f", compile {compile_s:.1f} s" if compile_s else ""))
+        base = statistics.median(times["uncached"]) if times.get("uncached") else None
+        for p in paths:
+            sec = statistics.median(times[p])
+            flops = s.flops[p] * batch / sec
+            row = {"shape": shape, "sampler": s.name, "path": p, "threads": torch.get_num_threads(),
+                   "batch": batch, "seconds": sec, "seconds_all": times[p], "seconds_per_image": sec / batch,
+                   "flops_per_image": s.flops[p], "flop_per_s": flops, "share_of_peak": flops / peak,
+                   "speedup_vs_uncached": None if base is None else base / sec, "same_tokens": same[p],
+                   "compile_seconds": compile_s if p == "compiled" else None}
+            rows.append(row)
+            print(f"  {p:9s} {sec:8.3f} s  ({sec / batch * 1e3:7.2f} ms/img)  {s.flops[p] / 1e6:9.1f} MFLOP/img  "
+                  f"{flops / 1e9:6.1f} GFLOP/s = {flops / peak:6.1%} of peak"
+                  + ("" if base is None else f"  {base / sec:6.1f}x vs uncached")
+                  + f"  same tokens: {same[p]}   [{', '.join(f'{t:.3f}' for t in times[p])}]", flush=True)
+    return rows
 
 
-def bench_imagebart(args, device: torch.device):
-    try:
-        from priors.imagebart import ImageBARTPrior
-    except ImportError as e:
-        print(f"imagebart: skipped, priors.imagebart is not importable ({e})")
-        return None
-    if "use_cache" not in inspect.signature(ImageBARTPrior.sample_scale).parameters:
-        print("imagebart: skipped, ImageBARTPrior.sample_scale has no use_cache flag")
-        return None
-    torch.manual_seed(0)
-    # T=3: scale t=2 is an encoder-decoder transformer; the budget is split over T-1=2 scales,
-    # so each scale gets the AR model's budget and the two decoders are comparable.
-    prior = ImageBARTPrior.from_budget(V, GRID, budget=2 * args.budget, T=3, n_layer=4, n_head=4).to(device)
-    print(f"imagebart: T=3, scale t=2, params={prior.num_params():,}, d_model={prior.arch_config()['d_model']}")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    x_t = torch.randint(0, V, (args.batch, GRID[0] * GRID[1]), generator=gen, device=device)  # (B, L)
-    prior.sample_scale(2, x_t, gen, use_cache=True)  # warm-up
-    gen.manual_seed(1)
-    t_cached, a = timed(lambda: prior.sample_scale(2, x_t, gen, use_cache=True), device)
-    gen.manual_seed(1)
-    t_full, b = timed(lambda: prior.sample_scale(2, x_t, gen, use_cache=False), device)
-    report("imagebart decoder (scale t=2 of T=3)", args.batch, t_cached, t_full, torch.equal(a, b))
-    return t_full / t_cached
-
-
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8, help="images per sample() call (paper: 50 on a GPU)")
-    parser.add_argument("--budget", type=int, default=4_000_000, help="AR parameters (a few M)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="+", default=["default", "256"], choices=list(SHAPES))
+    parser.add_argument("--priors", nargs="+", default=["ar", "imagebart", "absorbing"],
+                        choices=["ar", "imagebart", "absorbing"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--skip-imagebart", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of every path (medians reported)")
+    parser.add_argument("--uncached-repeats", type=int, default=1, help="rounds that also time the uncached path")
+    parser.add_argument("--absorbing-T", type=int, default=5, help="absorbing sampling steps (the sweep default T)")
+    parser.add_argument("--peak-seconds", type=float, default=2.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled path (eager: graph capture only, for tests)")
     args = parser.parse_args()
+    priors.transformer.COMPILE_BACKEND = args.compile_backend
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    speedup = bench_ar(args, device)
-    if not args.skip_imagebart:
-        bench_imagebart(args, device)
-    if device.type == "cpu" and speedup < 10:
-        print(f"WARNING: the AR cached sampler is only {speedup:.1f}x faster (expected >= 10x at 256 tokens)")
+    peak = matmul_peak_flops(device, seconds=args.peak_seconds)
+    print(f"torch {torch.__version__}, device {device}, threads={torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, compile backend {args.compile_backend}, "
+          f"measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for shape in args.shapes:
+        rows += bench_shape(shape, args, device, peak)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_flop_per_s": peak, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    bad = [r for r in rows if not r["same_tokens"]]
+    for r in bad:
+        print(f"ERROR: {r['sampler']} ({r['shape']}): the {r['path']} path drew other tokens than the first path")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main()
+    sys.exit(main())

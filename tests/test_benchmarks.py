@@ -5,16 +5,20 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.clitools import ROOT, cli_env
 
 
 def test_gpu_check_quick_writes_every_point(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--quick", "--device", "cpu",
-                        "--priors", "ar", "imagebart", "absorbing", "--T", "3", "5", "--out", str(tmp_path)],
+                        "--priors", "ar", "imagebart", "absorbing", "--T", "3", "5", "--out", str(tmp_path),
+                        "--compile-backend", "eager"],
                        env=cli_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["env"]["quick"] and report["env"]["precision"] == "bf16"
+    assert report["env"]["matmul_peak_flop_per_s"] > 1e8 and report["env"]["compile_backend"] == "eager"
     points = {(r["prior"], r["T"]): r for r in report["points"]}
     assert list(points) == [("ar", None), ("imagebart", 3), ("imagebart", 5), ("absorbing", 3), ("absorbing", 5)]
     budget = report["env"]["budget"]
@@ -25,9 +29,35 @@ def test_gpu_check_quick_writes_every_point(tmp_path):
         assert s["tokens_in_range"] and s["seconds_per_image"] > 0 and s["batch"] == 4
         expected_nfe = {"ar": 64, "absorbing": T}[prior] if prior != "imagebart" else (T - 1) * 64 + (T - 2)
         assert s["nfe"] == expected_nfe
+        # The compiled path (here dynamo's capture only) and the efficiency figure of both paths.
+        c = r["sample_compiled"]
+        assert c["compile"] == "on" and c["tokens_in_range"] and c["seconds_per_image"] > 0 and c["nfe"] == s["nfe"]
+        assert c["warmup_seconds"] > 0 and 0.5 <= c["same_tokens_fraction"] <= 1
+        for path in (s, c):
+            assert path["flops_per_image"] > 0 and path["share_of_peak"] > 0
+            assert path["flop_per_s"] == pytest.approx(path["flops_per_image"] / path["seconds_per_image"])
     # Training is timed once per trained model: ImageBART's first (encoder-decoder) and last (decoder-only) scale.
     assert [t["unit"] for t in points[("imagebart", 5)]["train"]] == ["scale2", "scale5"]
     assert [t["unit"] for t in points[("ar", None)]["train"]] == ["model"]
     assert "train" in points[("absorbing", 3)] and "train" not in points[("absorbing", 5)]
     assert all(t["loss_finite"] and t["tokens_per_second"] > 0 for r in points.values() for t in r.get("train", []))
     assert "| imagebart | 5 |" in p.stdout
+
+
+def test_sampling_speed_reports_every_path_with_the_same_tokens(tmp_path):
+    """benchmarks/sampling_speed.py at the default shapes, one round, compiled path through dynamo's capture."""
+    out = tmp_path / "speed.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling_speed.py"), "--shapes", "default",
+                        "--repeats", "1", "--threads", "1", "--peak-seconds", "0.1", "--compile-backend", "eager",
+                        "--json", str(out)], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["sampler"].split()[0], r["path"]) for r in rows}
+    assert got == {(s, path) for s in ("ar", "imagebart") for path in ("uncached", "eager", "compiled")} | {
+        ("absorbing", "eager"), ("absorbing", "compiled")}
+    for r in rows:
+        assert r["same_tokens"] and r["batch"] == 50 and r["threads"] == 1
+        assert r["flop_per_s"] == pytest.approx(r["flops_per_image"] * 50 / r["seconds"])
+        assert 0 < r["share_of_peak"] and (r["compile_seconds"] is not None) == (r["path"] == "compiled")
+        if r["path"] != "uncached" and not r["sampler"].startswith("absorbing"):
+            assert r["speedup_vs_uncached"] > 1  # the cache saves the prefix recomputation
