@@ -23,8 +23,8 @@ thread (a LayerNorm of (8, 1, 236): 6 us with 1 thread, 80-120 us with 2 on a lo
 
 Measured on the project's 2-core CPU while other jobs ran (medians of 3; peak ~115 GFLOP/s at 1 and at 2
 threads, i.e. about one free core), cached vs uncached at 256 tokens: AR 29.9x (2 threads) / 36.5x (1 thread),
-ImageBART decoder 27.9x / 33.4x; compiled vs eager: 0.90-0.97x at 256 tokens for the decoders (the static
-step reads the whole buffer), 1.05-1.25x at the default shapes, absorbing 1.03-1.12x; each graph compiles in
+ImageBART decoder 27.9x / 33.4x; compiled vs eager: 0.91-1.0x at 256 tokens for the decoders (the static
+step reads the whole buffer), 1.05-1.26x at the default shapes, absorbing 1.03-1.12x; each graph compiles in
 3-25 s (less with inductor's on-disk cache warm).
 """
 from __future__ import annotations
