@@ -62,20 +62,49 @@ min(T, #masked) steps; kept positions are never touched.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior, eval_mode, sampling_settings
+from priors.base import NLL, Prior, eval_mode
 from priors.flops import encoder_flops
-from priors.transformer import Transformer, TransformerConfig, compiled, count_params, fit_d_model, full_logits
+from priors.options import TransformerPriorConfig, fit_arch, options_from
+from priors.transformer import Transformer, compiled, full_logits
 
 LOSSES = ("reweighted_elbo", "elbo")
 SAMPLERS = ("random", "confidence")
-SAMPLE_KEYS = ("sampler", "temperature")  # keys of the `sample:` config block (never affect training)
+
+
+@dataclass
+class AbsorbingConfig(TransformerPriorConfig):
+    """The absorbing prior's architecture and objective (arch_config() is its asdict): one bidirectional transformer
+    whose special input id V is the mask. The number of sampling steps T, the sampling settings (SampleConfig) and
+    the evaluation-only nll_samples are not part of it: one checkpoint serves every T."""
+    causal: ClassVar[bool] = False  # bidirectional: every position sees every unmasked token
+    loss: str = "reweighted_elbo"  # training objective: reweighted_elbo (Eq. 7, the paper's default) | elbo (Eq. 6)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"prior.loss={self.loss} is not one of: {', '.join(LOSSES)}")
+
+
+@dataclass
+class SampleConfig:
+    """The `sample:` block: sampling-only settings, never part of what is trained."""
+    sampler: str = "random"  # random (the paper's uniformly random unmasking order) | confidence (MaskGIT)
+    temperature: float = 1.0  # logits are divided by it before the softmax
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"prior.sample.sampler={self.sampler} is not one of: {', '.join(SAMPLERS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"prior.sample.temperature={self.temperature} must be > 0")
 
 
 class AbsorbingPrior(Prior):
@@ -86,15 +115,16 @@ class AbsorbingPrior(Prior):
                  dropout: float = 0.0, loss: str = "reweighted_elbo", nll_samples: int = 4,
                  T: int | None = None, sampler: str = "random", temperature: float = 1.0):
         super().__init__(vocab_size, grid)
-        if loss not in LOSSES:
-            raise ValueError(f"prior.loss={loss} is not one of: {', '.join(LOSSES)}")
-        if int(nll_samples) < 1:
-            raise ValueError(f"prior.nll_samples={nll_samples} must be >= 1 (Monte Carlo draws per sequence)")
+        self.arch = AbsorbingConfig(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=n_layer,
+                                    n_head=n_head, d_model=d_model, dropout=dropout, loss=loss)
+        if isinstance(nll_samples, bool) or not isinstance(nll_samples, numbers.Integral) or nll_samples < 1:
+            raise ValueError(f"prior.nll_samples={nll_samples!r} must be an integer >= 1 "
+                             "(Monte Carlo draws per sequence)")
         self.mask_id = self.vocab_size  # the absorbing state m = V; real codes are 0..V-1
         self.n_steps = self.seq_len  # N: diffusion steps in training = number of tokens, as in the paper
         self.loss_type = loss
         self.nll_samples = int(nll_samples)
-        self.cfg = self.transformer_config(self.vocab_size, self.seq_len, n_layer, n_head, d_model, dropout)
+        self.cfg = self.arch.transformer_config()
         self.model = Transformer(self.cfg)
         self.set_sampling(T=T, sampler=sampler, temperature=temperature)
 
@@ -112,55 +142,30 @@ class AbsorbingPrior(Prior):
             raise ValueError(f"T={T} exceeds the number of tokens L={self.seq_len}: absorbing diffusion "
                              f"unmasks at least one token per step, so it cannot take more steps than tokens")
         self.T = T
-        if sampler is not None:
-            if sampler not in SAMPLERS:
-                raise ValueError(f"prior.sample.sampler={sampler} is not one of: {', '.join(SAMPLERS)}")
-            self.sampler = sampler
-        if temperature is not None:
-            if not float(temperature) > 0:
-                raise ValueError(f"prior.sample.temperature={temperature} must be > 0")
-            self.temperature = float(temperature)
+        if sampler is not None or temperature is not None:  # None keeps the current setting
+            settings = SampleConfig(sampler=self.sampler if sampler is None else sampler,
+                                    temperature=self.temperature if temperature is None else temperature)
+            self.sampler, self.temperature = settings.sampler, float(settings.temperature)
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None, *,
-                    n_layer: int = 4, n_head: int = 4, dropout: float = 0.0, loss: str = "reweighted_elbo",
-                    nll_samples: int = 4, sample: Mapping[str, Any] | None = None, **flat: Any
+                    sample: Mapping[str, Any] | None = None, nll_samples: int = 4, **options: Any
                     ) -> "AbsorbingPrior":
         """The absorbing prior whose width d_model puts its parameter count closest to `budget`.
 
-        Keys are those of conf/prior/absorbing.yaml minus `name`. Sampling settings come nested as in the
-        YAML (`sample={"sampler": ..., "temperature": ...}`) or flattened (`sampler=...`); they never affect
-        training. T only sets the number of sampling steps (None = L); the width does not depend on it.
-        Unknown keys raise.
+        options: those of conf/prior/absorbing.yaml (AbsorbingConfig's fields but the derived vocab_size, grid and
+        d_model), the evaluation-only nll_samples and the sampling settings under `sample` (SampleConfig);
+        unknown keys and bad values raise a one-line ValueError. T only sets the number of sampling steps
+        (None = L); the width does not depend on it.
         """
-        try:
-            settings = sampling_settings(sample, flat, SAMPLE_KEYS)
-        except KeyError as e:
-            raise ValueError(f"prior.{e.args[0]} is not an option of prior=absorbing (options: n_layer, n_head, "
-                             f"dropout, loss, nll_samples, sample.{{{', '.join(SAMPLE_KEYS)}}})")
-        seq_len = int(grid[0]) * int(grid[1])
-        d_model = fit_d_model(
-            int(budget), lambda d: count_params(cls.transformer_config(vocab_size, seq_len, n_layer, n_head, d)),
-            int(n_head), what=f"prior=absorbing with n_layer={n_layer}, V={vocab_size}, L={seq_len}")
-        return cls(vocab_size, grid, n_layer=n_layer, n_head=n_head, d_model=d_model, dropout=dropout, loss=loss,
-                   nll_samples=nll_samples, T=T, **settings)
-
-    @staticmethod
-    def transformer_config(vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int,
-                           dropout: float = 0.0) -> TransformerConfig:
-        return TransformerConfig(
-            vocab_in=int(vocab_size) + 1,  # V codes + the mask id
-            vocab_out=int(vocab_size),  # predicts x_0, never the mask
-            seq_len=int(seq_len), n_layer=int(n_layer), n_head=int(n_head), d_model=int(d_model),
-            causal=False,  # bidirectional: every position sees every unmasked token
-            dropout=float(dropout),
-        )
+        settings = options_from(SampleConfig, sample, "prior.sample", owner=cls.name)
+        arch = fit_arch(AbsorbingConfig, options, vocab_size, grid, budget, owner=cls.name,
+                        others=("nll_samples", "sample"))
+        return cls(**asdict(arch), nll_samples=nll_samples, T=T, **asdict(settings))
 
     def arch_config(self) -> dict[str, Any]:
-        # Architecture and training objective only. Sampling settings (T, sampler, temperature) and the
-        # eval-only nll_samples are not part of a checkpoint: one checkpoint serves every T.
-        return dict(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=self.cfg.n_layer,
-                    n_head=self.cfg.n_head, d_model=self.cfg.d_model, dropout=self.cfg.dropout, loss=self.loss_type)
+        # Architecture and training objective only (AbsorbingConfig): one checkpoint serves every T.
+        return asdict(self.arch)
 
     def units(self) -> dict[str, nn.Module]:
         return {"model": self.model}

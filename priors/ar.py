@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior, eval_mode, sampling_settings
+from priors.base import NLL, Prior, eval_mode
 from priors.flops import decoder_sample_flops
-from priors.transformer import (Transformer, TransformerConfig, check_sampling, compiled, count_params,
-                                decode_logits, fit_d_model, sample_logits)
+from priors.options import LogitSampling, TransformerPriorConfig, fit_arch, options_from
+from priors.transformer import Transformer, check_sampling, compiled, decode_logits, sample_logits
 
-SAMPLE_KEYS = ("temperature", "top_k", "top_p")  # sampling-only settings: never change what is trained
+
+@dataclass
+class ARConfig(TransformerPriorConfig):
+    """The AR prior's architecture (arch_config() is its asdict): one GPT whose special input id V is the start id.
+    Its sampling settings (temperature, top_k, top_p) are a LogitSampling: they never change what is trained."""
+    causal: ClassVar[bool] = True  # position i sees the start id and x_0 .. x_{i-1} only
 
 
 class ARPrior(Prior):
@@ -31,45 +37,27 @@ class ARPrior(Prior):
         super().__init__(vocab_size, grid)
         check_sampling(temperature, top_k, top_p)
         self.start_id = self.vocab_size  # the one special id: V, after the codes 0 .. V-1
-        self.n_layer, self.n_head, self.d_model, self.dropout = n_layer, n_head, d_model, dropout
+        self.arch = ARConfig(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=n_layer, n_head=n_head,
+                             d_model=d_model, dropout=dropout)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.model = Transformer(self.transformer_config(vocab_size, self.seq_len, n_layer, n_head, d_model,
-                                                         dropout))
-
-    @staticmethod
-    def transformer_config(vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int,
-                           dropout: float = 0.0) -> TransformerConfig:
-        # Inputs: V codes + the start id; outputs: the V codes only (the start id is never predicted).
-        return TransformerConfig(vocab_in=vocab_size + 1, vocab_out=vocab_size, seq_len=seq_len,
-                                 n_layer=n_layer, n_head=n_head, d_model=d_model, causal=True,
-                                 dropout=dropout)
+        self.model = Transformer(self.arch.transformer_config())
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None, *,
-                    n_layer: int = 4, n_head: int = 4, dropout: float = 0.0,
-                    sample: Mapping[str, Any] | None = None, **flat: Any) -> "ARPrior":
+                    sample: Mapping[str, Any] | None = None, **options: Any) -> "ARPrior":
         """The AR prior whose width d_model puts its parameter count closest to `budget`.
 
-        T is accepted for the common signature and ignored (the AR prior has no chain).
-        Sampling settings come nested as in conf/prior/ar.yaml (`sample={"temperature": ...}`)
-        or flattened (`temperature=...`); they never affect training. Unknown keys raise.
+        options: those of conf/prior/ar.yaml (ARConfig's fields but the derived vocab_size, grid and d_model),
+        with the sampling settings under `sample` (LogitSampling); unknown keys and bad values raise a
+        one-line ValueError. T is accepted for the common signature and ignored (the AR prior has no chain).
         """
-        try:
-            settings = sampling_settings(sample, flat, SAMPLE_KEYS)
-        except KeyError as e:
-            raise ValueError(f"prior.{e.args[0]} is not an option of prior=ar "
-                             f"(options: n_layer, n_head, dropout, sample.{{{', '.join(SAMPLE_KEYS)}}})")
-        seq_len = int(grid[0]) * int(grid[1])
-        d_model = fit_d_model(
-            budget, lambda d: count_params(cls.transformer_config(vocab_size, seq_len, n_layer, n_head, d)),
-            n_head, what=f"prior=ar with n_layer={n_layer}, V={vocab_size}, L={seq_len}")
-        return cls(vocab_size, grid, n_layer=n_layer, n_head=n_head, d_model=d_model, dropout=dropout,
-                   **settings)
+        settings = options_from(LogitSampling, sample, "prior.sample", owner=cls.name)
+        arch = fit_arch(ARConfig, options, vocab_size, grid, budget, owner=cls.name, others=("sample",))
+        return cls(**asdict(arch), **asdict(settings))
 
     def arch_config(self) -> dict[str, Any]:
         # Architecture only; sampling settings are not part of a checkpoint (they never retrain).
-        return dict(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=self.n_layer,
-                    n_head=self.n_head, d_model=self.d_model, dropout=self.dropout)
+        return asdict(self.arch)
 
     # ---- training -------------------------------------------------------
     def units(self) -> dict[str, nn.Module]:

@@ -32,23 +32,6 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def sampling_settings(sample: Mapping[str, Any] | None, flat: Mapping[str, Any], allowed: tuple[str, ...]
-                      ) -> dict[str, Any]:
-    """A prior's sampling-only settings, given nested (`sample={...}` as in the YAML) or flattened (`key=...`).
-
-    Raises ValueError naming the first duplicated or unknown key (as `prior.KEY`).
-    """
-    settings = dict(sample or {})
-    for key, value in flat.items():
-        if key in settings:
-            raise ValueError(f"prior.{key} given both flattened and under prior.sample")
-        settings[key] = value
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise KeyError(unknown[0])
-    return settings
-
-
 NLL_KINDS = ("exact", "elbo", "order_bound")  # what NLL.per_sequence is (see NLL)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -32,8 +32,9 @@ from torch import nn
 
 from priors.base import NLL, Prior, eval_mode
 from priors.flops import decoder_sample_flops, encoder_flops
-from priors.transformer import (KVCache, Transformer, TransformerConfig, check_sampling, compiled, fit_d_model,
-                                sample_logits)
+from priors.options import LogitSampling, check_transformer, options_from
+from priors.transformer import (BUDGET_TOLERANCE, KVCache, Transformer, TransformerConfig, compiled, count_params,
+                                fit_d_model, sample_logits)
 
 LN2 = math.log(2.0)
 
@@ -267,33 +268,17 @@ class ScaleModel(nn.Module):
 
 
 @dataclass
-class SampleConfig:
-    temperature: float = 1.0  # logits are divided by it before sampling
-    top_k: int | None = None  # keep only the k most likely ids per step; None = all
-    top_p: float | None = None  # nucleus: keep the smallest set of ids with mass >= top_p; None = all
+class SampleConfig(LogitSampling):
+    """The `sample:` block (temperature, top_k, top_p from LogitSampling): sampling-only, never part of a checkpoint."""
     # extra forward-backward passes x_2 ~ q^{2,m}, x_1 ~ p^{1,m} after the masked reverse chain (A.3, Eq. 12);
     # 0 = one masked pass through the reverse chain, the completion protocol of Tab. 3
     completion_passes: int = 0
     use_cache: bool = True  # decode with the KV cache; False recomputes the prefix every step (same samples)
 
-
-def _parse_sample(sample: Any) -> SampleConfig:
-    """The `prior.sample` block; unknown keys and out-of-range values raise (they never affect training)."""
-    sample = {} if sample is None else dict(sample)
-    known = list(SampleConfig.__dataclass_fields__)
-    unknown = sorted(set(sample) - set(known))
-    if unknown:
-        raise ValueError(f"prior.sample.{unknown[0]} is not an option of prior=imagebart (options: {known})")
-    cfg = SampleConfig(**sample)
-    cfg.temperature = float(cfg.temperature)
-    cfg.top_k = None if cfg.top_k is None else int(cfg.top_k)
-    cfg.top_p = None if cfg.top_p is None else float(cfg.top_p)
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-    if isinstance(cfg.completion_passes, bool) or not isinstance(cfg.completion_passes, numbers.Integral) \
-            or cfg.completion_passes < 0:
-        raise ValueError(f"prior.sample.completion_passes={cfg.completion_passes!r} must be an integer >= 0")
-    cfg.use_cache = bool(cfg.use_cache)
-    return cfg
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.completion_passes < 0:
+            raise ValueError(f"prior.sample.completion_passes={self.completion_passes!r} must be an integer >= 0")
 
 
 def layer_split(n_layer: int, enc_frac: float = 0.5, n_enc_layer: int | None = None) -> tuple[int, int]:
@@ -314,6 +299,33 @@ def layer_split(n_layer: int, enc_frac: float = 0.5, n_enc_layer: int | None = N
     return n_enc_layer, n_layer - n_enc_layer
 
 
+@dataclass
+class ImageBARTConfig:
+    """ImageBART's architecture (arch_config() is its asdict): the forward chain and the T - 1 scale models."""
+    vocab_size: int  # V = K_eff codes; every decoder also embeds the start id V
+    grid: list[int]  # [H, W]: L = H*W tokens of every x_t
+    T: int  # chain length: x_1 the data ... x_T uniform noise; T - 1 trained scales (T = 2: one AR model)
+    n_layer: int = 4  # layers per scale: encoder + decoder for t < T; the last scale is decoder-only (Tab. 6)
+    n_head: int = 4  # attention heads of every transformer
+    d_model: list[int] = field(default_factory=list)  # widths of scales t = 2..T (from_budget fits them; [] until then)
+    enc_frac: float = 0.5  # fraction of n_layer in the encoder of scales t < T (A.5); >= 1 layer on each side
+    n_enc_layer: int | None = None  # explicit encoder layers of scales t < T; wins over enc_frac
+    dropout: float = 0.0  # dropout inside both transformers while training
+    schedule: Any = "linear"  # "linear" | {betas: [beta_2, ..., beta_T]} | {alpha_bars: [...]} (make_betas)
+    likelihood_residual: bool = True  # add log q(x_t | x_{t-1}) to the logits of scales t < T (ScaleModel)
+
+    def __post_init__(self) -> None:
+        self.T = check_T(self.T)
+        self.grid = list(self.grid)
+        check_transformer(self.n_layer, self.n_head, self.dropout)
+        make_betas(self.schedule, self.T)  # a bad schedule raises before it is stored
+        self.schedule = _plain(self.schedule)
+        if self.T > 2:
+            layer_split(self.n_layer, self.enc_frac, self.n_enc_layer)
+        if self.d_model and len(self.d_model) != self.T - 1:
+            raise ValueError(f"prior.d_model has {len(self.d_model)} widths, T={self.T} needs {self.T - 1}")
+
+
 class ImageBARTPrior(Prior):
     name = "imagebart"
     T_affects_training = True
@@ -325,49 +337,45 @@ class ImageBARTPrior(Prior):
         """d_model: one width for every scale, or a list of T - 1 widths for scales t = 2..T.
         likelihood_residual: add log q(x_t | x_{t-1}) to the logits of the encoder-decoder scales (ScaleModel)."""
         super().__init__(vocab_size, grid)
-        self.T = check_T(T)
-        V, L = self.vocab_size, self.seq_len
-        self.betas = make_betas(schedule, self.T)  # betas[t], t = 1..T (index 0/1 padding = 0)
+        T = check_T(T)
+        d_models = [int(d_model)] * (T - 1) if isinstance(d_model, numbers.Integral) else [int(d) for d in d_model]
+        self.arch = ImageBARTConfig(vocab_size=self.vocab_size, grid=list(self.grid), T=T, n_layer=int(n_layer),
+                                    n_head=int(n_head), d_model=d_models, enc_frac=float(enc_frac),
+                                    n_enc_layer=None if n_enc_layer is None else int(n_enc_layer),
+                                    dropout=float(dropout), schedule=schedule,
+                                    likelihood_residual=bool(likelihood_residual))
+        self.T = T
+        self.betas = make_betas(self.arch.schedule, T)  # betas[t], t = 1..T (index 0/1 padding = 0)
         self.alpha_bars = betas_to_alpha_bars(self.betas)  # alpha_bars[t], alpha_bars[1] = 1
-        self.sample_cfg = _parse_sample(sample)
-        if isinstance(d_model, numbers.Integral):
-            d_models = [int(d_model)] * (self.T - 1)
-        else:
-            d_models = [int(d) for d in d_model]
-            if len(d_models) != self.T - 1:
-                raise ValueError(f"prior.d_model has {len(d_models)} widths, T={self.T} needs {self.T - 1}")
-        # Encoder-decoder scales share one split; the decoder-only last scale gets all n_layer
-        # layers (ImageBART Tab. 6: 32/6 vs 0/36). For T = 2 there is no encoder-decoder scale.
-        self._arch = dict(vocab_size=V, grid=list(self.grid), T=self.T, n_layer=int(n_layer), n_head=int(n_head),
-                          d_model=d_models, enc_frac=float(enc_frac),
-                          n_enc_layer=None if n_enc_layer is None else int(n_enc_layer),
-                          dropout=float(dropout), schedule=_plain(schedule),
-                          likelihood_residual=bool(likelihood_residual))
+        self.sample_cfg = options_from(SampleConfig, sample, "prior.sample", owner=self.name)
         self.scales = nn.ModuleDict()
-        for t in range(2, self.T + 1):
-            self.scales[f"scale{t}"] = ScaleModel(self.scale_config(
-                t, d_models[t - 2], V, L, self.T, n_layer, n_head, enc_frac, n_enc_layer, dropout,
-                self.betas[t] if likelihood_residual else None))
+        for t in range(2, T + 1):
+            self.scales[f"scale{t}"] = ScaleModel(self.scale_config(self.arch, t, d_models[t - 2], self.betas[t]))
 
     @staticmethod
-    def scale_config(t: int, d_model: int, V: int, L: int, T: int, n_layer: int, n_head: int,
-                     enc_frac: float, n_enc_layer: int | None, dropout: float,
-                     residual_beta: float | None = None) -> ScaleConfig:
-        """residual_beta: beta_t for the likelihood residual, or None; ignored for the last scale."""
-        if t == T:
-            n_enc, n_dec = 0, int(n_layer)  # x_T carries no information: decoder only
-            residual_beta = None  # beta_T = 1: the residual would be the constant log(1/V)
+    def scale_config(arch: ImageBARTConfig, t: int, d_model: int, beta: float) -> ScaleConfig:
+        """Scale t's modules at width d_model; beta = beta_t feeds the likelihood residual (scales t < T)."""
+        # Encoder-decoder scales share one split; the decoder-only last scale gets all n_layer
+        # layers (ImageBART Tab. 6: 32/6 vs 0/36). For T = 2 there is no encoder-decoder scale.
+        if t == arch.T:
+            n_enc, n_dec = 0, int(arch.n_layer)  # x_T carries no information: decoder only
         else:
-            n_enc, n_dec = layer_split(n_layer, enc_frac, n_enc_layer)
-        return ScaleConfig(vocab_size=V, seq_len=L, n_enc_layer=n_enc, n_dec_layer=n_dec, n_head=int(n_head),
-                           d_model=int(d_model), dropout=float(dropout),
-                           residual_beta=None if residual_beta is None else float(residual_beta))
+            n_enc, n_dec = layer_split(arch.n_layer, arch.enc_frac, arch.n_enc_layer)
+        # No residual for the last scale: beta_T = 1 would make it the constant log(1/V).
+        residual = arch.likelihood_residual and t < arch.T
+        return ScaleConfig(vocab_size=arch.vocab_size, seq_len=arch.grid[0] * arch.grid[1], n_enc_layer=n_enc,
+                           n_dec_layer=n_dec, n_head=int(arch.n_head), d_model=int(d_model),
+                           dropout=float(arch.dropout), residual_beta=float(beta) if residual else None)
 
     # ---- construction from a budget -----------------------------------------------------------
     @classmethod
-    def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int,
-                    **cfg: Any) -> "ImageBARTPrior":
+    def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int, *,
+                    sample: Mapping[str, Any] | None = None, **options: Any) -> "ImageBARTPrior":
         """The prior whose T - 1 scales share `budget` equally (ImageBART Sec. 4.4, Tab. 3).
+
+        options: those of conf/prior/imagebart.yaml (ImageBARTConfig's fields but the derived vocab_size, grid,
+        T and d_model), with the sampling settings under `sample` (SampleConfig); unknown keys and bad values
+        raise a one-line ValueError before any fitting work.
 
         Each scale's d_model comes from fit_d_model(budget // (T - 1)), fitted separately for the
         encoder-decoder scales and the decoder-only last scale (different shapes, as in Tab. 6).
@@ -376,58 +384,31 @@ class ImageBARTPrior(Prior):
         (each takes the width nearest to what is left divided by the scales left), which keeps
         the total within 10% while single scales may be up to ~n_head/d_model off their share.
         """
-        T = check_T(T)
-        cfg = dict(cfg)
-        if cfg.pop("name", "imagebart") != "imagebart":
-            raise ValueError("prior.name: ImageBARTPrior.from_budget called for another prior")
-        if "d_model" in cfg:
-            raise ValueError("prior.d_model is set by budget.params, do not give it for prior=imagebart")
-        allowed = ["n_layer", "n_head", "enc_frac", "n_enc_layer", "dropout", "schedule", "likelihood_residual",
-                   "sample"]
-        unknown = sorted(set(cfg) - set(allowed))
-        if unknown:
-            raise ValueError(f"prior.{unknown[0]} is not an option of prior=imagebart (options: {allowed})")
-        n_layer, n_head = int(cfg.get("n_layer", 4)), int(cfg.get("n_head", 4))
-        enc_frac, n_enc_layer = cfg.get("enc_frac", 0.5), cfg.get("n_enc_layer")
-        dropout = cfg.get("dropout", 0.0)
-        residual = cfg.get("likelihood_residual", True)
-        if not isinstance(residual, bool):
-            raise ValueError(f"prior.likelihood_residual={residual!r}: expected true or false")
-        # Reject bad options before any fitting work.
-        betas = make_betas(cfg.get("schedule", "linear"), T)
-        _parse_sample(cfg.get("sample"))
-        if T > 2:
-            layer_split(n_layer, enc_frac, n_enc_layer)
-        V, L, budget = int(vocab_size), int(grid[0]) * int(grid[1]), int(budget)
-        per_scale = budget // (T - 1)
+        arch = options_from(ImageBARTConfig, options, "prior", owner=cls.name, others=("sample",),
+                            vocab_size=int(vocab_size), grid=[int(grid[0]), int(grid[1])], T=T, d_model=[])
+        options_from(SampleConfig, sample, "prior.sample", owner=cls.name)
+        T, budget, betas = arch.T, int(budget), make_betas(arch.schedule, arch.T)
 
-        def counter(t: int) -> Callable[[int], int]:
-            def count(d: int) -> int:
-                with torch.device("meta"):
-                    m = ScaleModel(cls.scale_config(t, d, V, L, T, n_layer, n_head, enc_frac, n_enc_layer, dropout,
-                                                    betas[t] if residual else None))
-                return sum(p.numel() for p in m.parameters() if p.requires_grad)
-            return count
+        def count(t: int) -> Callable[[int], int]:  # parameters of scale t at width d
+            return lambda d: count_params(cls.scale_config(arch, t, d, betas[t]), ScaleModel)
 
-        try:
-            shared = {t == T: fit_d_model(per_scale, counter(t), n_head, what="one scale") for t in (2, T)}
-            d_models = [shared[t == T] for t in range(2, T + 1)]
-        except ValueError as e:
+        share = budget // (T - 1)
+        equal = {t: fit_d_model(share, count(t), arch.n_head, check=False) for t in (2, T)}  # enc-dec, last
+        d_models = [equal[T if t == T else 2] for t in range(2, T + 1)]
+        if any(abs(count(t)(d) - share) > BUDGET_TOLERANCE * share for t, d in equal.items()):
             d_models, left = [], budget
             for t in range(2, T + 1):
-                count = counter(t)
-                d = _nearest_width(left / (T + 1 - t), count, n_head)
-                d_models.append(d)
-                left -= count(d)
-            total = budget - left
-            if abs(total - budget) > 0.1 * budget:
+                d_models.append(fit_d_model(left / (T + 1 - t), count(t), arch.n_head, check=False))
+                left -= count(t)(d_models[-1])
+            if abs(left) > BUDGET_TOLERANCE * budget:
                 raise ValueError(f"budget.params={budget} is too small for imagebart T={T}: it is split equally "
-                                 f"over T-1={T - 1} scales (ImageBART Tab. 3), and {e}") from None
-        return cls(vocab_size, grid, T, d_model=d_models, **cfg)
+                                 f"over T-1={T - 1} scales (ImageBART Tab. 3), and the closest widths "
+                                 f"d_model={d_models} have {budget - left} parameters ({-left / budget:+.0%}; "
+                                 f"at most {BUDGET_TOLERANCE:.0%} allowed)")
+        return cls(**asdict(replace(arch, d_model=d_models)), sample=sample)
 
     def arch_config(self) -> dict[str, Any]:
-        return dict(self._arch, grid=list(self._arch["grid"]), d_model=list(self._arch["d_model"]),
-                    schedule=_plain(self._arch["schedule"]))
+        return asdict(self.arch)
 
     # ---- training -----------------------------------------------------------------------------
     def units(self) -> dict[str, nn.Module]:
@@ -644,20 +625,6 @@ class ImageBARTPrior(Prior):
                     x2 = torch.where(keep, x_t, q_sample_onestep(x_t, self.betas[2], V, generator))
                     x_t = self.sample_scale(2, x2, generator, keep_mask=keep, forced=x)
         return torch.where(keep, x, x_t)
-
-
-def _nearest_width(target: float, count: Callable[[int], int], n_head: int, min_d: int = 16) -> int:
-    """The multiple of n_head (>= min_d) whose count is nearest to target (count grows with d)."""
-    lo = max(1, -(-min_d // n_head))
-    if count(lo * n_head) >= target:
-        return lo * n_head
-    hi = 2 * lo
-    while count(hi * n_head) < target:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:  # count(lo) < target <= count(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if count(mid * n_head) < target else (lo, mid)
-    return min(lo, hi, key=lambda k: abs(count(k * n_head) - target)) * n_head
 
 
 def _plain(schedule: Any) -> Any:

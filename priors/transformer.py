@@ -338,22 +338,27 @@ def full_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
 
 # ---- parameter budget ------------------------------------------------------
 
-def count_params(cfg: TransformerConfig) -> int:
-    """Trainable parameters of Transformer(cfg), built on the meta device (no memory, no init cost)."""
+def count_params(cfg: object, module: Callable[..., nn.Module] = Transformer) -> int:
+    """Trainable parameters of module(cfg) (a Transformer, or a prior's own module such as ImageBART's
+    ScaleModel), built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(cfg).parameters() if p.requires_grad)
+        return sum(p.numel() for p in module(cfg).parameters() if p.requires_grad)
 
 
-def fit_d_model(budget: int, count: Callable[[int], int], n_head: int, min_d: int = 16,
-                what: str = "this model") -> int:
+BUDGET_TOLERANCE = 0.1  # a prior's parameter count may miss budget.params by at most this fraction
+
+
+def fit_d_model(budget: float, count: Callable[[int], int], n_head: int, min_d: int = 16,
+                what: str = "this model", check: bool = True) -> int:
     """The width d (a multiple of n_head, >= min_d) whose parameter count count(d) is closest to budget.
 
     count(d) grows monotonically with d (quadratically), so a doubling search then a
     bisection over multiples of n_head needs only O(log d) evaluations of count.
-    Raises ValueError when even the closest width is more than 10% off the budget
-    (in practice: a budget too small for the fixed depth, embeddings and head).
+    Raises ValueError when even the closest width is more than BUDGET_TOLERANCE off the budget
+    (in practice: a budget too small for the fixed depth, embeddings and head). check=False
+    returns the closest width to any target however far off (ImageBART balances its scales with it).
     """
-    if budget <= 0:
+    if check and budget <= 0:
         raise ValueError(f"budget.params={budget} must be positive")
     cache: dict[int, int] = {}
 
@@ -374,9 +379,9 @@ def fit_d_model(budget: int, count: Callable[[int], int], n_head: int, min_d: in
             lo, hi = (mid, hi) if n(mid) < budget else (lo, mid)
         k_best = min((lo, hi), key=lambda k: abs(n(k) - budget))
     d, got = k_best * n_head, n(k_best)
-    if abs(got - budget) > 0.1 * budget:
+    if check and abs(got - budget) > BUDGET_TOLERANCE * budget:
         raise ValueError(f"budget.params={budget} is too small for {what}: the closest width d_model={d} "
-                         f"has {got} parameters ({(got - budget) / budget:+.0%}; at most 10% allowed)")
+                         f"has {got} parameters ({(got - budget) / budget:+.0%}; at most {BUDGET_TOLERANCE:.0%} allowed)")
     return d
 
 

@@ -188,8 +188,10 @@ def test_from_budget_and_arch_config_rebuild():
                                 sample={"temperature": 0.9, "top_k": 10, "top_p": None})
     assert abs(prior.num_params() - 150_000) <= 15_000
     assert (prior.temperature, prior.top_k, prior.top_p) == (0.9, 10, None)
-    flat = ARPrior.from_budget(64, (4, 4), budget=150_000, T=2, n_layer=2, n_head=4, temperature=0.9, top_k=10)
-    assert flat.arch_config() == prior.arch_config() and flat.top_k == 10
+    # sampling settings only come under `sample:`, as in conf/prior/ar.yaml
+    with pytest.raises(ValueError, match=r"^prior\.temperature is not an option of prior=ar \(options: n_layer, "
+                                         r"n_head, dropout, sample\)$"):
+        ARPrior.from_budget(64, (4, 4), budget=150_000, T=2, n_layer=2, n_head=4, temperature=0.9)
     rebuilt = ARPrior(**prior.arch_config())
     rebuilt.load_state_dict(prior.state_dict())
     x = torch.randint(0, 64, (2, 16))
@@ -219,4 +221,4 @@ def test_yaml_config_builds_the_prior():
     cfg = OmegaConf.load("conf/prior/ar.yaml")
     assert cfg.name == "ar"
     prior = build_prior(cfg.name, 32, (4, 4), T=2, budget=300_000, cfg=cfg)
-    assert prior.top_k is None and prior.temperature == 1.0 and prior.n_layer == cfg.n_layer
+    assert prior.top_k is None and prior.temperature == 1.0 and prior.arch.n_layer == cfg.n_layer

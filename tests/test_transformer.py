@@ -191,6 +191,18 @@ def test_fit_d_model_raises_for_a_tiny_budget():
 
     with pytest.raises(ValueError, match=r"budget.params=5000 is too small for"):
         fit_d_model(5000, count, 4)
+    # check=False: the closest width to any target, here the smallest; the one search ImageBART balances with
+    assert fit_d_model(5000, count, 4, check=False) == fit_d_model(-1.0, count, 4, check=False) == 16
+    for target in (123_456.5, 2_000_000):
+        d = fit_d_model(target, count, 4, check=False)
+        assert all(abs(count(d) - target) <= abs(count(other) - target) for other in range(16, 4 * d, 4))
+
+
+def test_count_params_counts_any_module_built_from_its_config():
+    from priors.imagebart import ScaleConfig, ScaleModel
+
+    cfg = ScaleConfig(vocab_size=7, seq_len=6, n_enc_layer=1, n_dec_layer=1, n_head=2, d_model=8, residual_beta=0.5)
+    assert count_params(cfg, ScaleModel) == sum(p.numel() for p in ScaleModel(cfg).parameters())
 
 
 def test_top_k_keeps_the_k_largest():
