@@ -17,6 +17,15 @@ Deviations from taming, for CPU budgets (none changes the loss):
   its terms by 0; only its BatchNorm running statistics differ, which a train-mode D never reads).
 - The discriminator step reuses the generator step's reconstruction (detached) instead of a second
   forward pass with the just-updated autoencoder.
+
+Optional training aids for small budgets (all off by default, i.e. taming's procedure; none changes the
+model or its forward pass, so the weights stay a taming VQModel):
+- `codebook_init="kmeans"`: the codebook starts as k-means centroids of the encoder's outputs on training
+  images (instead of taming's uniform(-1/K, 1/K), where most codes are never the nearest one).
+- `dead_code_every=N`: every N steps, codes that no position chose during those steps restart at random
+  encoder outputs of the current batch (as in Dhariwal et al. 2020 Jukebox, Sec. 3.2; Zeghidour et al. 2021
+  SoundStream, Sec. 3.3), so that the codebook stays in use.
+- `lr_schedule="cosine"`: the learning rate decays from lr to lr * lr_min_ratio along a half cosine.
 """
 from __future__ import annotations
 
@@ -51,6 +60,18 @@ class VQGANTrainConfig:
     disc_num_layers: int = 3  # stride-2 conv layers of the PatchGAN (taming: 3)
     disc_factor: float = 1.0  # GAN term multiplier once on (taming: 1.0)
     log_every: int = 10  # steps between calls of the `log` callback
+    codebook_init: str = "random"  # "random" (taming's uniform) | "kmeans" (of encoder outputs at step 0)
+    kmeans_images: int = 1024  # training images whose encoder outputs the k-means init clusters
+    kmeans_iters: int = 20  # Lloyd iterations of the k-means init
+    dead_code_every: int = 0  # > 0: every this many steps, restart codes unused in them (0: never)
+    lr_schedule: str = "constant"  # "constant" (taming) | "cosine" (half-cosine decay over `steps`)
+    lr_min_ratio: float = 0.0  # with "cosine": the final lr as a fraction of `lr`
+
+    def __post_init__(self) -> None:
+        if self.codebook_init not in ("random", "kmeans"):
+            raise ValueError(f"codebook_init={self.codebook_init!r} is not 'random' or 'kmeans'")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not 'constant' or 'cosine'")
 
 
 # ---- LPIPS availability ----------------------------------------------------------------------
@@ -193,6 +214,68 @@ def images_to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
+def encoder_outputs(model: VQModel, x: torch.Tensor) -> torch.Tensor:
+    """Pre-quantization vectors quant_conv(encoder(x)) as rows: (B * h * w, D)."""
+    h = model.quant_conv(model.encoder(x))  # (B, D, h, w)
+    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*L, D)
+
+
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest row of codes (K, D) for every row of z (N, D), in chunks: (N,)."""
+    return torch.cat([torch.cdist(z[i:i + chunk], codes).argmin(1) for i in range(0, len(z), chunk)])
+
+
+@torch.no_grad()
+def kmeans_codebook(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, g: torch.Generator,
+                    device: str) -> None:
+    """Set the codebook to k-means centroids (Lloyd, k-means++-free: random distinct rows to start) of the
+    encoder outputs of `cfg.kmeans_images` random training images. Empty clusters restart at random rows."""
+    was_training = model.training
+    model.eval()
+    pick = torch.randperm(len(images), generator=g)[:cfg.kmeans_images]
+    z = torch.cat([encoder_outputs(model, images_to_unit(images[pick[i:i + 256]]).to(device))
+                   for i in range(0, len(pick), 256)])  # (N*L, D)
+    k = model.cfg.n_embed
+    if len(z) < k:
+        raise ValueError(f"codebook_init=kmeans needs at least n_embed={k} encoder outputs, got {len(z)}")
+    codes = z[torch.randperm(len(z), generator=g)[:k].to(z.device)].clone()  # (K, D)
+    for _ in range(cfg.kmeans_iters):
+        assign = nearest_code(z, codes)  # (N*L,)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(codes).index_add_(0, assign, z)
+        empty = counts == 0
+        codes = torch.where(empty[:, None], codes, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            codes[empty] = z[torch.randint(len(z), (int(empty.sum()),), generator=g).to(z.device)]
+    model.quantize.embedding.weight.data.copy_(codes)
+    model.train(was_training)
+
+
+@torch.no_grad()
+def restart_dead_codes(model: VQModel, usage: torch.Tensor, z: torch.Tensor, opt: torch.optim.Optimizer,
+                       g: torch.Generator) -> int:
+    """Codes with usage 0 restart at random rows of z (the batch's encoder outputs, (B*L, D)); their Adam
+    moments are cleared so that stale steps do not push them away. Returns the number of restarted codes."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    weight = model.quantize.embedding.weight
+    rows = torch.randint(len(z), (len(dead),), generator=g).to(z.device)
+    weight.data[dead] = z[rows].detach().to(weight.dtype)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        state = opt.state.get(weight, {})
+        if moment in state:
+            state[moment][dead] = 0.0
+    return len(dead)
+
+
+def learning_rate(cfg: VQGANTrainConfig, step: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = step / max(1, cfg.steps - 1)
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, device: str = "cpu",
                 log: Callable[[dict[str, float], int], None] | None = None, progress: bool = True
                 ) -> dict[str, float]:
@@ -221,6 +304,12 @@ def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, dev
 
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(images)
+    # the init and restarts draw from their own stream, so the batch order is the same with or without them
+    g_codes = torch.Generator().manual_seed(cfg.seed + 1)
+    if cfg.codebook_init == "kmeans":
+        kmeans_codebook(model, images, cfg, g_codes, device)
+    usage = torch.zeros(model.cfg.n_embed, dtype=torch.long, device=device)
+    restarted = 0
     order, pos = torch.randperm(n, generator=g), 0
     tail = max(1, cfg.steps // 10)  # the returned losses average the last tenth of training
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
@@ -235,12 +324,22 @@ def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, dev
 
         # autoencoder step; D's parameters are frozen so the GAN term trains only the generator
         disc.requires_grad_(False)
-        x_rec, qloss = model(x)
+        h = model.quant_conv(model.encoder(x))  # (B, D, h, w): model(x) written out to see z and the codes
+        z_q, qloss, idx = model.quantize(h)
+        x_rec = model.decode(z_q)  # (B, 3, H, W)
         ae_loss, stats = loss_fn.generator_loss(qloss, x, x_rec, step, last_layer)
+        for group in opt_ae.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         opt_ae.zero_grad(set_to_none=True)
         ae_loss.backward()
         opt_ae.step()
         disc.requires_grad_(True)
+        if cfg.dead_code_every > 0:
+            usage += torch.bincount(idx.flatten(), minlength=model.cfg.n_embed)
+            if (step + 1) % cfg.dead_code_every == 0 and step + 1 < cfg.steps:
+                restarted += restart_dead_codes(model, usage, h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]),
+                                                opt_ae, g_codes)
+                usage.zero_()
 
         # discriminator step, only once the GAN is on (before, taming's factor 0 makes it a no-op)
         stats.update(disc_loss=0.0, logits_real=0.0, logits_fake=0.0)
@@ -265,5 +364,6 @@ def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, dev
     model.eval()
     out = {k: sums[k] / tail for k in LOSS_KEYS}
     out["lpips"] = 1.0 if loss_fn.uses_lpips else 0.0
+    out["restarted_codes"] = float(restarted)
     out["seconds"] = time.time() - t0
     return out
