@@ -109,7 +109,9 @@ class SampleConfig:
 
 class AbsorbingPrior(Prior):
     name = "absorbing"
-    T_affects_training = False  # T only sets the number of sampling steps
+    label = "Absorbing (Unleashing)"  # how reports name it
+    T_applies = "sampling"  # T only sets the number of sampling steps
+    eval_only_options = ("sample", "nll_samples")  # nll_samples: Monte Carlo draws of the NLL bounds
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
                  dropout: float = 0.0, loss: str = "reweighted_elbo", nll_samples: int = 4,

@@ -52,9 +52,14 @@ class NLL:
 
 class Prior(nn.Module, abc.ABC):
     name: ClassVar[str]
-    # Whether the chain length / step count T changes what is trained. Only
-    # ImageBART's does; AR ignores T and absorbing uses it only for sampling.
-    T_affects_training: ClassVar[bool] = False
+    label: ClassVar[str] = ""  # how reports name the prior (e.g. "AR (Taming)"); empty: its name
+    # How T applies (the harness, cache keys and report read this; they never test a prior's name):
+    #   "none"     T is ignored: one training and one evaluation serve every T (AR)
+    #   "training" T changes the trained model (ImageBART's chain length)
+    #   "sampling" T only changes sampling/evaluation: trained once, evaluated per T (absorbing's steps)
+    T_applies: ClassVar[str] = "none"
+    # Options of conf/prior/NAME.yaml that only affect sampling or evaluation: left out of the train key.
+    eval_only_options: ClassVar[tuple[str, ...]] = ("sample",)
 
     def __init__(self, vocab_size: int, grid: tuple[int, int]):
         super().__init__()

@@ -328,7 +328,8 @@ class ImageBARTConfig:
 
 class ImageBARTPrior(Prior):
     name = "imagebart"
-    T_affects_training = True
+    label = "ImageBART"  # how reports name it
+    T_applies = "training"  # T is the chain length: T - 1 trained scales
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], T: int, n_layer: int = 4, n_head: int = 4,
                  d_model: int | Sequence[int] = 64, enc_frac: float = 0.5, n_enc_layer: int | None = None,
