@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from bench.cache import atomic_torch_save, cached_stage, content_key, read_meta
 from bench.data import ImageData
 from bench.errors import ConfigError
+from bench.vqgan import images_to_unit, unit_to_images
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +91,6 @@ def tokenizer_key(cfg: Any, data: ImageData) -> str:
     # Whether LPIPS can run changes the trained weights, so it is part of the key.
     lpips_on = float(cfg.train.get("perceptual_weight", 0.0)) > 0 and lpips_available()
     return content_key("tokenizer-vqgan-v1", data.key, OmegaConf.to_container(cfg, resolve=True), lpips_on)
-
-
-def images_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1], the VQGAN's input range."""
-    x = torch.as_tensor(images)
-    return x.float().div(127.5).sub(1.0)
-
-
-def unit_to_images(x: torch.Tensor) -> torch.Tensor:
-    """float in about [-1, 1] -> uint8 (B, 3, H, W)."""
-    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def load_tokenizer(tok_dir: Path, cfg: Any, device: str = "cpu"):

@@ -63,6 +63,16 @@ def Normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+def images_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], the VQGAN's input range."""
+    return torch.as_tensor(images).float().div(127.5).sub(1.0)
+
+
+def unit_to_images(x: torch.Tensor) -> torch.Tensor:
+    """float in about [-1, 1] -> uint8 (B, 3, H, W)."""
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv."""
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bench.vqgan import VQModel
+from bench.vqgan import VQModel, images_to_unit
 
 # torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads
 VGG16_FILE = "vgg16-397923af.pth"
@@ -209,11 +209,6 @@ class VQLPIPSWithDiscriminator(nn.Module):
 LOSS_KEYS = ("total_loss", "rec_loss", "p_loss", "quant_loss", "nll_loss", "g_loss", "d_weight", "disc_loss")
 
 
-def images_to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1], the VQGAN's input range."""
-    return images.float().div(127.5).sub(1.0)
-
-
 def encoder_outputs(model: VQModel, x: torch.Tensor) -> torch.Tensor:
     """Pre-quantization vectors quant_conv(encoder(x)) as rows: (B * h * w, D)."""
     h = model.quant_conv(model.encoder(x))  # (B, D, h, w)
@@ -314,7 +309,7 @@ def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, dev
     tail = max(1, cfg.steps // 10)  # the returned losses average the last tenth of training
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="vqgan", unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.steps), desc="vqgan", unit="step", disable=not progress or None, leave=False)
     for step in bar:
         if pos + cfg.batch_size > n:  # new epoch; the incomplete remainder is dropped
             order, pos = torch.randperm(n, generator=g), 0

@@ -25,7 +25,8 @@ from bench.errors import ConfigError
 from bench.metrics import (
     FEATURE_LOGITS, FEATURE_POOL, KEY_COVERAGE, KEY_DENSITY, KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN,
     KEY_PRECISION, KEY_RECALL, METRIC_KEYS, NO_LOGITS_REASON, NUM_LOGITS, POOL_DIM,
-    TorchFidelityInception, TorchScriptFIDInception, check_images, compute_metrics, features_to_kid, features_to_kid_unbiased,
+    TorchFidelityInception, TorchFidelityInceptionFromTorchScript, TorchScriptFIDInception, check_images,
+    compute_metrics, features_to_kid, features_to_kid_unbiased,
     features_to_prdc, features_to_statistics, fid_helper_weights_path, images_to_features,
     images_to_inception_input, load_feature_extractor, logits_to_isc, statistics_to_fid, subsample_rows,
     torch_fidelity_cached_weights_path,
@@ -373,8 +374,8 @@ def test_inception_input_range_and_resize():
 def test_default_extractor_features_are_batch_size_invariant(fid_torchscript, emoji8, emoji8_pool):
     if not torch_fidelity_cached_weights_path().is_file():
         default = load_feature_extractor()
-        assert isinstance(default, TorchScriptFIDInception) and not default.has_logits
-        assert default.name == "fid-inception-torchscript(default_1.pt)"
+        assert isinstance(default, TorchFidelityInceptionFromTorchScript) and not default.has_logits
+        assert default.name == "torch-fidelity-inception-v3(default_1.pt weights)"
     # batch 1 against a batch of 8 (on 4 images, to keep the 299x299 forwards few on CI)
     one = images_to_features(emoji8[:4], fid_torchscript, batch_size=1)
     assert set(one) == {FEATURE_POOL}
