@@ -27,7 +27,8 @@ class ToyPrior(Prior):
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None,
-                    sample: Mapping[str, Any] | None = None) -> "ToyPrior":
+                    sample: Mapping[str, Any] | None = None, n_layer: int | None = None) -> "ToyPrior":
+        """n_layer is accepted because presets (experiment=smoke) set it for every prior; this one has none."""
         return cls(vocab_size, grid, **dict(sample or {}))
 
     def units(self) -> dict[str, nn.Module]:
