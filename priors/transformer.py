@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -124,8 +125,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None, offset: int = 0) -> torch.Tensor:
         B, l, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, l, D)
-        q, k, v = (t.view(B, l, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, l, hd)
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)  # (B, H, l, hd)
         if kv is not None:
             k, v = kv.append(k, v, offset)  # (B, H, offset + l, hd)
         mask, is_causal = None, False
@@ -139,11 +139,13 @@ class SelfAttention(nn.Module):
         # A single new query (l == 1) may attend to every cached key: they all precede it.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
-        y = y.transpose(1, 2).reshape(B, l, D)  # (B, l, D)
-        return self.resid_drop(self.proj(y))
+        return self.resid_drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))  # (B, l, D)
 
     def decode(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor) -> torch.Tensor:
-        """One new position per row (see Transformer.decode). (B, 1, D) -> (B, 1, D)"""
+        """One new position per row (see Transformer.decode). (B, 1, D) -> (B, 1, D)
+
+        Plain views here, not einops: this step runs once per generated token, where a pattern lookup per call
+        is measurable overhead."""
         B, _, D = x.shape
         hd = D // self.n_head
         qkv = self.qkv(x).view(B, 3, self.n_head, 1, hd)  # (B, 3, H, 1, hd): one matmul for q, k, v
@@ -171,21 +173,17 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
         B, l, D = x.shape
-        hd = D // self.n_head
-        q = self.q(x).view(B, l, self.n_head, hd).transpose(1, 2)  # (B, H, l, hd)
+        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.n_head)  # (B, H, l, hd)
         if kv is not None and kv.cross_k is not None:
             k, v = kv.cross_k, kv.cross_v  # the memory is fixed while decoding: project it once
         else:
             if memory is None:
                 raise ValueError("cross_attn=True needs a memory (B, M, D) on the first call")
-            M = memory.shape[1]
-            k, v = self.kv(memory).split(D, dim=2)  # 2 x (B, M, D)
-            k, v = (t.view(B, M, self.n_head, hd).transpose(1, 2) for t in (k, v))  # (B, H, M, hd)
+            k, v = rearrange(self.kv(memory), "b m (two h d) -> two b h m d", two=2, h=self.n_head)  # (B, H, M, hd)
             if kv is not None:
                 kv.cross_k, kv.cross_v = k, v
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
-        y = y.transpose(1, 2).reshape(B, l, D)  # (B, l, D)
-        return self.resid_drop(self.proj(y))
+        return self.resid_drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))  # (B, l, D)
 
 
 class MLP(nn.Module):
