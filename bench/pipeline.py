@@ -28,7 +28,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -138,6 +137,7 @@ class Settings:
     grid: tuple[int, int]
     n_embed: int
     params: int  # trainable parameters at n_embed codes (the effective codebook is at most that)
+    units: list[str]  # the prior's independently trained models
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -176,7 +176,7 @@ def validate(cfg: DictConfig) -> Settings:
         raise ConfigError(f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
                           f"{need / 2**30:.1f} GiB (weights, gradients, AdamW state, EMA), more than the "
                           f"{have / 2**30:.1f} GiB {device.type} memory available")
-    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params)
+    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, list(prior.units()))
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -261,15 +261,13 @@ def plan(job: Job) -> list[str]:
     bkey = baselines_key(tkey, rkey, cfg.eval)
     trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
     ekey = eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)
-    prior = build_prior_checked(cfg, s.n_embed, s.grid, device="meta")
-    units = list(prior.units())
     n_ref = cfg.eval.num_reference or len(train_files)
     rows = [
         ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
         ("tokens", "tokens", tkey, f"tokenizer ({cfg.tokenizer.kind}) and tokens of {len(train_files) + len(val_files)} images"),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
         ("baselines", "baselines", bkey, "real val images and reconstructions at each column's N"),
-        ("train", "train", trkey, f"{len(units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
+        ("train", "train", trkey, f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
                                   f" ({s.params:,} parameters)"),
         ("eval", "eval", ekey, f"{cfg.eval.num_samples} samples, {cfg.eval.completion_samples or len(val_files)} "
                                f"completions, NLL of {len(val_files)} val sequences, {cfg.eval.bootstrap} "

@@ -523,6 +523,7 @@ class ImageBARTPrior(Prior):
         cache = model.decoder.new_cache() if use_cache else None
         compiled_step = self.compile_mode == "on"
         step = compiled(self._decode_logits) if compiled_step else self._decode_logits
+        tok = None  # the token of position i - 1, fed to the cached step at position i
         for i in range(first, stop):
             if not use_cache:
                 h = model.decoder(torch.cat([start, out[:, :i]], dim=1), memory=memory)[:, -1:]  # (n, 1, V)
