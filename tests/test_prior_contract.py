@@ -8,7 +8,7 @@ import torch
 
 from priors import PRIORS, build_prior
 from priors.base import NLL, NLL_KINDS
-from priors.transformer import Transformer
+from tests.priortools import count_network_calls
 
 V, GRID = 10, (4, 4)
 L = GRID[0] * GRID[1]
@@ -76,25 +76,6 @@ def test_nll_is_per_sequence_bits_per_token(name):
     if r.kind == "exact":
         perm = torch.tensor([3, 0, 5, 1, 4, 2])
         torch.testing.assert_close(prior.nll(batch()[perm]).per_sequence, v[perm], rtol=1e-5, atol=0)
-
-
-def count_network_calls(prior) -> list[int]:
-    """One entry per network call: a full forward of any transformer (hook) or a one-token cached decode
-    step (a counting wrapper on the instance's `decode`, which the KV-cached samplers call directly)."""
-    calls: list[int] = []
-
-    def counting(fn):
-        def wrapped(*args, **kwargs):
-            calls.append(1)
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for m in prior.modules():
-        if isinstance(m, Transformer):
-            m.register_forward_hook(lambda *a: calls.append(1))
-            if hasattr(m, "decode"):
-                m.decode = counting(m.decode)
-    return calls
 
 
 @pytest.mark.parametrize("name", NAMES)

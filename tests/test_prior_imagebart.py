@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from priors.base import NLL
+from tests.priortools import count_network_calls
 from priors.imagebart import (ImageBARTPrior, betas_to_alpha_bars, linear_alpha_bars, make_betas,
                               q_marginal_probs, q_onestep_probs, q_posterior_probs, q_sample_marginal,
                               q_sample_onestep)
@@ -384,26 +385,6 @@ def test_completion_keeps_kept_positions(T, passes):
     assert int(out.min()) >= 0 and int(out.max()) < V
     assert (out[~keep] != x[~keep]).any()  # masked positions are regenerated
     assert torch.equal(prior.complete(x, torch.ones_like(keep), g), x)
-
-
-def count_network_calls(prior: ImageBARTPrior) -> list[int]:
-    """One entry per real network call of any encoder or decoder of the scales: a full forward (hook) or a
-    one-token cached decode step (a counting wrapper on the instance's `decode`)."""
-    calls: list[int] = []
-
-    def counting(fn):
-        def wrapped(*args, **kwargs):
-            calls.append(1)
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for m in prior.units().values():
-        for part in (m.encoder, m.decoder):
-            if part is not None:
-                part.register_forward_hook(lambda *a: calls.append(1))
-                if hasattr(part, "decode"):
-                    part.decode = counting(part.decode)
-    return calls
 
 
 @pytest.mark.parametrize("T", [2, 3, 5])

@@ -1,0 +1,23 @@
+"""Test helpers shared by the prior test modules."""
+from __future__ import annotations
+
+from priors.transformer import Transformer
+
+
+def count_network_calls(prior) -> list[int]:
+    """One entry per network call: a full forward of any transformer (hook) or a one-token cached decode
+    step (a counting wrapper on the instance's `decode`, which the KV-cached samplers call directly)."""
+    calls: list[int] = []
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for m in prior.modules():
+        if isinstance(m, Transformer):
+            m.register_forward_hook(lambda *a: calls.append(1))
+            if hasattr(m, "decode"):
+                m.decode = counting(m.decode)
+    return calls
