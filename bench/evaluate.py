@@ -41,16 +41,9 @@ log = logging.getLogger(__name__)
 REFERENCE_DRAW, VAL_DRAW, COMPLETION_DRAW, PRDC_DRAW = 0, 1, 2, 3
 
 
-def sample_rows(n_total: int, n: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random sample of n of n_total rows (all rows when n is None or >= n_total)."""
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).choice(n_total, size=int(n), replace=False))
-
-
 def completion_rows(n_val: int, cfg: Any) -> np.ndarray:
     """The val images every job completes (and the completion baselines use)."""
-    return sample_rows(n_val, cfg.get("completion_samples"), int(cfg.get("split_seed", 0)) + COMPLETION_DRAW)
+    return M.sample_rows(n_val, cfg.get("completion_samples"), int(cfg.get("split_seed", 0)) + COMPLETION_DRAW)
 
 
 # ---- reference features -------------------------------------------------
@@ -66,7 +59,7 @@ def build_reference(data: ImageData, extractor: M.FeatureExtractor, cfg: Any, ca
     key = reference_key(data.key, extractor.weights_sha256, cfg)
 
     def build(tmp: Path) -> dict[str, Any]:
-        rows = sample_rows(len(data.train), cfg.get("num_reference"), int(cfg.get("split_seed", 0)) + REFERENCE_DRAW)
+        rows = M.sample_rows(len(data.train), cfg.get("num_reference"), int(cfg.get("split_seed", 0)) + REFERENCE_DRAW)
         t0 = time.time()
         feats = M.images_to_features(torch.from_numpy(data.train[rows]), extractor,
                                      batch_size=int(cfg.feature_batch_size), progress=True)
@@ -143,7 +136,7 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
         rows = {"real_val": data.val, "reconstruction": recon_all}
         out: dict[str, Any] = {"n_samples": n_s, "n_completions": len(comp), "n_val": n_val, "unavailable": {}}
         seed = int(cfg.get("split_seed", 0))
-        sample_idx = sample_rows(n_val, n_s, seed + VAL_DRAW) if n_s <= n_val else None
+        sample_idx = M.sample_rows(n_val, n_s, seed + VAL_DRAW) if n_s <= n_val else None
         if sample_idx is None:
             reason = f"the val split has {n_val} images, fewer than eval.num_samples={n_s}"
             for k in ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage"):

@@ -464,12 +464,16 @@ def logits_to_isc(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> t
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
+def sample_rows(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random sample of n of n_total rows (all rows when n is None or >= n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=int(n), replace=False))
+
+
 def subsample_rows(x: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     """At most `max_rows` rows of x, drawn without replacement by a seeded generator (kept in original order)."""
-    if len(x) <= max_rows:
-        return x
-    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=max_rows, replace=False))
-    return x[idx]
+    return x if len(x) <= max_rows else x[sample_rows(len(x), max_rows, seed)]
 
 
 def features_to_prdc(
