@@ -92,7 +92,8 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
     """FID, KID, IS, PRDC of one sample set against the reference, each with `<key>_ci` and `<key>_se`.
 
     Point values come from bench.metrics (torch-fidelity, prdc); PRDC uses as many reference rows as there are
-    samples (seeded subsample). Bootstrap: eval.bootstrap resamples of the samples, the reference fixed."""
+    samples (seeded subsample). Intervals: eval.bootstrap resamples of the samples, the reference fixed (PRDC:
+    delete-d jackknife subsets, bench.stats)."""
     n = len(fake[M.FEATURE_POOL])
     resamples = int(cfg.bootstrap)
     real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, int(cfg.get("split_seed", 0)) + PRDC_DRAW)
@@ -109,9 +110,8 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
         out.update(S.bootstrap_estimate(values["kid_mean"], S.bootstrap(kid, len(kid_fake), resamples, seed + 1))
                    .as_results("kid_mean"))
     if values.get("prdc_precision") is not None:
-        reps = S.bootstrap(S.PRDCResampler(real_prdc, pool, int(cfg.prdc_k)), n, resamples, seed + 2)
-        for j, name in enumerate(S.PRDCResampler.NAMES):
-            out.update(S.bootstrap_estimate(values[name], reps[:, j], name).as_results(name))
+        for name, est in S.prdc_estimates(real_prdc, pool, int(cfg.prdc_k), values, resamples, seed + 2).items():
+            out.update(est.as_results(name))
     if values.get("is_mean") is not None:
         logits = fake[M.FEATURE_LOGITS]
         reps = S.bootstrap(lambda idx: M.logits_to_isc(logits[torch.from_numpy(idx)], splits=int(cfg.isc_splits),

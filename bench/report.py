@@ -197,10 +197,6 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
                           f"{math.sqrt(2) * np.median(half):.{KEYS[k].digits}f} cannot be resolved)")
     if widths:
         out.append("Median 95% half-widths: " + "; ".join(widths) + ".")
-    out.append("Known limitation: the bootstrap underestimates the spread of PRDC recall and coverage (nearest-neighbour "
-               "and minimum statistics; up to 2x on simulated features), so their intervals are too narrow and their "
-               "marks are not reliable yet; FID, KID, completion FID and NLL are calibrated (tests/test_stats.py, "
-               "tests/test_aa.py).")
     ref_nll = nll_values(ref.jobs.iloc[0])
     for pt in points:
         if pt is ref or ref_nll is None:

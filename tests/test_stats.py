@@ -109,6 +109,57 @@ def test_false_positive_rate_near_five_percent_and_a_worse_model_always_detected
     assert worse == trials
 
 
+def test_delete_d_jackknife_of_a_mean_is_its_standard_error_and_shares_get_the_binomial_floor():
+    x = gaussian(400, 1, 0)[:, 0]
+    idx = S.delete_d_indices(400, 2000, seed=1, keep=0.75)
+    assert idx.shape == (2000, 300) and all(len(np.unique(i)) == 300 for i in idx[:20])
+    est = S.delete_d_estimate(x.mean(), np.array([x[i].mean() for i in idx]), 400, 300)
+    # For a mean, r/(n-r) * var(subset means) = s^2/n * n/(n-1) (finite-population correction undone).
+    assert est.se == pytest.approx(x.std(ddof=1) / np.sqrt(400), rel=0.05)
+    # A share of 50 rows that no subset moves: the binomial floor, with p clipped to 1/50.
+    zero = S.delete_d_estimate(0.0, np.zeros(100), 80, 60, "coverage", share_of=50)
+    assert zero.se == pytest.approx(np.sqrt(1 / 50 * 49 / 50 / 50)) and zero.ci[0] == 0.0
+    assert S.delete_d_estimate(0.3, np.zeros(100), 80, 60, "coverage").se == 0.0  # no floor for non-shares
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6, 1.2], ids=["on the data", "half-way", "near the floor"])
+def test_prdc_false_positive_rate_near_five_percent(shift):
+    """A/A for PRDC on Gaussian features: two sample sets of one distribution against one fixed reference are
+    "different" about 5% of the time per metric, from near-perfect (coverage ~0.97) to near the floor (~0.1).
+    The plain bootstrap fails this for coverage (measured: 31% false positives at shift 1.2), and recall."""
+    d, n, trials = 16, 100, 150
+    real = gaussian(n, d, 0)
+
+    def estimates(fake: np.ndarray, seed: int) -> dict[str, S.Estimate]:
+        values = dict(zip(S.PRDCResampler.NAMES, S.PRDCResampler(real, fake, 5)(np.arange(n))))
+        return S.prdc_estimates(real, fake, 5, values, 100, seed)
+
+    rejected = dict.fromkeys(S.PRDCResampler.NAMES, 0)
+    for t in range(trials):
+        a = estimates(gaussian(n, d, 1000 + 2 * t, shift=shift), t)
+        b = estimates(gaussian(n, d, 1001 + 2 * t, shift=shift), t + 7)
+        for name in rejected:
+            p = S.independent_test(a[name].value, a[name].se, b[name].value, b[name].se)
+            rejected[name] += p is not None and p < 0.05
+    lo, hi = binomial_bounds(trials, 0.05)
+    assert all(count <= hi for count in rejected.values()), (rejected, hi)
+    assert sum(rejected.values()) >= 4 * lo, rejected  # not a test that never rejects
+
+
+def test_prdc_detects_a_clearly_worse_model():
+    d, n = 16, 100
+    real = gaussian(n, d, 0)
+    for t in range(20):
+        est = {}
+        for name, shift in (("good", 0.3), ("bad", 1.5)):
+            fake = gaussian(n, d, 50 + 2 * t + (name == "bad"), shift=shift)
+            values = dict(zip(S.PRDCResampler.NAMES, S.PRDCResampler(real, fake, 5)(np.arange(n))))
+            est[name] = S.prdc_estimates(real, fake, 5, values, 100, t)
+        for metric in S.PRDCResampler.NAMES:
+            good, bad = est["good"][metric], est["bad"][metric]
+            assert bad.value < good.value and S.independent_test(bad.value, bad.se, good.value, good.se) < 0.05, metric
+
+
 def test_paired_test_is_the_one_sample_t_test_on_differences():
     rng = np.random.default_rng(0)
     a = rng.normal(5, 1, 400)
