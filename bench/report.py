@@ -417,7 +417,8 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
                f"column. Baseline rows are at the same N: real val images (the best a prior can reach at that N) "
                f"and the tokenizer's reconstructions of them (a perfect prior over these tokens).", "",
                f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get('n_bootstrap'), 0)} "
-               "resamples, reference fixed; an interval for the metric at this N); NLL: mean ± 1.96 standard errors "
+               "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
+               "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
                "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
         md += resolution_text(points, ref, n_tests) + [""]
     extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
