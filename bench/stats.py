@@ -41,7 +41,7 @@ Z95 = float(sps.norm.ppf(0.5 + LEVEL / 2))  # 1.959964
 @dataclass(frozen=True)
 class Estimate:
     value: float
-    se: float | None  # standard error (bootstrap sd, or sd/sqrt(n) over sequences); None if unknown
+    se: float | None  # standard error (bootstrap or jackknife, or sd/sqrt(n) over sequences); None if unknown
     ci: tuple[float, float] | None  # 95% interval
 
     def as_results(self, key: str) -> dict[str, object]:
@@ -67,13 +67,21 @@ def normal_interval(value: float, se: float | None, z: float = Z95,
     return max(bounds[0], value - z * se), min(bounds[1], value + z * se)
 
 
-def bootstrap_estimate(value: float, replicates: np.ndarray, key: str | None = None) -> Estimate:
-    """Point value with the bootstrap sd as its standard error and the normal 95% interval around it, clipped to
-    the metric's range (BOUNDS[key])."""
+def replicate_sd(replicates: np.ndarray) -> float | None:
+    """Standard deviation of the finite replicates (None below two)."""
     reps = np.asarray(replicates, dtype=np.float64)
     reps = reps[np.isfinite(reps)]
-    se = float(reps.std(ddof=1)) if len(reps) > 1 else None
+    return float(reps.std(ddof=1)) if len(reps) > 1 else None
+
+
+def bounded_estimate(value: float, se: float | None, key: str | None = None) -> Estimate:
+    """Point value with the normal 95% interval around it, clipped to the metric's range (BOUNDS[key])."""
     return Estimate(float(value), se, normal_interval(float(value), se, bounds=BOUNDS.get(key, (-math.inf, math.inf))))
+
+
+def bootstrap_estimate(value: float, replicates: np.ndarray, key: str | None = None) -> Estimate:
+    """Point value with the bootstrap sd as its standard error."""
+    return bounded_estimate(value, replicate_sd(replicates), key)
 
 
 def delete_d_indices(n: int, resamples: int, seed: int, keep: float) -> np.ndarray:
@@ -89,15 +97,14 @@ def delete_d_estimate(value: float, replicates: np.ndarray, n: int, r: int, key:
                       share_of: int | None = None) -> Estimate:
     """Delete-d jackknife: se = sqrt(r / (n - r) * var(replicates on r-row subsets)). `share_of` = m: the metric
     is a share of m fixed rows, and se is at least the binomial sqrt(p (1 - p) / m), p clipped to [1/m, 1-1/m]."""
-    reps = np.asarray(replicates, dtype=np.float64)
-    reps = reps[np.isfinite(reps)]
-    if len(reps) < 2 or not 1 <= r < n:
+    sd = replicate_sd(replicates)
+    if sd is None or not 1 <= r < n:
         return Estimate(float(value), None, None)
-    se = float(reps.std(ddof=1) * math.sqrt(r / (n - r)))
+    se = sd * math.sqrt(r / (n - r))
     if share_of:
         p = min(max(float(value), 1.0 / share_of), 1.0 - 1.0 / share_of)
         se = max(se, math.sqrt(p * (1 - p) / share_of))
-    return Estimate(float(value), se, normal_interval(float(value), se, bounds=BOUNDS.get(key, (-math.inf, math.inf))))
+    return bounded_estimate(value, se, key)
 
 
 def mean_estimate(values: np.ndarray) -> Estimate:
