@@ -10,6 +10,7 @@ correction over the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from bench import stats as S
-from bench.results import BASELINE_KEYS, COLUMN_KEYS, KEYS, ResultsError, finite, load_results
+from bench.results import BASELINE_KEYS, COLUMN_KEYS, KEYS, ResultsError, drop_stale, finite, load_results
 
 ReportError = ResultsError
 BASELINE_LABEL = {"real_val": "real val images", "reconstruction": "tokenizer reconstructions"}
@@ -50,18 +51,30 @@ class Point:
         return self.rank, self.T if self.T is not None else -1, tuple(sorted(self.settings.items()))
 
 
+def row_estimate(row: Any, key: str) -> S.Estimate:
+    """One evaluation's value with its `<key>_se` and `<key>_ci` (a results row, a baseline row)."""
+    ci, se = row.get(f"{key}_ci"), row.get(f"{key}_se")
+    return S.Estimate(float(row[key]), se if finite(se) else None,
+                      tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None)
+
+
 def estimate(jobs: pd.DataFrame, key: str) -> S.Estimate:
     """One seed: the job's value and bootstrap interval. Several: mean over seeds and the t-interval."""
     values = [v for v in jobs[key] if finite(v)]
     if not values:
         return S.Estimate(float("nan"), None, None)
     if len(jobs) == 1:
-        j = jobs.iloc[0]
-        ci = j.get(f"{key}_ci") if f"{key}_ci" in jobs else None
-        se = j.get(f"{key}_se") if f"{key}_se" in jobs else None
-        return S.Estimate(float(values[0]), se if finite(se) else None,
-                          tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None)
+        return row_estimate(jobs.iloc[0], key)
     return S.seed_estimate(values)
+
+
+def prior_ranks(df: pd.DataFrame) -> dict[str, int]:
+    """Each prior's first job number in the grid: priors are shown in the order the sweep named them."""
+    return {prior: i for i, prior in reversed(list(enumerate(df["prior"])))}
+
+
+def label_of(row: Any) -> str:
+    return row.get("prior_label") if isinstance(row.get("prior_label"), str) else row["prior"]
 
 
 def points_of(df: pd.DataFrame) -> list[Point]:
@@ -69,13 +82,12 @@ def points_of(df: pd.DataFrame) -> list[Point]:
     # A prior whose T does not apply shares one evaluation over its T values: one job per (point, seed).
     ok = ok.drop_duplicates(subset=["point", "seed"], keep="first")
     points = []
-    first_seen = {prior: i for i, prior in reversed(list(enumerate(df["prior"])))}
+    ranks = prior_ranks(df)
     for key, jobs in ok.groupby("point", sort=False):
         j = jobs.iloc[0]
         settings = {k: v for k, v in key if k not in ("prior", "T")}
         T = None if j.get("T_applies") == "none" else j.get("T")
-        lab = j.get("prior_label") if isinstance(j.get("prior_label"), str) else j["prior"]
-        pt = Point(key, j["prior"], lab, T, settings, jobs.sort_values("seed"), rank=first_seen[j["prior"]])
+        pt = Point(key, j["prior"], label_of(j), T, settings, jobs.sort_values("seed"), rank=ranks[j["prior"]])
         for k in COLUMN_KEYS + ("elbo_eq6_bits_per_token",):
             pt.est[k] = estimate(pt.jobs, k)
         points.append(pt)
@@ -84,7 +96,13 @@ def points_of(df: pd.DataFrame) -> list[Point]:
 
 def nll_values(job: pd.Series) -> np.ndarray | None:
     path = Path(job["job_dir"]) / "nll_per_sequence.npy"
-    return np.load(path) if path.is_file() else None
+    return _load_nll(str(path), path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=256)
+def _load_nll(path: str, mtime_ns: int) -> np.ndarray:
+    """Read once per file version: every point's test and the A/A check load the reference row's array."""
+    return np.load(path)
 
 
 def compare(pt: Point, ref: Point, key: str) -> float | None:
@@ -155,9 +173,7 @@ def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point
             cells = []
             for k in COLUMN_KEYS:
                 if k in BASELINE_KEYS and finite(row.get(k)):
-                    ci = row.get(f"{k}_ci")
-                    cells.append(fmt_estimate(S.Estimate(row[k], row.get(f"{k}_se"), tuple(ci) if ci else None),
-                                              KEYS[k].digits))
+                    cells.append(fmt_estimate(row_estimate(row, k), KEYS[k].digits))
                 else:
                     cells.append("–")
             lines.append(f"| *{BASELINE_LABEL[name]}* | – | " + "– | " * len(extra) + "– | " + " | ".join(cells) + " |")
@@ -217,7 +233,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
 def training_table(df: pd.DataFrame) -> str:
     """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
     lines = []
-    first_seen = {prior: i for i, prior in reversed(list(enumerate(df["prior"])))}
+    ranks = prior_ranks(df)
     ok = df[(df["status"] == "ok") & df["train_key"].notna()].drop_duplicates(subset=["train_key"])
     for _, r in ok.iterrows():
         units = r.get("train_units") or {}
@@ -227,9 +243,8 @@ def training_table(df: pd.DataFrame) -> str:
         total = sum(v["best_val"] for v in units.values())
         secs = r.get("train_seconds")
         T = r.get("T") if r.get("T_applies") == "training" else "–"
-        lab = r.get("prior_label") if isinstance(r.get("prior_label"), str) else r["prior"]
-        lines.append(((first_seen[r["prior"]], T if T != "–" else 0, r.get("seed") or 0),
-                      f"| {lab} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
+        lines.append(((ranks[r["prior"]], T if T != "–" else 0, r.get("seed") or 0),
+                      f"| {label_of(r)} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
                       + (f"{secs / 60:.1f}" if finite(secs) else "n/a") + " |"))
     if not lines:
         return ""
@@ -348,7 +363,7 @@ def summary_frame(points: list[Point], ref: Point | None) -> pd.DataFrame:
 
 def latex_table(points: list[Point]) -> str:
     """booktabs: mean ± 95% half-width, the best value of each column in bold."""
-    keys = [k for k in COLUMN_KEYS if KEYS[k].interval]
+    keys = TESTED
     best = {}
     for k in keys:
         vals = [pt.est[k].value for pt in points if finite(pt.est[k].value)]
@@ -384,9 +399,7 @@ def shown_path(path: Path) -> str:
 def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) -> tuple[Path, pd.DataFrame]:
     all_jobs = load_results(*sweep_dirs, include_stale=True)
     stale = all_jobs[all_jobs["stale"]]
-    df = all_jobs[~all_jobs["stale"]].reset_index(drop=True)
-    if df.empty:
-        raise ReportError(f"every job under {', '.join(map(str, sweep_dirs))} is stale (left by an earlier launch)")
+    df = drop_stale(all_jobs, sweep_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ok = df[df["status"] == "ok"]
@@ -462,10 +475,11 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
             md += [f"![{caption}]({rel})", ""]
 
     grids = []
+    varying = varying_settings(points)
     for pt in points:
         job = pt.jobs.iloc[0]
         name = pt.prior + ("" if pt.T is None else f"_T{pt.T}") + "".join(f"_{k}={v}" for k, v in pt.settings.items()
-                                                                         if k in varying_settings(points))
+                                                                         if k in varying)
         name = name.replace("/", "-")
         for kind in ("samples_grid", "completion_grid"):
             src = Path(job["job_dir"]) / f"{kind}.png"

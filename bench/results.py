@@ -17,7 +17,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -127,13 +127,6 @@ def empty_results() -> dict[str, Any]:
     return r
 
 
-def ci_key(name: str) -> str:
-    return f"{name}_ci"
-
-
-def se_key(name: str) -> str:
-    return f"{name}_se"
-
 
 # ---- loading ----------------------------------------------------------------
 
@@ -167,11 +160,17 @@ def sweep_id(sweep_dir: Path) -> str | None:
         return None
 
 
+def job_number(d: Path) -> int | None:
+    """Hydra's job number, the leading field of a job folder's name: the order of the grid."""
+    num = d.name.split("_", 1)[0]
+    return int(num) if num.isdigit() else None
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job folders of a sweep, in job-number order: those holding results.json, not inside W&B or Hydra folders."""
     def order(d: Path) -> tuple:
-        num = d.name.split("_", 1)[0]
-        return (int(num) if num.isdigit() else float("inf"), d.name)
+        num = job_number(d)
+        return (float("inf") if num is None else num, d.name)
 
     return sorted((p.parent for p in Path(sweep_dir).rglob("results.json")
                    if ".hydra" not in p.parts and "wandb" not in p.parts), key=order)
@@ -221,8 +220,7 @@ def load_results(*sweep_dirs: str | Path, include_stale: bool = False) -> pd.Dat
             row["overrides"] = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
             row["job_dir"] = str(d)
             row["sweep"] = sweep.name
-            num = d.name.split("_", 1)[0]
-            row["job_num"] = int(num) if num.isdigit() else None  # Hydra's job number: the order of the grid
+            row["job_num"] = job_number(d)
             row["stale"] = sid is not None and r.get("sweep_id") != sid
             settings = {k: v for k, v in overrides.items() if is_point_setting(k)}
             if r.get("T_applies") == "none":
@@ -232,11 +230,15 @@ def load_results(*sweep_dirs: str | Path, include_stale: bool = False) -> pd.Dat
     if not rows:
         raise ResultsError(f"no results.json under {', '.join(map(str, sweep_dirs))}")
     df = pd.DataFrame(rows)
-    if not include_stale:
-        df = df[~df["stale"]].reset_index(drop=True)
-        if df.empty:
-            raise ResultsError(f"every job under {', '.join(map(str, sweep_dirs))} is stale (left by an earlier launch)")
-    return df
+    return df if include_stale else drop_stale(df, sweep_dirs)
+
+
+def drop_stale(df: pd.DataFrame, sweep_dirs: Sequence[Path]) -> pd.DataFrame:
+    """The jobs of each sweep's latest launch; an error if there are none."""
+    fresh = df[~df["stale"]].reset_index(drop=True)
+    if fresh.empty:
+        raise ResultsError(f"every job under {', '.join(map(str, sweep_dirs))} is stale (left by an earlier launch)")
+    return fresh
 
 
 def finite(v: Any) -> bool:
