@@ -80,9 +80,11 @@ def load_reference(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarr
 
 # ---- metrics with intervals -----------------------------------------------
 
-def fid_with_interval(ref_stats: dict[str, np.ndarray], pool: np.ndarray, resamples: int, seed: int) -> S.Estimate:
-    """FID (bench.metrics.features_to_fid, tested equal to torch-fidelity) with its bootstrap interval."""
-    value = M.features_to_fid(ref_stats, pool)
+def fid_with_interval(ref_stats: dict[str, np.ndarray], pool: np.ndarray, resamples: int, seed: int,
+                      value: float | None = None) -> S.Estimate:
+    """FID (bench.metrics.features_to_fid, tested equal to torch-fidelity; `value` if already computed) with its
+    bootstrap interval."""
+    value = M.features_to_fid(ref_stats, pool) if value is None else value
     fid = S.FIDResampler(ref_stats["mu"], ref_stats["sigma"], pool)
     return S.bootstrap_estimate(value, S.bootstrap(fid, len(pool), resamples, seed), "fid")
 
@@ -97,17 +99,17 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
     n = len(fake[M.FEATURE_POOL])
     resamples = int(cfg.bootstrap)
     real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, int(cfg.get("split_seed", 0)) + PRDC_DRAW)
+    resamplers: dict[str, Any] = {}
     values, missing = M.compute_metrics(ref_pool, fake, real_stats=ref_stats, real_prdc=torch.from_numpy(real_prdc),
                                         prdc_k=int(cfg.prdc_k), prdc_samples=int(cfg.prdc_samples),
-                                        isc_splits=int(cfg.isc_splits), seed=seed)
+                                        isc_splits=int(cfg.isc_splits), seed=seed, resamplers=resamplers)
     out: dict[str, Any] = dict(values)
     pool = fake[M.FEATURE_POOL].double().numpy()
     if values.get("fid") is not None:
-        out.update(fid_with_interval(ref_stats, pool, resamples, seed).as_results("fid"))
+        out.update(fid_with_interval(ref_stats, pool, resamples, seed, value=values["fid"]).as_results("fid"))
     if values.get("kid_mean") is not None:
-        kid_real, kid_fake = M.kid_rows(ref_pool, fake[M.FEATURE_POOL], int(cfg.prdc_samples), seed)
-        kid = S.KIDResampler(kid_real, kid_fake)
-        out.update(S.bootstrap_estimate(values["kid_mean"], S.bootstrap(kid, len(kid_fake), resamples, seed + 1))
+        kid = resamplers["kid"]
+        out.update(S.bootstrap_estimate(values["kid_mean"], S.bootstrap(kid, kid.n, resamples, seed + 1))
                    .as_results("kid_mean"))
     if values.get("prdc_precision") is not None:
         for name, est in S.prdc_estimates(real_prdc, pool, int(cfg.prdc_k), values, resamples, seed + 2).items():

@@ -513,6 +513,7 @@ def compute_metrics(
     isc_splits: int = 10,
     seed: int = 0,
     real_prdc: torch.Tensor | None = None,
+    resamplers: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """All sample metrics of `fake` features against the real reference.
 
@@ -520,6 +521,8 @@ def compute_metrics(
     fake: images_to_features output for the samples.
     real_stats: cached features_to_statistics(real_pool); computed from real_pool when None.
     real_prdc: the real rows PRDC compares with (the protocol passes as many as there are fakes); real_pool when None.
+    resamplers: if given, receives the bench.stats.KIDResampler that gave KID ("kid"), so the protocol's interval
+    resamples the same kernel matrices instead of building them again (n x n each, n up to prdc_samples).
     Returns (metrics, unavailable): every KEY_* in metrics, None where it cannot be computed, and for each None a
     one-line reason in unavailable.
     """
@@ -551,7 +554,12 @@ def compute_metrics(
     elif min(n_fake, n_real) < 2:
         skip((KEY_KID_MEAN,), f"KID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
     else:
-        metrics[KEY_KID_MEAN] = features_to_kid_unbiased(*kid_rows(real_pool, fake_pool, prdc_samples, seed))
+        from bench.stats import KIDResampler
+
+        kid = KIDResampler(*kid_rows(real_pool, fake_pool, prdc_samples, seed))
+        metrics[KEY_KID_MEAN] = kid(np.arange(kid.n))  # = features_to_kid_unbiased of these rows
+        if resamplers is not None:
+            resamplers["kid"] = kid
 
     # IS: of the samples alone
     is_keys = (KEY_IS_MEAN, KEY_IS_STD)

@@ -182,6 +182,7 @@ class KIDResampler:
         k_rr = polynomial_kernel(real, real)
         m = len(real)
         self.rr = (k_rr.sum() - np.trace(k_rr)) / (m * (m - 1))
+        self.n = len(fake)
         self.k_ff = polynomial_kernel(fake, fake)
         self.k_fr_mean = polynomial_kernel(fake, real).mean(1)  # (n,) mean over the reference
 
