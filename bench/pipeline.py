@@ -25,7 +25,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,8 +38,8 @@ from bench.errors import ConfigError, Preempted
 from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
                             reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
-from bench.results import SCHEMA, empty_results
-from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokenizer_key, validate_tokenizer
+from bench.results import KEYS, empty_results
+from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokenizer_key, tokens_key, validate_tokenizer
 from bench.train import train_unit
 from priors import Prior, build_prior, prior_class
 
@@ -256,7 +255,7 @@ def plan(job: Job) -> list[str]:
     cfg, s = job.cfg, job.settings
     cache = job.cache
     dkey, _, train_files, val_files = data_key(cfg.data)
-    tkey = content_key("tokens-v1", tokenizer_key(cfg.tokenizer, SimpleNamespace(key=dkey)))
+    tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey))
     rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
     bkey = baselines_key(tkey, rkey, cfg.eval)
     trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
@@ -466,7 +465,7 @@ def summary_line(r: dict[str, Any], path: Path) -> str:
         v = r.get(key)
         if v is None:
             return "n/a"
-        digits = next((k.digits for k in SCHEMA if k.name == key), 3)
+        digits = KEYS[key].digits if key in KEYS else 3
         return f"{v:.{digits}f}"
 
     head = f"job done: prior={r.get('prior')} T={r.get('T')} seed={r.get('seed')} status={r.get('status')}"

@@ -79,18 +79,23 @@ def validate_tokenizer(cfg: Any) -> None:
             raise ConfigError(msg if msg.startswith("tokenizer.") else f"tokenizer.ckpt={cfg.ckpt}: {msg}") from None
 
 
-def tokenizer_key(cfg: Any, data: ImageData) -> str:
+def tokenizer_key(cfg: Any, data_key: str) -> str:
     if cfg.kind == "taming":
         ckpt, conf = (Path(str(cfg.ckpt)).expanduser().resolve(), Path(str(cfg.config)).expanduser().resolve())
         st = ckpt.stat()
         # Path, size and mtime stand in for the content of a multi-GB checkpoint.
-        return content_key("tokenizer-taming-v1", data.key, str(ckpt), st.st_size, st.st_mtime_ns,
+        return content_key("tokenizer-taming-v1", data_key, str(ckpt), st.st_size, st.st_mtime_ns,
                            conf.read_text())
     from bench.vqgan_train import lpips_available
 
     # Whether LPIPS can run changes the trained weights, so it is part of the key.
     lpips_on = float(cfg.train.get("perceptual_weight", 0.0)) > 0 and lpips_available()
-    return content_key("tokenizer-vqgan-v1", data.key, OmegaConf.to_container(cfg, resolve=True), lpips_on)
+    return content_key("tokenizer-vqgan-v1", data_key, OmegaConf.to_container(cfg, resolve=True), lpips_on)
+
+
+def tokens_key(tokenizer_key: str) -> str:
+    """The tokens stage's key: the tokens are a function of the tokenizer (and so of the data)."""
+    return content_key("tokens-v1", tokenizer_key)
 
 
 def load_tokenizer(tok_dir: Path, cfg: Any, device: str = "cpu"):
@@ -108,7 +113,7 @@ def load_tokenizer(tok_dir: Path, cfg: Any, device: str = "cpu"):
 
 
 def build_tokenizer(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu") -> tuple[Path, str]:
-    key = tokenizer_key(cfg, data)
+    key = tokenizer_key(cfg, data.key)
 
     def build(tmp: Path) -> dict[str, Any]:
         if cfg.kind == "taming":
@@ -190,7 +195,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def build_tokens(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu") -> TokenSet:
     tok_dir, tok_key = build_tokenizer(cfg, data, cache_root, device)
-    key = content_key("tokens-v1", tok_key)
+    key = tokens_key(tok_key)
     batch_size = int(cfg.get("encode_batch_size", 64))
 
     def build(tmp: Path) -> dict[str, Any]:
