@@ -42,6 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import priors.transformer  # noqa: E402
+from bench.device import sync  # noqa: E402
 from priors.absorbing import AbsorbingPrior  # noqa: E402
 from priors.ar import ARPrior  # noqa: E402
 from priors.flops import decoder_sample_flops, encoder_flops, matmul_peak_flops, sample_flops_per_image  # noqa: E402
@@ -52,11 +53,6 @@ SHAPES = {  # name: (V, grid, parameters per model, batch)
     "256": (1024, (16, 16), 4_000_000, 8),
 }
 PATHS = ("uncached", "eager", "compiled")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Sampler:

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.clitools import ROOT, cli_env
+from tests.clitools import ROOT, run_cli
 
 
 def test_gpu_check_quick_writes_every_point(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--quick", "--device", "cpu",
-                        "--priors", "ar", "imagebart", "absorbing", "--T", "3", "5", "--out", str(tmp_path),
-                        "--compile-backend", "eager"],
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    p = run_cli(["--quick", "--device", "cpu", "--priors", "ar", "imagebart", "absorbing", "--T", "3", "5",
+                 "--out", str(tmp_path), "--compile-backend", "eager"],
+                cwd=tmp_path, timeout=300, script=ROOT / "benchmarks" / "gpu_check.py")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["env"]["quick"] and report["env"]["precision"] == "bf16"
@@ -47,9 +44,9 @@ def test_gpu_check_quick_writes_every_point(tmp_path):
 def test_sampling_speed_reports_every_path_with_the_same_tokens(tmp_path):
     """benchmarks/sampling_speed.py at the default shapes, one round, compiled path through dynamo's capture."""
     out = tmp_path / "speed.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling_speed.py"), "--shapes", "default",
-                        "--repeats", "1", "--threads", "1", "--peak-seconds", "0.1", "--compile-backend", "eager",
-                        "--json", str(out)], env=cli_env(), capture_output=True, text=True, timeout=300)
+    p = run_cli(["--shapes", "default", "--repeats", "1", "--threads", "1", "--peak-seconds", "0.1",
+                 "--compile-backend", "eager", "--json", str(out)],
+                cwd=tmp_path, timeout=300, script=ROOT / "benchmarks" / "sampling_speed.py")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     got = {(r["sampler"].split()[0], r["path"]) for r in rows}

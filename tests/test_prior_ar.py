@@ -9,6 +9,7 @@ import priors
 from priors import PRIORS, build_prior
 from priors.ar import ARPrior
 from priors.transformer import filter_logits
+from tests.priortools import count_network_calls
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,11 +170,7 @@ def test_upper_half_completion_keeps_the_lower_half():
     keep = torch.zeros(6, 4, 4, dtype=torch.bool)
     keep[:, 2:] = True  # lower half of the token grid
     keep = keep.flatten(1)
-    calls = []  # network calls: full forwards (hook) and one-token cached decode steps (wrapper)
-    prior.model.register_forward_hook(lambda *a: calls.append(1))
-    if hasattr(prior.model, "decode"):
-        decode = prior.model.decode
-        prior.model.decode = lambda *a, **k: calls.append(1) or decode(*a, **k)
+    calls = count_network_calls(prior)
     out = prior.complete(x, keep, seeded(11))
     assert torch.equal(out[:, 8:], x[:, 8:])
     assert len(calls) == 8 == prior.completion_nfe(keep) == prior.completion_nfe(keep[0])  # positions 0..7
