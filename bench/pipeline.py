@@ -40,7 +40,7 @@ from bench.evaluate import (build_baselines, build_reference, evaluate_prior, lo
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.results import KEYS, empty_results
 from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokenizer_key, tokens_key, validate_tokenizer
-from bench.train import train_unit
+from bench.train import resolve_unit_workers, train_units
 from priors import Prior, build_prior, prior_class
 
 log = logging.getLogger("priorbench")
@@ -137,6 +137,7 @@ class Settings:
     n_embed: int
     params: int  # trainable parameters at n_embed codes (the effective codebook is at most that)
     units: list[str]  # the prior's independently trained models
+    unit_workers: int  # how many of them train at once (CPU)
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -175,7 +176,9 @@ def validate(cfg: DictConfig) -> Settings:
         raise ConfigError(f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
                           f"{need / 2**30:.1f} GiB (weights, gradients, AdamW state, EMA), more than the "
                           f"{have / 2**30:.1f} GiB {device.type} memory available")
-    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, list(prior.units()))
+    units = list(prior.units())
+    workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
+    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -255,7 +258,7 @@ def plan(job: Job) -> list[str]:
     cfg, s = job.cfg, job.settings
     cache = job.cache
     dkey, _, train_files, val_files = data_key(cfg.data)
-    tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey))
+    tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey), cfg.tokenizer)
     rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
     bkey = baselines_key(tkey, rkey, cfg.eval)
     trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
@@ -263,11 +266,13 @@ def plan(job: Job) -> list[str]:
     n_ref = cfg.eval.num_reference or len(train_files)
     rows = [
         ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
-        ("tokens", "tokens", tkey, f"tokenizer ({cfg.tokenizer.kind}) and tokens of {len(train_files) + len(val_files)} images"),
+        ("tokens", "tokens", tkey, f"tokenizer ({cfg.tokenizer.kind}) and tokens of {len(train_files) + len(val_files)} images"
+         + (f" (+ {len(train_files)} train images mirrored)" if cfg.tokenizer.get("hflip_train") else "")),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
         ("baselines", "baselines", bkey, "real val images and reconstructions at each column's N"),
         ("train", "train", trkey, f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
-                                  f" ({s.params:,} parameters)"),
+                                  f" ({s.params:,} parameters)"
+         + (f", {s.unit_workers} at once" if s.unit_workers > 1 else "")),
         ("eval", "eval", ekey, f"{cfg.eval.num_samples} samples, {cfg.eval.completion_samples or len(val_files)} "
                                f"completions, NLL of {len(val_files)} val sequences, {cfg.eval.bootstrap} "
                                "bootstrap resamples"),
@@ -349,17 +354,22 @@ def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
     def build(tmp: Path) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         units = {}
-        for i, unit in enumerate(prior.units()):
-            r = train_unit(prior, unit, tokens.train, tokens.val, cfg.train, int(cfg.seed) * 100 + i, work,
-                           job.device, s.precision, log_fn=job.logger.log)
+
+        def save(unit: str, r: dict[str, Any]) -> None:
             atomic_torch_save({"arch": prior.arch_config(), "prior": prior.name, "unit": unit,
                                "state_dict": r["state_dict"], "best_val": r["best_val"],
                                "best_step": r["best_step"]}, tmp / f"{unit}.pt")
             units[unit] = {k: r[k] for k in ("best_val", "best_step", "seconds", "steps")}
             log.info("train: %s:%s done, best val %.4f bits/token at step %d", prior.name, unit, r["best_val"],
                      r["best_step"])
+
+        t1 = time.time()
+        train_units(prior, tokens.train, tokens.val, cfg.train, int(cfg.seed), work, job.device, s.precision,
+                    workers=s.unit_workers, threads=s.threads, log_fn=job.logger.log, on_done=save)
+        units = {u: units[u] for u in prior.units()}  # the prior's order, whichever finished first
         return {"prior": prior.name, "params": prior.num_params(), "units": units,
                 "train_seconds": sum(u["seconds"] for u in units.values()),
+                "train_wall_seconds": time.time() - t1, "unit_workers": s.unit_workers,
                 "train_steps": int(cfg.train.steps)}
 
     d = cached_stage(job.cache, "train", key, build, what=f"train {prior.name}")
@@ -422,6 +432,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         settings = validate(cfg)
         D.set_threads(settings.threads)
         results.update(env_info(settings.device), compute_precision=settings.precision, threads=settings.threads,
+                       unit_workers=settings.unit_workers,
                        T_applies=settings.prior_cls.T_applies,
                        prior_label=settings.prior_cls.label or settings.prior_cls.name)
         extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(settings.device))

@@ -26,7 +26,7 @@ import yaml
 SWEEP_MANIFEST = "sweep.json"  # written by the sweep callback at launch: the sweep's id, so stale jobs are known
 POINT_EXCLUDED = ("seed", "name")  # overrides that do not define a point (DESIGN.md section 6)
 # Overrides that say where and how a job ran, not what it computed: never a point setting.
-RUN_ONLY_PREFIXES = ("paths.", "logger", "wandb.", "hydra", "threads", "device", "stage")
+RUN_ONLY_PREFIXES = ("paths.", "logger", "wandb.", "hydra", "threads", "unit_workers", "device", "stage")
 
 
 class ResultsError(ValueError):
@@ -57,6 +57,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("error", "error", source="job", doc="null or one line"),
     Key("sweep_id", "sweep id", source="job", doc="id of the sweep launch that wrote this job"),
     Key("threads", "threads", source="job", digits=0, doc="intra-op CPU threads the job computed with"),
+    Key("unit_workers", "unit workers", source="job", digits=0,
+        doc="units (ImageBART scales) trained at once, each with threads // unit_workers threads"),
     # training
     Key("params", "Params", source="train", digits=0, column=True, doc="trainable transformer parameters"),
     Key("train_steps", "train steps", source="train", digits=0),

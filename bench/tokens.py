@@ -3,7 +3,9 @@
 tokenizer: a VQGAN trained here (`tokenizer=vqgan_tiny`) or a released
 taming-transformers checkpoint (`tokenizer=taming`).
 tokens: the train/val images encoded once, remapped to the effective codebook
-(ImageBART appendix A.1.1), with the tokenizer's reconstruction quality.
+(ImageBART appendix A.1.1), with the tokenizer's reconstruction quality. With
+`tokenizer.hflip_train` the train images are also encoded mirrored left-right:
+twice the priors' training sequences; validation is never mirrored.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from bench.vqgan import images_to_unit, unit_to_images
 log = logging.getLogger(__name__)
 
 TOKENIZER_KINDS = ("vqgan", "taming")
+TOKENS_ONLY_OPTIONS = ("hflip_train",)  # options of the tokens stage alone: they never retrain the tokenizer
 
 
 @dataclass
@@ -56,10 +59,18 @@ def _dataclass_from(cls, cfg: Any, option: str):
         raise ConfigError(f"{option}: {e}") from None
 
 
+def hflip_train(cfg: Any) -> bool:
+    value = cfg.get("hflip_train", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"tokenizer.hflip_train={value} must be true or false")
+    return value
+
+
 def validate_tokenizer(cfg: Any) -> None:
     kind = cfg.get("kind")
     if kind not in TOKENIZER_KINDS:
         raise ConfigError(f"tokenizer.kind={kind} is not one of: {', '.join(TOKENIZER_KINDS)}")
+    hflip_train(cfg)
     if kind == "taming":
         for opt in ("ckpt", "config"):
             value = cfg.get(opt)
@@ -90,12 +101,14 @@ def tokenizer_key(cfg: Any, data_key: str) -> str:
 
     # Whether LPIPS can run changes the trained weights, so it is part of the key.
     lpips_on = float(cfg.train.get("perceptual_weight", 0.0)) > 0 and lpips_available()
-    return content_key("tokenizer-vqgan-v1", data_key, OmegaConf.to_container(cfg, resolve=True), lpips_on)
+    options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in TOKENS_ONLY_OPTIONS}
+    return content_key("tokenizer-vqgan-v1", data_key, options, lpips_on)
 
 
-def tokens_key(tokenizer_key: str) -> str:
-    """The tokens stage's key: the tokens are a function of the tokenizer (and so of the data)."""
-    return content_key("tokens-v1", tokenizer_key)
+def tokens_key(tokenizer_key: str, cfg: Any) -> str:
+    """The tokens stage's key: the tokens are a function of the tokenizer (and so of the data) and of whether
+    the train images are also encoded mirrored."""
+    return content_key("tokens-v2", tokenizer_key, hflip_train(cfg))
 
 
 def load_tokenizer(tok_dir: Path, cfg: Any, device: str = "cpu"):
@@ -195,14 +208,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def build_tokens(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu") -> TokenSet:
     tok_dir, tok_key = build_tokenizer(cfg, data, cache_root, device)
-    key = tokens_key(tok_key)
+    key = tokens_key(tok_key, cfg)
     batch_size = int(cfg.get("encode_batch_size", 64))
+    mirrored = hflip_train(cfg)
 
     def build(tmp: Path) -> dict[str, Any]:
         model = load_tokenizer(tok_dir, cfg, device)
         n_embed = model.cfg.n_embed
         t0 = time.time()
         train_codes = encode_images(model, data.train, batch_size, device, "encode train")
+        if mirrored:  # (N, C, H, W): mirror the width axis
+            train_codes = torch.cat([train_codes, encode_images(model, np.ascontiguousarray(data.train[..., ::-1]),
+                                                                batch_size, device, "encode train mirrored")])
         val_codes = encode_images(model, data.val, batch_size, device, "encode val")
         remap, inverse = effective_codebook(train_codes, n_embed)
         train, val = remap[train_codes], remap[val_codes]
@@ -216,7 +233,7 @@ def build_tokens(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu
         np.save(tmp / "val_reconstructions.npy", recon.numpy())
         return {
             "vocab_size": k_eff, "n_embed": n_embed, "grid": list(grid), "tokenizer_key": tok_key,
-            "n_train": len(train), "n_val": len(val),
+            "n_train": len(train), "n_val": len(val), "hflip_train": mirrored,
             "recon_psnr": psnr(recon, torch.from_numpy(data.val)),
             "codebook_usage": k_eff / n_embed, "codebook_perplexity": perplexity,
             "encode_seconds": time.time() - t0,

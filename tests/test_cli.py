@@ -49,6 +49,38 @@ def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
     assert "plan: tokens    cached" in log2 and "plan: tokens    runs" in log
 
 
+def test_mirrored_train_tokens_are_the_mirrored_images_codes(shared_cache, tmp_path):
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from bench.tokens import encode_images, load_tokenizer
+
+    sets = {}
+    for flip in (True, False):
+        out = tmp_path / str(flip)
+        p = run_cli(SMOKE + ["stage=tokens", f"tokenizer.hflip_train={str(flip).lower()}",
+                             f"paths.cache={shared_cache}", f"hydra.run.dir={out}"], cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        [r] = job_results(out)
+        blob = torch.load(shared_cache / "tokens" / r["tokens_key"] / "tokens.pt", weights_only=True)
+        sets[flip] = (r, {k: blob["inverse"][blob[k]] for k in ("train", "val")})  # original codebook ids
+    assert sets[True][0]["tokens_key"] != sets[False][0]["tokens_key"]
+    assert "training a VQGAN" not in p.stdout + p.stderr  # the option never retrains the tokenizer
+    [data_dir] = [d for d in (shared_cache / "data").iterdir() if d.is_dir()]
+    images = np.load(data_dir / "train.npy")
+    [tok_dir] = [d for d in (shared_cache / "tokenizer").iterdir() if d.is_dir()]
+    model = load_tokenizer(tok_dir, OmegaConf.create({"kind": "vqgan"}))
+    plain, mirrored = (encode_images(model, x, 64, "cpu", "test") for x in (images, images[..., ::-1].copy()))
+    n = len(images)
+    flipped, unflipped = sets[True][1], sets[False][1]
+    assert len(unflipped["train"]) == n and torch.equal(unflipped["train"], plain)
+    assert len(flipped["train"]) == 2 * n
+    assert torch.equal(flipped["train"][:n], plain) and torch.equal(flipped["train"][n:], mirrored)
+    assert not torch.equal(plain, mirrored)
+    assert torch.equal(flipped["val"], unflipped["val"])  # validation is never mirrored
+
+
 def test_two_processes_on_an_empty_cache_train_the_tokenizer_once(tmp_path):
     cache = tmp_path / "cache"
     procs = [popen_cli(SMOKE + ["stage=tokens", f"paths.cache={cache}", f"hydra.run.dir=out{i}"], cwd=tmp_path)
@@ -146,6 +178,8 @@ BAD_INPUTS = [
     (["eval.num_samples=100000000"], r"eval.num_samples=100000000 exceeds 1000000"),
     (["eval.bootstrap=1"], r"eval.bootstrap=1 must be at least 2"),
     (["threads=0"], r"threads=0 must be a positive integer or auto"),
+    (["unit_workers=0"], r"unit_workers=0 must be a positive integer or auto"),
+    (["tokenizer.hflip_train=maybe"], r"tokenizer.hflip_train=maybe must be true or false"),
     (["-m", "prior=choice(ar,nosuch)"], r"prior=nosuch is not one of: absorbing, ar, imagebart"),
 ]
 

@@ -1,6 +1,7 @@
 """Reliability: resume after SIGKILL, checkpoint on SIGTERM, rebuilt corrupt caches, isolated job failures."""
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -78,6 +79,45 @@ def test_sigterm_writes_a_checkpoint_and_exits_for_requeue(copy_token_cache, tmp
     assert "SIGTERM at step" in out and "checkpoint written" in out
     ckpt = torch.load(next(cache.glob("train/*.work/model.ckpt")), weights_only=True)
     assert 0 < ckpt["step"] < 1000
+
+
+UNITS = ["prior=imagebart", "T=3", "stage=train", "train.steps=300", "train.ckpt_every=20", "train.val_every=100",
+         "threads=2", "unit_workers=2"]
+
+
+def unit_weights(cache: Path) -> dict[str, dict]:
+    [d] = [p for p in cache.glob("train/*") if p.is_dir() and not p.name.endswith(".work")
+           and not p.name.startswith(".")]
+    return {u: torch.load(d / f"{u}.pt", weights_only=True) for u in ("scale2", "scale3")}
+
+
+def test_sigterm_while_units_train_at_once_checkpoints_each_and_the_rerun_resumes(copy_token_cache, tmp_path):
+    # ImageBART T=3's two scales train in two processes; the scheduler's SIGTERM reaches only the job's process.
+    whole = copy_token_cache(tmp_path / "whole")
+    p = run_cli(SMOKE + UNITS + [f"paths.cache={whole}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 at once" in p.stdout + p.stderr
+
+    cache = copy_token_cache(tmp_path / "cache")
+    proc = popen_cli(SMOKE + UNITS + [f"paths.cache={cache}"], cwd=tmp_path)
+    t0 = time.time()
+    while len(list(cache.glob("train/*.work/scale*.ckpt"))) < 2:  # both scales under way
+        assert proc.poll() is None and time.time() - t0 < 120, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert len(re.findall(r"WARNING\] - SIGTERM at step \d+ of imagebart:scale[23]", out)) == 2, out[-3000:]
+    steps = [torch.load(c, weights_only=True)["step"] for c in cache.glob("train/*.work/scale*.ckpt")]
+    assert len(steps) == 2 and all(0 < s < 300 for s in steps), steps
+
+    p = run_cli(SMOKE + UNITS + [f"paths.cache={cache}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (p.stdout + p.stderr).count("resumed from") == 2
+    a, b = unit_weights(whole), unit_weights(cache)
+    for unit in a:
+        assert a[unit]["best_val"] == b[unit]["best_val"]
+        assert all(torch.equal(v, b[unit]["state_dict"][k]) for k, v in a[unit]["state_dict"].items()), unit
 
 
 @pytest.mark.parametrize("stage,filename", [

@@ -1,11 +1,13 @@
-"""The shared training loop: schedule, EMA, best checkpoint, resume equals an uninterrupted run, non-finite loss."""
+"""The shared training loop: schedule, EMA, best checkpoint, resume equals an uninterrupted run, non-finite loss;
+units trained at once in processes equal units trained one after another."""
 import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.train import TrainingError, lr_factor, train_unit
+from bench.errors import ConfigError
+from bench.train import TrainingError, lr_factor, resolve_unit_workers, train_unit, train_units
 from priors import build_prior
 
 
@@ -25,9 +27,9 @@ def tokens(n, V=12, L=16, seed=0):
     return torch.where(keep, base, noise)
 
 
-def make(name, T=3):
+def make(name, T=3, budget=20000):
     torch.manual_seed(0)
-    return build_prior(name, 12, (4, 4), T=T, budget=20000, cfg={"n_layer": 2, "n_head": 2})
+    return build_prior(name, 12, (4, 4), T=T, budget=budget, cfg={"n_layer": 2, "n_head": 2})
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -87,3 +89,67 @@ def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
         train_unit(make("ar"), "model", train, val, cfg(steps=8), seed=0, work_dir=tmp_path,
                    device=torch.device("cpu"))
     assert ckpt.read_bytes() == before
+
+
+def run_units(prior, work_dir, workers, threads, steps=12):
+    """train_units with what it hands back: {unit: result} and the logger records without the timing ones."""
+    got, records = {}, []
+    train_units(prior, tokens(64), tokens(16, seed=1), cfg(steps=steps), seed=2, work_dir=work_dir,
+                device=torch.device("cpu"), workers=workers, threads=threads,
+                log_fn=lambda rec, step: records.append((step, {k: v for k, v in rec.items() if "tokens_per_s" not in k})),
+                on_done=lambda unit, r: got.__setitem__(unit, r))
+    return got, sorted(records, key=lambda r: (sorted(r[1]), r[0]))
+
+
+def test_units_at_once_equal_units_one_after_another(tmp_path, one_thread):
+    # Two processes of one thread each against this process on one thread: every unit's run must be the same,
+    # bit for bit (weights, best validation, logged curves), whichever finished first.
+    alone, alone_records = run_units(make("imagebart", T=4, budget=25000), tmp_path / "alone", workers=1, threads=1)
+    at_once, at_once_records = run_units(make("imagebart", T=4, budget=25000), tmp_path / "at_once", workers=2, threads=2)
+    assert set(alone) == set(at_once) == {"scale2", "scale3", "scale4"}
+    for unit, r in alone.items():
+        assert (r["best_val"], r["best_step"], r["steps"]) == (at_once[unit]["best_val"], at_once[unit]["best_step"],
+                                                                at_once[unit]["steps"])
+        assert r["state_dict"].keys() == at_once[unit]["state_dict"].keys()
+        for k, v in r["state_dict"].items():
+            assert torch.equal(v, at_once[unit]["state_dict"][k]), (unit, k)
+    assert alone_records == at_once_records and len(alone_records) == 3 * 12
+    # Units differ from one another (each its own seed and data): equal results are not a copy of one unit.
+    assert alone["scale2"]["best_val"] != alone["scale3"]["best_val"]
+
+
+def test_a_unit_failing_in_its_process_stops_the_job_with_its_error(tmp_path, one_thread):
+    train, val = tokens(64), tokens(16, seed=1)
+    prior = make("imagebart", T=3)
+    # scale3's checkpoint with NaN weights (as in the test above): its process must fail at its first step.
+    train_unit(prior, "scale3", train, val, cfg(steps=8), seed=201, work_dir=tmp_path, device=torch.device("cpu"),
+               stop_after=4)
+    ckpt = tmp_path / "scale3.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: torch.full_like(v, float("nan")) if v.dtype.is_floating_point else v
+                      for k, v in state["model"].items()}
+    torch.save(state, ckpt)
+    with pytest.raises(TrainingError, match=r"imagebart:scale3: non-finite loss .* at step 5"):
+        train_units(make("imagebart", T=3), train, val, cfg(steps=8), seed=2, work_dir=tmp_path,
+                    device=torch.device("cpu"), workers=2, threads=2)
+    # A configuration error raised in a process is the job's one-line ConfigError.
+    (tmp_path / "other").mkdir()
+    torch.save({"arch": {"other": 1}, "unit": "scale2"}, tmp_path / "other" / "scale2.ckpt")
+    with pytest.raises(ConfigError, match=r"scale2.ckpt was written by a different prior configuration"):
+        train_units(make("imagebart", T=3), train, val, cfg(steps=8), seed=2, work_dir=tmp_path / "other",
+                    device=torch.device("cpu"), workers=2, threads=2)
+
+
+def test_unit_workers_option():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_unit_workers("auto", 8, cpu, 2) == 2
+    assert resolve_unit_workers("auto", 2, cpu, 16) == 2
+    assert resolve_unit_workers("auto", 1, cpu, 2) == 1
+    assert resolve_unit_workers("auto", 8, cuda, 16) == 1
+    assert resolve_unit_workers(4, 3, cpu, 2) == 3
+    assert resolve_unit_workers(1, 8, cuda, 2) == 1
+    for bad in (0, -1, "two", True, 1.5):
+        with pytest.raises(ConfigError, match=f"unit_workers={bad} must be a positive integer or auto"):
+            resolve_unit_workers(bad, 8, cpu, 2)
+    with pytest.raises(ConfigError, match="unit_workers=2: units train at once only on CPU"):
+        resolve_unit_workers(2, 8, cuda, 2)
