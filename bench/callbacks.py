@@ -37,10 +37,10 @@ class ReportCallback(Callback):
         out = Path(to_absolute_path(str(config.paths.reports))) / sweep_dir.name
         # Hydra turns a callback's exception into a warning and exits 0: a sweep without its report must not.
         try:
-            path, df = write_report([sweep_dir], out)
+            path, df, summary = write_report([sweep_dir], out)
             log.info("report written to %s", path)
             print(f"report: {path}")
-            self._log_report(config, out, sweep_dir)
+            self._log_report(config, out, sweep_dir, summary)
         except ReportError as e:
             log.error("report: %s", e)
             sys.exit(1)
@@ -54,18 +54,14 @@ class ReportCallback(Callback):
             sys.exit(1)
 
     @staticmethod
-    def _log_report(config: DictConfig, out: Path, sweep_dir: Path) -> None:
+    def _log_report(config: DictConfig, out: Path, sweep_dir: Path, summary: Any) -> None:
         """The comparison table (with intervals) as a W&B Table and the whole report as an artifact."""
         if config.logger.kind != "wandb":
             return
-        import pandas as pd
-
         from bench.logger import make_logger
 
-        logger = make_logger(config, sweep_dir, prior="-", T="-", seed="-", config={"sweep": str(sweep_dir)},
-                             job_type="report")
+        logger = make_logger(config, sweep_dir, config={"sweep": str(sweep_dir)}, job_type="report")
         try:
-            summary = pd.read_csv(out / "summary.csv")
             logger.log_table("comparison", list(summary.columns),
                              summary.astype(object).where(summary.notna(), None).values.tolist())
             logger.log_artifact(f"report-{sweep_dir.name}", "report", [out])

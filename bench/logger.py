@@ -130,8 +130,9 @@ def run_id(sweep: str, job: str) -> str:
     return f"pb-{content_key('wandb-run', sweep, job)}"
 
 
-def make_logger(cfg: Any, job_dir: Path, prior: str, T: Any, seed: Any, config: dict[str, Any],
-                job_type: str = "job") -> NullLogger:
+def make_logger(cfg: Any, job_dir: Path, config: dict[str, Any], job_type: str = "job", prior: str | None = None,
+                T: Any = None, seed: Any = None) -> NullLogger:
+    """A job's run (prior, T and seed name and tag it) or the sweep's `job_type` run (the report)."""
     if cfg.logger.kind == "none":
         return NullLogger()
     import wandb
@@ -143,7 +144,8 @@ def make_logger(cfg: Any, job_dir: Path, prior: str, T: Any, seed: Any, config: 
     # Never prompt: offline/disabled need no login, online uses whatever the user configured.
     os.environ.setdefault("WANDB_SILENT", "true")
     sweep = str(cfg.name)
-    tags = [f"prior={prior}", f"T={T}", f"seed={seed}", f"sweep={sweep}", *list(w.get("tags") or [])]
+    point = [f"{k}={v}" for k, v in (("prior", prior), ("T", T), ("seed", seed)) if v is not None]
+    tags = [*point, f"sweep={sweep}", *list(w.get("tags") or [])]
     run = wandb.init(project=w.project, entity=w.get("entity"), mode=w.mode, dir=str(wdir),
                      name=f"{prior}-T{T}-s{seed}" if job_type == "job" else f"{sweep}-{job_type}",
                      group=sweep, job_type=job_type, config=config, tags=tags,

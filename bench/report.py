@@ -396,7 +396,10 @@ def shown_path(path: Path) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
-def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) -> tuple[Path, pd.DataFrame]:
+def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
+                 ) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """Write report.md, results.csv, summary.csv, table.tex and the figures to `out`.
+    Returns (report.md's path, the jobs, the summary table with its intervals)."""
     all_jobs = load_results(*sweep_dirs, include_stale=True)
     stale = all_jobs[all_jobs["stale"]]
     df = drop_stale(all_jobs, sweep_dirs)
@@ -411,7 +414,8 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
     baselines = next((b for b in ok.get("baselines", []) if isinstance(b, dict)), None)
 
     df.drop(columns=["point"]).to_csv(out / "results.csv", index=False)
-    summary_frame(points, ref).to_csv(out / "summary.csv", index=False)
+    summary = summary_frame(points, ref)
+    summary.to_csv(out / "summary.csv", index=False)
     (out / "table.tex").write_text(latex_table(points))
 
     first = ok.iloc[0] if len(ok) else None
@@ -519,7 +523,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None) ->
                cfg_path.read_text().rstrip(), "```", "", "</details>"]
     md += [""]
     (out / "report.md").write_text("\n".join(md))
-    return out / "report.md", df
+    return out / "report.md", df, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or Path("reports") / args.sweep_dirs[0].resolve().name
     try:
-        path, _ = write_report(args.sweep_dirs, out)
+        path, _, _ = write_report(args.sweep_dirs, out)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

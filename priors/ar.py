@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior, eval_mode
+from priors.base import NLL, Prior, eval_mode, generated_span
 from priors.flops import decoder_sample_flops
 from priors.options import LogitSampling, TransformerPriorConfig, fit_arch, options_from
 from priors.transformer import Transformer, check_sampling, compiled, decode_logits, sample_logits
@@ -117,11 +117,11 @@ class ARPrior(Prior):
         if x.shape != keep.shape or x.shape[1] != self.seq_len:
             raise ValueError(f"x {tuple(x.shape)} and keep_mask {tuple(keep.shape)} must both be (B, {self.seq_len})")
         out = x.clone()
-        gen = (~keep).any(dim=0)  # (L,) positions that some row generates
-        todo = gen.nonzero().flatten()
-        if todo.numel() == 0:
+        span = generated_span(keep, self.seq_len)
+        if span is None:
             return out
-        first, last = int(todo[0]), int(todo[-1])
+        first, last = span[0], span[1] - 1
+        gen = (~keep).any(dim=0)  # (L,) positions that some row generates
         # Read on the host once, not once per step (a per-step read would sync with a GPU every token).
         gen_at, mixed_at = gen.tolist(), (gen & keep.any(dim=0)).tolist()
         start = torch.full_like(out[:, :1], self.start_id)  # (B, 1)
@@ -154,5 +154,5 @@ class ARPrior(Prior):
 
     def completion_nfe(self, keep_mask: torch.Tensor) -> int:
         """complete() makes one call per position from the first to the last one any row generates."""
-        todo = (~keep_mask.to(torch.bool).reshape(-1, self.seq_len)).any(dim=0).nonzero().flatten()
-        return 0 if todo.numel() == 0 else int(todo[-1]) - int(todo[0]) + 1
+        span = generated_span(keep_mask, self.seq_len)
+        return 0 if span is None else span[1] - span[0]

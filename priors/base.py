@@ -21,6 +21,14 @@ import torch
 from torch import nn
 
 
+def generated_span(keep_mask: torch.Tensor, seq_len: int) -> tuple[int, int] | None:
+    """(first, stop) of the positions that some row generates (~keep_mask), stop exclusive; None if no row
+    generates any. A raster-order decoder computes exactly these positions: none after the last one can
+    influence it."""
+    todo = (~keep_mask.to(torch.bool).reshape(-1, seq_len)).any(dim=0).nonzero().flatten()
+    return None if todo.numel() == 0 else (int(todo[0]), int(todo[-1]) + 1)
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Evaluate without dropout, then restore the caller's train/eval mode."""

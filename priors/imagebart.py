@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priors.base import NLL, Prior, eval_mode
+from priors.base import NLL, Prior, eval_mode, generated_span
 from priors.flops import decoder_sample_flops, encoder_flops
 from priors.options import LogitSampling, check_transformer, options_from
 from priors.transformer import (BUDGET_TOLERANCE, KVCache, Transformer, TransformerConfig, compiled, count_params,
@@ -514,10 +514,10 @@ class ImageBARTPrior(Prior):
         out = torch.empty((n, L), dtype=torch.long, device=x_t.device)
         first, stop = 0, L
         if keep_mask is not None:
-            gen_pos = (~keep_mask).any(0).nonzero().flatten()
-            if gen_pos.numel() == 0:
+            span = generated_span(keep_mask, L)
+            if span is None:
                 return forced.clone()
-            first, stop = int(gen_pos[0]), int(gen_pos[-1]) + 1
+            first, stop = span
             out[:, :first] = forced[:, :first]
             out[:, stop:] = forced[:, stop:]
         cache = model.decoder.new_cache() if use_cache else None
@@ -587,10 +587,10 @@ class ImageBARTPrior(Prior):
         to the last one any row generates (n calls) and runs its encoder once if it has one. The masked
         reverse chain passes through all T - 1 scales, (T - 1) n + (T - 2) calls (the Tab. 3 protocol);
         each of the `completion_passes` extra passes at t = 2 adds n + 1 (none for T = 2). 0 if n = 0."""
-        gen = (~keep_mask.to(torch.bool).reshape(-1, self.seq_len)).any(0).nonzero().flatten()
-        if gen.numel() == 0:
+        span = generated_span(keep_mask, self.seq_len)
+        if span is None:
             return 0
-        n = int(gen[-1]) - int(gen[0]) + 1
+        n = span[1] - span[0]
         passes = self.sample_cfg.completion_passes if self.T > 2 else 0
         return (self.T - 1) * n + (self.T - 2) + passes * (n + 1)
 

@@ -163,6 +163,10 @@ def test_wandb_runs_have_unit_step_axes_best_validation_tags_and_stable_ids(swee
     rr = W.run_record(recs)
     assert {"prior=imagebart", "T=3", "seed=0", "sweep=smoke"} <= set(rr.tags)
     assert rr.run_id.startswith("pb-")
+    # The sweep's report run is tagged with its sweep only: it is no (prior, T, seed) point.
+    [report_run] = (root / "multirun" / "smoke" / "wandb").glob("offline-run-*")
+    report = W.run_record(W.records(W.run_file(report_run)))
+    assert set(report.tags) == {"sweep=smoke"}
 
 
 def test_rerun_of_a_job_resumes_its_wandb_run(sweep, tmp_path):
