@@ -311,8 +311,13 @@ class _ForwardingStopFlag(_StopFlag):
     def _handle(self, signum, frame) -> None:
         super()._handle(signum, frame)
         for p in self._processes():
-            if p.is_alive():
-                os.kill(p.pid, signum)
+            _signal(p, signum)
+
+
+def _signal(process: Any, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited a moment ago
+        if process.is_alive():
+            os.kill(process.pid, signum)
 
 
 def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int, work_dir: Path,
@@ -337,6 +342,7 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
     level = logging.getLogger().getEffectiveLevel()
     pending = [(u, seeds[u]) for u in units]
     procs: list[tuple[Any, Any]] = []  # (process, its end of the pipe) of the live workers
+    unit_of: dict[int, str] = {}  # process id -> the unit it trains now
     failure: tuple[str, str] | None = None  # (exception name, message) of the first unit that failed
     preempted: tuple[str, int] | None = None
     log.info("train %s: %d units, %d at once (%d thread(s) each)", prior.name, len(units), workers, per_worker)
@@ -349,7 +355,8 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                                    args=(child, prior, train, val, cfg, str(work_dir), precision, per_worker, level))
                 proc.start()
                 child.close()
-                conn.send(pending.pop(0))
+                unit_of[proc.pid], seed_of_unit = pending.pop(0)
+                conn.send((unit_of[proc.pid], seed_of_unit))
                 procs.append((proc, conn))
             while procs:
                 ready = mp_connection.wait([c for _, c in procs])
@@ -358,7 +365,8 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                         msg = conn.recv()
                     except EOFError:  # the process died without a word (killed, out of memory)
                         proc.join()
-                        msg = ("error", "?", "RuntimeError", f"a training process exited with code {proc.exitcode}")
+                        msg = ("error", unit_of[proc.pid], "RuntimeError",
+                               f"its process exited with code {proc.exitcode}")
                     if msg[0] == "ok":
                         for record, step in msg[2]:
                             if log_fn is not None:
@@ -366,10 +374,11 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                         done(msg[1], torch.load(Path(work_dir) / f"{msg[1]}.result.pt", map_location="cpu",
                                                 weights_only=True))
                         bar.update(1)
-                        go_on = pending and failure is None and preempted is None and stop.signum is None
-                        conn.send(pending.pop(0) if go_on else None)
-                        if go_on:
+                        if pending and failure is None and preempted is None and stop.signum is None:
+                            unit_of[proc.pid], seed_of_unit = pending.pop(0)
+                            conn.send((unit_of[proc.pid], seed_of_unit))
                             continue
+                        conn.send(None)
                     elif msg[0] == "preempted" or stop.signum is not None:
                         preempted = preempted or ((msg[2], int(msg[3])) if msg[0] == "preempted" else
                                                   (f"{signal.Signals(stop.signum).name} while training "
@@ -377,8 +386,8 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                     elif failure is None:
                         failure = (msg[2], f"{prior.name}:{msg[1]}: {msg[3]}")
                         for p, _ in procs:  # the others checkpoint and stop: nothing is lost
-                            if p is not proc and p.is_alive():
-                                os.kill(p.pid, signal.SIGTERM)
+                            if p is not proc:
+                                _signal(p, signal.SIGTERM)
                     procs.remove((proc, conn))
                     proc.join()
                     conn.close()
@@ -396,5 +405,4 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
         message, signum = preempted or (f"{signal.Signals(stop.signum).name} while training {prior.name}",
                                         stop.signum)
         raise Preempted(message, signum, stop.previous(signum))
-    if pending:  # cannot happen: every worker asks for work until the list is empty
-        raise RuntimeError(f"training {prior.name}: units {[u for u, _ in pending]} were never trained")
+

@@ -1,6 +1,8 @@
 """The shared training loop: schedule, EMA, best checkpoint, resume equals an uninterrupted run, non-finite loss;
 units trained at once in processes equal units trained one after another."""
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -138,6 +140,37 @@ def test_a_unit_failing_in_its_process_stops_the_job_with_its_error(tmp_path, on
     with pytest.raises(ConfigError, match=r"scale2.ckpt was written by a different prior configuration"):
         train_units(make("imagebart", T=3), train, val, cfg(steps=8), seed=2, work_dir=tmp_path / "other",
                     device=torch.device("cpu"), workers=2, threads=2)
+
+
+def test_a_unit_process_that_dies_fails_the_job_naming_the_unit(tmp_path, one_thread):
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    errors = []
+
+    def job():  # in a thread, so this test can watch the processes (signals then keep their handlers)
+        try:
+            train_units(make("imagebart", T=3), tokens(64), tokens(16, seed=1), cfg(steps=100_000, val_every=10_000,
+                        ckpt_every=10_000), seed=2, work_dir=tmp_path, device=torch.device("cpu"), workers=2,
+                        threads=2)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=job)
+    t.start()
+    t0 = time.time()
+    while len(multiprocessing.active_children()) < 2 and time.time() - t0 < 60:
+        time.sleep(0.1)
+    time.sleep(2)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # e.g. the out-of-memory killer
+    t.join(120)
+    assert not t.is_alive()
+    [e] = errors
+    assert isinstance(e, RuntimeError) and re.fullmatch(
+        r"training imagebart:scale[23]: its process exited with code -9 \(RuntimeError\)", str(e)), str(e)
+    assert not multiprocessing.active_children()  # the other unit's process was stopped, not left running
 
 
 def test_unit_workers_option():
