@@ -39,7 +39,8 @@ from bench.evaluate import (build_baselines, build_reference, evaluate_prior, lo
                             reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.results import KEYS, empty_results
-from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokenizer_key, tokens_key, validate_tokenizer
+from bench.tokens import (TokenSet, build_tokens, hflip_train, load_tokenizer, tokenizer_key, tokens_key,
+                          validate_tokenizer)
 from bench.train import resolve_unit_workers, train_units
 from priors import Prior, build_prior, prior_class
 
@@ -267,7 +268,7 @@ def plan(job: Job) -> list[str]:
     rows = [
         ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
         ("tokens", "tokens", tkey, f"tokenizer ({cfg.tokenizer.kind}) and tokens of {len(train_files) + len(val_files)} images"
-         + (f" (+ {len(train_files)} train images mirrored)" if cfg.tokenizer.get("hflip_train") else "")),
+         + (f" (+ {len(train_files)} train images mirrored)" if hflip_train(cfg.tokenizer) else "")),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
         ("baselines", "baselines", bkey, "real val images and reconstructions at each column's N"),
         ("train", "train", trkey, f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"

@@ -345,6 +345,13 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
     unit_of: dict[int, str] = {}  # process id -> the unit it trains now
     failure: tuple[str, str] | None = None  # (exception name, message) of the first unit that failed
     preempted: tuple[str, int] | None = None
+
+    def assign(proc: Any, conn: Any) -> None:
+        """Send the next pending unit to a worker and remember which unit it trains."""
+        unit, unit_seed = pending.pop(0)
+        unit_of[proc.pid] = unit
+        conn.send((unit, unit_seed))
+
     log.info("train %s: %d units, %d at once (%d thread(s) each)", prior.name, len(units), workers, per_worker)
     bar = tqdm(total=len(units), desc=f"train {prior.name} ({workers} at once)", unit="unit", leave=False)
     with _ForwardingStopFlag(lambda: [p for p, _ in procs]) as stop:
@@ -355,8 +362,7 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                                    args=(child, prior, train, val, cfg, str(work_dir), precision, per_worker, level))
                 proc.start()
                 child.close()
-                unit_of[proc.pid], seed_of_unit = pending.pop(0)
-                conn.send((unit_of[proc.pid], seed_of_unit))
+                assign(proc, conn)
                 procs.append((proc, conn))
             while procs:
                 ready = mp_connection.wait([c for _, c in procs])
@@ -375,8 +381,7 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                                                 weights_only=True))
                         bar.update(1)
                         if pending and failure is None and preempted is None and stop.signum is None:
-                            unit_of[proc.pid], seed_of_unit = pending.pop(0)
-                            conn.send((unit_of[proc.pid], seed_of_unit))
+                            assign(proc, conn)
                             continue
                         conn.send(None)
                     elif msg[0] == "preempted" or stop.signum is not None:

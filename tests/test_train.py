@@ -75,6 +75,14 @@ def test_training_lowers_validation_nll_and_keeps_best(tmp_path):
     assert r["best_step"] in (10, 20, 30, 40)
 
 
+def poison(ckpt):
+    """Make a resumable checkpoint's weights NaN: the first resumed step must stop the run."""
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: torch.full_like(v, float("nan")) if v.dtype.is_floating_point else v
+                      for k, v in state["model"].items()}
+    torch.save(state, ckpt)
+
+
 def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
     train, val = tokens(64), tokens(16, seed=1)
     prior = make("ar")
@@ -82,10 +90,7 @@ def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
                stop_after=4)
     ckpt = tmp_path / "model.ckpt"
     # Resume from a checkpoint whose weights went NaN: the first resumed step (5) must stop the run.
-    state = torch.load(ckpt, weights_only=True)
-    state["model"] = {k: torch.full_like(v, float("nan")) if v.dtype.is_floating_point else v
-                      for k, v in state["model"].items()}
-    torch.save(state, ckpt)
+    poison(ckpt)
     before = ckpt.read_bytes()
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 5 of ar:model"):
         train_unit(make("ar"), "model", train, val, cfg(steps=8), seed=0, work_dir=tmp_path,
@@ -127,10 +132,7 @@ def test_a_unit_failing_in_its_process_stops_the_job_with_its_error(tmp_path, on
     train_unit(prior, "scale3", train, val, cfg(steps=8), seed=201, work_dir=tmp_path, device=torch.device("cpu"),
                stop_after=4)
     ckpt = tmp_path / "scale3.ckpt"
-    state = torch.load(ckpt, weights_only=True)
-    state["model"] = {k: torch.full_like(v, float("nan")) if v.dtype.is_floating_point else v
-                      for k, v in state["model"].items()}
-    torch.save(state, ckpt)
+    poison(ckpt)
     with pytest.raises(TrainingError, match=r"imagebart:scale3: non-finite loss .* at step 5"):
         train_units(make("imagebart", T=3), train, val, cfg(steps=8), seed=2, work_dir=tmp_path,
                     device=torch.device("cpu"), workers=2, threads=2)
