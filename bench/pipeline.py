@@ -378,7 +378,8 @@ def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
     load_trained(prior, d)
     meta = read_meta(d)
     job.results.update(params=prior.num_params(), train_key=key, train_steps=meta["train_steps"],
-                       train_seconds=meta["train_seconds"], train_units=meta["units"])
+                       train_seconds=meta["train_seconds"], train_wall_seconds=meta.get("train_wall_seconds"),
+                       train_units=meta["units"])
     job.logger.best_validation({u: v["best_val"] for u, v in meta["units"].items()})
     job.timed("train", t0)
     return prior, key

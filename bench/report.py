@@ -241,15 +241,14 @@ def training_table(df: pd.DataFrame) -> str:
             continue
         cells = "; ".join(f"{u} {v['best_val']:.3f} ({v['best_step']})" for u, v in units.items())
         total = sum(v["best_val"] for v in units.values())
-        secs = r.get("train_seconds")
+        minutes = [f"{r.get(k) / 60:.1f}" if finite(r.get(k)) else "n/a" for k in ("train_seconds", "train_wall_seconds")]
         T = r.get("T") if r.get("T_applies") == "training" else "–"
         lines.append(((ranks[r["prior"]], T if T != "–" else 0, r.get("seed") or 0),
-                      f"| {label_of(r)} | {T} | {r.get('seed')} | {cells} | {total:.3f} | "
-                      + (f"{secs / 60:.1f}" if finite(secs) else "n/a") + " |"))
+                      f"| {label_of(r)} | {T} | {r.get('seed')} | {cells} | {total:.3f} | {' | '.join(minutes)} |"))
     if not lines:
         return ""
-    return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min |",
-                      "|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
+    return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min (summed) | wall min |",
+                      "|---|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
 
 
 # ---- figures ---------------------------------------------------------------

@@ -62,7 +62,9 @@ SCHEMA: tuple[Key, ...] = (
     # training
     Key("params", "Params", source="train", digits=0, column=True, doc="trainable transformer parameters"),
     Key("train_steps", "train steps", source="train", digits=0),
-    Key("train_seconds", "train s", "s", 1, source="train"),
+    Key("train_seconds", "train s", "s", 1, source="train", doc="training time summed over the prior's units"),
+    Key("train_wall_seconds", "train wall s", "s", 1, source="train",
+        doc="wall time of the training stage (units trained at once overlap: see unit_workers)"),
     # likelihood
     Key("nll_bits_per_token", "NLL", "bits/token", 3, True, interval=True, column=True,
         doc="exact, ELBO or sampler bound (nll_kind); interval and stderr over validation sequences"),

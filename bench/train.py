@@ -252,9 +252,6 @@ def resolve_unit_workers(want: Any, n_units: int, device: torch.device, threads:
     return max(1, min(want, n_units))
 
 
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log lines
-
-
 def _unit_worker(conn, prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, work_dir: str,
                  precision: str, threads: int, level: int) -> None:
     """A process that trains the units the job sends it, one at a time (train_units). Each result goes to
@@ -264,7 +261,9 @@ def _unit_worker(conn, prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg
 
     _stop_with_parent()
     torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeLogHandler(conn)]  # the unit's log lines go to the job's handlers (run.log, console)
+    root.setLevel(level)
     try:
         while (task := conn.recv()) is not None:
             unit, seed = task
@@ -287,6 +286,18 @@ def _unit_worker(conn, prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg
                 return
     finally:
         conn.close()
+
+
+class _PipeLogHandler(logging.Handler):
+    """A worker's log records, sent to the job (train_units), which hands them to its own logging."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError):  # the job may be gone (the signal came from its death)
+            self._conn.send(("log", record.name, record.levelno, record.getMessage()))
 
 
 def _stop_with_parent() -> None:
@@ -369,10 +380,13 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
                 for proc, conn in [pc for pc in procs if pc[1] in ready]:
                     try:
                         msg = conn.recv()
-                    except EOFError:  # the process died without a word (killed, out of memory)
+                    except (EOFError, OSError):  # the process died (killed, out of memory): EOF or a reset
                         proc.join()
                         msg = ("error", unit_of[proc.pid], "RuntimeError",
                                f"its process exited with code {proc.exitcode}")
+                    if msg[0] == "log":  # a line the unit logged: into the job's log, as its own
+                        logging.getLogger(msg[1]).log(msg[2], msg[3])
+                        continue
                     if msg[0] == "ok":
                         for record, step in msg[2]:
                             if log_fn is not None:

@@ -96,6 +96,12 @@ def test_sweep_writes_the_report(sweep):
     terms = [float(cell.split()[1]) for cell in t9[3].split("; ")]
     assert [cell.split()[0] for cell in t9[3].split("; ")] == [f"scale{t}" for t in range(2, 10)]
     assert abs(sum(terms) - float(t9[4])) < 5e-3
+    assert all(len(r) == 7 and r[6] != "n/a |" for r in rows)  # summed and wall minutes
+    # The wall time of one unit trained in the job's own process covers that unit's training time.
+    res = pd.read_csv(out / "results.csv")
+    ar = res[res["prior"] == "ar"].iloc[0]
+    assert ar["train_wall_seconds"] >= ar["train_seconds"] > 0
+    assert res.loc[res["status"] == "ok", "train_wall_seconds"].gt(0).all()
 
 
 def test_report_cli_rebuilds_without_torch(sweep, tmp_path):

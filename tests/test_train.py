@@ -1,5 +1,6 @@
 """The shared training loop: schedule, EMA, best checkpoint, resume equals an uninterrupted run, non-finite loss;
 units trained at once in processes equal units trained one after another."""
+import logging
 import math
 import os
 import re
@@ -108,11 +109,20 @@ def run_units(prior, work_dir, workers, threads, steps=12):
     return got, sorted(records, key=lambda r: (sorted(r[1]), r[0]))
 
 
-def test_units_at_once_equal_units_one_after_another(tmp_path, one_thread):
+def validation_lines(caplog):
+    return sorted(r.getMessage() for r in caplog.records if r.name == "bench.train" and ": val " in r.getMessage())
+
+
+def test_units_at_once_equal_units_one_after_another(tmp_path, one_thread, caplog):
     # Two processes of one thread each against this process on one thread: every unit's run must be the same,
     # bit for bit (weights, best validation, logged curves), whichever finished first.
+    caplog.set_level(logging.INFO)
     alone, alone_records = run_units(make("imagebart", T=4, budget=25000), tmp_path / "alone", workers=1, threads=1)
+    alone_lines = validation_lines(caplog)
+    caplog.clear()
     at_once, at_once_records = run_units(make("imagebart", T=4, budget=25000), tmp_path / "at_once", workers=2, threads=2)
+    # The workers' own log lines reach this process's logging (so Hydra's run.log), the same lines as alone.
+    assert validation_lines(caplog) == alone_lines and len(alone_lines) == 3 * 3
     assert set(alone) == set(at_once) == {"scale2", "scale3", "scale4"}
     for unit, r in alone.items():
         assert (r["best_val"], r["best_step"], r["steps"]) == (at_once[unit]["best_val"], at_once[unit]["best_step"],
