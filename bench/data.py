@@ -122,6 +122,9 @@ def split_groups(kind: str, root: Path, files: list[str]) -> list[str]:
     return list(emoji_groups(str(root), tuple(files))) if kind == "emoji" else list(files)
 
 
+Files = tuple[Path, list[str], list[str]]  # what resolve_files returns: (root, train paths, val paths)
+
+
 def _read_list(path: str, option: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -129,7 +132,7 @@ def _read_list(path: str, option: str) -> list[str]:
     return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
 
 
-def resolve_files(cfg: Any) -> tuple[Path, list[str], list[str]]:
+def resolve_files(cfg: Any) -> Files:
     """Validate the data options and return (root, train relative paths, val relative paths). No image is read."""
     kind = cfg.kind
     if kind == "emoji":
@@ -200,8 +203,9 @@ def _load_split(root: Path, files: list[str], resolution: int, desc: str) -> tup
     return out, bad
 
 
-def data_key(cfg: Any) -> tuple[str, Path, list[str], list[str]]:
-    root, train, val = resolve_files(cfg)
+def data_key(cfg: Any, files: Files | None = None) -> tuple[str, Path, list[str], list[str]]:
+    """The data stage's cache key, from `files` (resolve_files(cfg), listed once per job) or a fresh listing."""
+    root, train, val = files or resolve_files(cfg)
     files = train + val
     # Sizes stand in for content: hashing every image of FFHQ on each start would be slow.
     sizes = [(root / f).stat().st_size if (root / f).exists() else -1 for f in files]
@@ -209,8 +213,8 @@ def data_key(cfg: Any) -> tuple[str, Path, list[str], list[str]]:
     return key, root, train, val
 
 
-def load_data(cfg: Any, cache_root: Path) -> ImageData:
-    key, root, train_files, val_files = data_key(cfg)
+def load_data(cfg: Any, cache_root: Path, files: Files | None = None) -> ImageData:
+    key, root, train_files, val_files = data_key(cfg, files)
     resolution = int(cfg.resolution)
 
     def build(tmp: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import device as D
 from bench import metrics as M
 from bench.cache import MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
-from bench.data import ImageData, data_key, load_data, resolve_files
+from bench.data import Files, ImageData, data_key, load_data, resolve_files
 from bench.errors import ConfigError, Preempted
 from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
                             reference_key, resolve_compile)
@@ -139,6 +139,7 @@ class Settings:
     params: int  # trainable parameters at n_embed codes (the effective codebook is at most that)
     units: list[str]  # the prior's independently trained models
     unit_workers: int  # how many of them train at once (CPU)
+    files: Files  # the data's root, train and val files, listed once per job
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -167,7 +168,7 @@ def validate(cfg: DictConfig) -> Settings:
     check_int(e.nll_batches, "eval.nll_batches", minimum=1, optional=True)
     resolve_compile(e.get("compile", "auto"), device)
     validate_tokenizer(cfg.tokenizer)
-    resolve_files(cfg.data)
+    files = resolve_files(cfg.data)
     h, w, n_embed = expected_grid(cfg)
     # The effective codebook is at most n_embed: checking the budget at that size catches a budget too small.
     prior = build_prior_checked(cfg, n_embed, (h, w), device="meta")
@@ -179,7 +180,7 @@ def validate(cfg: DictConfig) -> Settings:
                           f"{have / 2**30:.1f} GiB {device.type} memory available")
     units = list(prior.units())
     workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
-    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers)
+    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers, files)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -258,7 +259,7 @@ def plan(job: Job) -> list[str]:
     """One line per stage: cached or to run, with the work it stands for (printed before any work)."""
     cfg, s = job.cfg, job.settings
     cache = job.cache
-    dkey, _, train_files, val_files = data_key(cfg.data)
+    dkey, _, train_files, val_files = data_key(cfg.data, s.files)
     tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey), cfg.tokenizer)
     rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
     bkey = baselines_key(tkey, rkey, cfg.eval)
@@ -290,7 +291,7 @@ def plan(job: Job) -> list[str]:
 
 def data_stage(job: Job) -> ImageData:
     t0 = time.time()
-    data = load_data(job.cfg.data, job.cache)
+    data = load_data(job.cfg.data, job.cache, job.settings.files)
     job.timed("data", t0)
     return data
 
