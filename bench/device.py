@@ -72,6 +72,19 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
 
 
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory a job may fill: the GPU's total, or the CPU's available memory (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def reset_peak_memory(device: torch.device) -> str | None:
     """Start a fresh peak-memory window; returns why no peak can be measured, or None.
 

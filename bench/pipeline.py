@@ -115,18 +115,6 @@ def build_prior_checked(cfg: DictConfig, vocab_size: int, grid: tuple[int, int],
         raise ConfigError(msg if "=" in msg or "prior" in msg else f"prior={name}: {msg}") from None
 
 
-def device_memory_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 @dataclass
 class Settings:
     """What validation resolves once per job."""
@@ -173,7 +161,7 @@ def validate(cfg: DictConfig) -> Settings:
     # The effective codebook is at most n_embed: checking the budget at that size catches a budget too small.
     prior = build_prior_checked(cfg, n_embed, (h, w), device="meta")
     params = prior.num_params()
-    need, have = params * TRAIN_BYTES_PER_PARAM, device_memory_bytes(device)
+    need, have = params * TRAIN_BYTES_PER_PARAM, D.memory_bytes(device)
     if have is not None and need > have:
         raise ConfigError(f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
                           f"{need / 2**30:.1f} GiB (weights, gradients, AdamW state, EMA), more than the "

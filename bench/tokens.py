@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from bench.cache import atomic_torch_save, cached_stage, content_key, read_meta
 from bench.data import ImageData
 from bench.errors import ConfigError
 from bench.vqgan import images_to_unit, unit_to_images
+from priors.options import options_from
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,23 @@ class TokenSet:
     directory: Path
 
 
-def _dataclass_from(cls, cfg: Any, option: str):
-    values = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{option}.{unknown[0]} is not a known option (known: {', '.join(sorted(names))})")
-    for k, v in values.items():
-        if isinstance(v, list):
-            values[k] = tuple(v)
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{option}: {e}") from None
+def vqgan_configs(cfg: Any) -> tuple[Any, Any]:
+    """(VQGANConfig, VQGANTrainConfig) of tokenizer=vqgan from its `model:` and `train:` blocks; an unknown option,
+    a value of the wrong type or out of range is a one-line ConfigError naming it."""
+    from bench.vqgan import VQGANConfig
+    from bench.vqgan_train import VQGANTrainConfig
+
+    out = []
+    for cls, block in ((VQGANConfig, "model"), (VQGANTrainConfig, "train")):
+        options = cfg.get(block)
+        if options is not None and not isinstance(options, dict):
+            options = OmegaConf.to_container(options, resolve=True)
+        try:
+            out.append(options_from(cls, options, f"tokenizer.{block}", owner=str(cfg.kind), group="tokenizer"))
+        except (ValueError, TypeError) as e:  # TypeError: a required field is missing
+            msg = str(e).splitlines()[0]
+            raise ConfigError(msg if msg.startswith("tokenizer.") else f"tokenizer.{block}: {msg}") from None
+    return out[0], out[1]
 
 
 def hflip_train(cfg: Any) -> bool:
@@ -71,6 +76,8 @@ def validate_tokenizer(cfg: Any) -> None:
     if kind not in TOKENIZER_KINDS:
         raise ConfigError(f"tokenizer.kind={kind} is not one of: {', '.join(TOKENIZER_KINDS)}")
     hflip_train(cfg)
+    if kind == "vqgan":
+        vqgan_configs(cfg)
     if kind == "taming":
         for opt in ("ckpt", "config"):
             value = cfg.get(opt)
@@ -132,14 +139,13 @@ def build_tokenizer(cfg: Any, data: ImageData, cache_root: Path, device: str = "
         if cfg.kind == "taming":
             # Nothing to train: the stage records which checkpoint the key stands for.
             return {"kind": "taming", "ckpt": str(cfg.ckpt), "config": str(cfg.config)}
-        from bench.vqgan import VQGANConfig, VQModel
-        from bench.vqgan_train import VQGANTrainConfig, train_vqgan
+        from bench.vqgan import VQModel
+        from bench.vqgan_train import train_vqgan
 
-        model_cfg = _dataclass_from(VQGANConfig, cfg.model, "tokenizer.model")
+        model_cfg, train_cfg = vqgan_configs(cfg)
         if model_cfg.resolution != data.train.shape[-1]:
             raise ConfigError(f"tokenizer.model.resolution={model_cfg.resolution} does not match "
                               f"data.resolution={data.train.shape[-1]}")
-        train_cfg = _dataclass_from(VQGANTrainConfig, cfg.train, "tokenizer.train")
         torch.manual_seed(train_cfg.seed)
         model = VQModel(model_cfg)
         log.info("tokenizer: training a VQGAN (%.2fM parameters) for %d steps on %d images",

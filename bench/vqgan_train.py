@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bench.train import lr_factor
 from bench.vqgan import VQModel, images_to_unit
 
 # torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads
@@ -267,8 +268,7 @@ def restart_dead_codes(model: VQModel, usage: torch.Tensor, z: torch.Tensor, opt
 def learning_rate(cfg: VQGANTrainConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    t = step / max(1, cfg.steps - 1)
-    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return cfg.lr * lr_factor(step, 0, cfg.steps - 1, cfg.lr_min_ratio)  # no warm-up; the last step at the floor
 
 
 def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, device: str = "cpu",

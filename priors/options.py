@@ -1,4 +1,5 @@
-"""A prior's options as dataclasses, built from its config (conf/prior/NAME.yaml) by one helper.
+"""A prior's options as dataclasses, built from its config (conf/prior/NAME.yaml) by one helper (which the
+tokenizer's `model:` and `train:` blocks use too).
 
 Each prior keeps its architecture in a small dataclass (a comment per field, like nanoGPT's GPTConfig) whose
 `asdict` is arch_config(), stored in every checkpoint so that `Prior(**arch_config())` rebuilds the same modules;
@@ -21,10 +22,11 @@ C = TypeVar("C")
 
 
 def options_from(cls: type[C], options: Mapping[str, Any] | None, prefix: str, *, owner: str,
-                 others: tuple[str, ...] = (), **derived: Any) -> C:
+                 others: tuple[str, ...] = (), group: str = "prior", **derived: Any) -> C:
     """cls(**options, **derived), each option checked against its field's type (an int is a valid float).
 
-    prefix: how the config spells the block ("prior", "prior.sample"); owner: the prior's name, for messages.
+    prefix: how the config spells the block ("prior", "prior.sample"); owner: the option the block belongs to, as
+    `group=owner` in messages (prior=ar; the tokenizer's blocks: group="tokenizer", owner="vqgan").
     others: option names of the same block that the caller reads itself (e.g. "sample"): skipped, but listed.
     derived: fields the caller sets (vocabulary, grid, T, the fitted width): a config that gives them is refused.
     """
@@ -35,7 +37,7 @@ def options_from(cls: type[C], options: Mapping[str, Any] | None, prefix: str, *
     known = [f.name for f in dataclasses.fields(cls) if f.name not in derived] + list(others)
     for key in options:
         if key not in known:
-            raise ValueError(f"{prefix}.{key} is not an option of prior={owner} (options: {', '.join(known)})")
+            raise ValueError(f"{prefix}.{key} is not an option of {group}={owner} (options: {', '.join(known)})")
     hints = typing.get_type_hints(cls)
     values = {key: _typed(f"{prefix}.{key}", value, hints[key]) for key, value in options.items()
               if key not in others}

@@ -180,6 +180,9 @@ BAD_INPUTS = [
     (["threads=0"], r"threads=0 must be a positive integer or auto"),
     (["unit_workers=0"], r"unit_workers=0 must be a positive integer or auto"),
     (["tokenizer.hflip_train=maybe"], r"tokenizer.hflip_train=maybe must be true or false"),
+    (["tokenizer.train.steps=many"], r"tokenizer.train.steps='many': expected an integer"),
+    (["+tokenizer.model.n_embd=64"], r"tokenizer.model.n_embd is not an option of tokenizer=vqgan \(options: "),
+    (["tokenizer.train.codebook_init=zeros"], r"tokenizer.train: codebook_init='zeros' is not 'random' or 'kmeans'"),
     (["-m", "prior=choice(ar,nosuch)"], r"prior=nosuch is not one of: absorbing, ar, imagebart"),
 ]
 
