@@ -1,7 +1,16 @@
 """Test helpers shared by the prior test modules."""
 from __future__ import annotations
 
+import itertools
+
+import torch
+
 from priors.transformer import Transformer
+
+
+def all_sequences(V: int, L: int) -> torch.Tensor:
+    """Every sequence of length L over V tokens, (V^L, L): exact likelihoods by enumeration."""
+    return torch.tensor(list(itertools.product(range(V), repeat=L)), dtype=torch.long)
 
 
 def count_network_calls(prior) -> list[int]:

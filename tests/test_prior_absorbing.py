@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from priors.absorbing import AbsorbingPrior
+from tests.priortools import all_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +25,6 @@ def tiny(V: int = 5, grid=(2, 3), scale: float = 1.0, seed: int = 0, **kw) -> Ab
     with torch.no_grad():
         prior.model.head.weight.mul_(scale)
     return prior.eval()
-
-
-def all_sequences(V: int, L: int) -> torch.Tensor:
-    return torch.tensor(list(itertools.product(range(V), repeat=L)))  # (V^L, L)
 
 
 def count_calls(prior: AbsorbingPrior) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from priors.base import NLL
-from tests.priortools import count_network_calls
+from tests.priortools import all_sequences, count_network_calls
 from priors.imagebart import (ImageBARTPrior, betas_to_alpha_bars, linear_alpha_bars, make_betas,
                               q_marginal_probs, q_onestep_probs, q_posterior_probs, q_sample_marginal,
                               q_sample_onestep)
@@ -36,10 +36,6 @@ def tiny(V: int, grid: tuple[int, int], T: int, seed: int = 0, **kw) -> ImageBAR
         for p in prior.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return prior.double().eval()  # float64 so that enumerated sums are exact to ~1e-12
-
-
-def all_sequences(V: int, L: int) -> torch.Tensor:
-    return torch.tensor(list(itertools.product(range(V), repeat=L)), dtype=torch.long)  # (V^L, L)
 
 
 # ---------------------------------------------------------------------------------------------
