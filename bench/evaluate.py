@@ -3,7 +3,8 @@
     reference   Inception features of a seeded random sample of the train split (cached once)
     baselines   real val images and the tokenizer's reconstructions of them, at each column's N (cached once)
     a job       NLL per validation sequence; samples, their metrics with bootstrap intervals; upper-half
-                completion FID on a seeded random sample of val; speed at batch 50 after a warm-up batch
+                completion FID on a seeded random sample of val; speed at batch 50 after a warm-up batch;
+                how close the samples' token grids come to training grids (train_match, train_copies)
 
 Every FID-type number of a column is computed at the same N against the same reference: sample metrics at
 N = eval.num_samples, completion FID at N = eval.completion_samples (clipped to the val split), and PRDC with
@@ -123,6 +124,50 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
     return out, missing
 
 
+# ---- closeness to the training set ----------------------------------------
+
+def train_match(samples: torch.Tensor, train: torch.Tensor, device: torch.device | str = "cpu",
+                max_cells: int = 2 ** 26) -> np.ndarray:
+    """Per sample token grid (N, L): the largest share of its L positions that hold the same code as one training
+    grid (M, L), i.e. 1 - the normalised Hamming distance to its nearest training grid; 1.0 is an exact copy.
+    Exact over all M training grids, in chunks of at most `max_cells` compared tokens."""
+    if samples.ndim != 2 or train.ndim != 2 or samples.shape[1] != train.shape[1]:
+        raise ValueError(f"token grids of different lengths: samples {tuple(samples.shape)}, train {tuple(train.shape)}")
+    n, L = samples.shape
+    train = train.to(device)
+    rows = max(1, max_cells // max(1, len(train) * L))
+    best = torch.empty(n, dtype=torch.long)
+    for i in range(0, n, rows):
+        s = samples[i:i + rows].to(device)
+        best[i:i + rows] = (s[:, None, :] == train[None, :, :]).sum(-1).amax(1).cpu()
+    return best.double().numpy() / L
+
+
+def match_samples(n: int, cfg: Any) -> int:
+    """How many of n sample grids are searched against the training set (eval.match_samples; null: all)."""
+    cap = cfg.get("match_samples")
+    return n if cap is None else min(n, int(cap))
+
+
+def train_match_metrics(samples: torch.Tensor, train: torch.Tensor, device: torch.device | str = "cpu"
+                        ) -> dict[str, Any]:
+    """`train_match` (mean nearest-training-grid token agreement) and `train_copies` (share of samples that are
+    an exact training grid), each with a 95% interval over the samples. Against a reference drawn from the train
+    split, FID rewards copying: these say how much of a prior's sample quality is recall of its training set."""
+    m = train_match(samples, train, device)
+    mean = S.mean_estimate(m)
+    out = S.bounded_estimate(mean.value, mean.se, "train_match").as_results("train_match")
+    copies = (m == 1.0).astype(np.float64)
+    p, n = float(copies.mean()), len(copies)
+    # A share: its standard error never below the binomial one at p clipped to [1/n, 1 - 1/n], so that no
+    # copies in either row does not make a single copy a certain difference.
+    floor = math.sqrt(min(max(p, 1 / n), 1 - 1 / n) * (1 - min(max(p, 1 / n), 1 - 1 / n)) / n)
+    se = max(S.mean_estimate(copies).se or 0.0, floor)
+    out.update(S.bounded_estimate(p, se, "train_copies").as_results("train_copies"))
+    out["n_match_samples"] = n
+    return out
+
+
 # ---- baselines ------------------------------------------------------------
 
 def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: M.FeatureExtractor,
@@ -141,7 +186,8 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
         sample_idx = M.sample_rows(n_val, n_s, seed + VAL_DRAW) if n_s <= n_val else None
         if sample_idx is None:
             reason = f"the val split has {n_val} images, fewer than eval.num_samples={n_s}"
-            for k in ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage"):
+            for k in ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage", "train_match",
+                      "train_copies"):
                 out["unavailable"][k] = reason
         for name, images in rows.items():
             row: dict[str, Any] = {}
@@ -151,6 +197,9 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
                 values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
                 row.update(values)
                 out["unavailable"].update(missing)
+                # The rows' token grids: the val images' codes (the reconstructions decode the same codes).
+                row.update(train_match_metrics(tokens.val[torch.from_numpy(sample_idx[:match_samples(n_s, cfg)])],
+                                               tokens.train))
             if len(comp) >= 2:
                 pool = M.images_to_features(torch.from_numpy(images[comp]), extractor,
                                             batch_size=int(cfg.feature_batch_size))["pool"].double().numpy()
@@ -302,6 +351,7 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
     results.update(values)
     unavailable.update(missing)
     np.save(out_dir / "sample_features.npy", feats[M.FEATURE_POOL].numpy().astype(np.float32))
+    results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), cfg)], tokens.train, device))
 
     # Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: keep the lower half.
     rows = torch.from_numpy(completion_rows(len(tokens.val), cfg))

@@ -154,6 +154,7 @@ def validate(cfg: DictConfig) -> Settings:
     check_int(e.bootstrap, "eval.bootstrap", minimum=2)
     check_int(e.prdc_k, "eval.prdc_k", minimum=1)
     check_int(e.nll_batches, "eval.nll_batches", minimum=1, optional=True)
+    check_int(e.get("match_samples"), "eval.match_samples", minimum=1, optional=True)
     resolve_compile(e.get("compile", "auto"), device)
     validate_tokenizer(cfg.tokenizer)
     files = resolve_files(cfg.data)
@@ -192,13 +193,13 @@ def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, p
     _, options = prior_settings(cfg)
     evaluation = {k: options.get(k) for k in prior_cls.eval_only_options}
     T = None if prior_cls.T_applies == "none" else int(cfg.T)  # "training": already in the train key
-    return content_key("eval-v4", tkey, ref_key, evaluation, T, container(cfg.eval), int(cfg.seed),
+    return content_key("eval-v5", tkey, ref_key, evaluation, T, container(cfg.eval), int(cfg.seed),
                        *_precision_part(precision))
 
 
 def baselines_key(tokens_key: str, ref_key: str, cfg_eval: Any) -> str:
     e = cfg_eval
-    return content_key("baselines-v3", tokens_key, ref_key, int(e.num_samples), e.completion_samples,
+    return content_key("baselines-v4", tokens_key, ref_key, int(e.num_samples), e.completion_samples, e.get("match_samples"),
                        int(e.bootstrap), int(e.prdc_k), int(e.prdc_samples), int(e.isc_splits),
                        int(e.get("split_seed", 0)))
 

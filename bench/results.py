@@ -85,6 +85,12 @@ SCHEMA: tuple[Key, ...] = (
     Key("coverage", "Cov.", "", 3, False, interval=True, column=True),
     Key("completion_fid", "Compl. FID", "", 2, True, interval=True, column=True,
         doc="upper-half completion FID (ImageBART Tab. 3 right)"),
+    Key("train_match", "Train match", "", 3, None, interval=True, column=True,
+        doc="mean over samples of the largest share of token positions shared with one training grid (1: a copy); "
+            "the real val row gives the level of unseen images"),
+    Key("train_copies", "train copies", "", 3, None, interval=True,
+        doc="share of samples whose token grid is exactly a training grid"),
+    Key("n_match_samples", "N match samples", digits=0, doc="samples searched against the training grids"),
     Key("n_samples", "N samples", digits=0, doc="generated samples per metric"),
     Key("n_completions", "N completions", digits=0),
     Key("n_reference", "N reference", digits=0, doc="reference images for FID/KID (PRDC: n_samples of them)"),
@@ -118,7 +124,8 @@ KEYS: dict[str, Key] = {k.name: k for k in SCHEMA}
 INTERVAL_KEYS = tuple(k.name for k in SCHEMA if k.interval)
 COLUMN_KEYS = tuple(k.name for k in SCHEMA if k.column)
 # Sample metrics whose baseline rows (real val images, tokenizer reconstructions) exist at the column's N.
-BASELINE_KEYS = ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage", "completion_fid")
+BASELINE_KEYS = ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage", "completion_fid",
+                 "train_match", "train_copies")
 
 
 def empty_results() -> dict[str, Any]:

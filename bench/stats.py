@@ -57,7 +57,8 @@ def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
 
 # The range each bounded metric lives in: its interval is clipped to it (a coverage cannot exceed 1).
 BOUNDS = {"fid": (0.0, math.inf), "completion_fid": (0.0, math.inf), "prdc_precision": (0.0, 1.0),
-          "recall": (0.0, 1.0), "coverage": (0.0, 1.0), "density": (0.0, math.inf), "is_mean": (1.0, math.inf)}
+          "recall": (0.0, 1.0), "coverage": (0.0, 1.0), "density": (0.0, math.inf), "is_mean": (1.0, math.inf),
+          "train_match": (0.0, 1.0), "train_copies": (0.0, 1.0)}
 
 
 def normal_interval(value: float, se: float | None, z: float = Z95,

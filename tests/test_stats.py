@@ -201,3 +201,50 @@ def test_mean_estimate_and_normal_interval():
     e = S.mean_estimate(v)
     assert e.value == 2.5 and e.se == pytest.approx(np.std(v, ddof=1) / 2)
     assert e.ci == pytest.approx((2.5 - S.Z95 * e.se, 2.5 + S.Z95 * e.se))
+
+
+def test_train_match_is_the_nearest_training_grid_by_brute_force():
+    from bench.evaluate import train_match
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 4, (37, 6), generator=g)
+    samples = torch.cat([torch.randint(0, 4, (20, 6), generator=g), train[[3, 11]]])
+    expected = [max(sum(int(a == b) for a, b in zip(s.tolist(), t.tolist())) for t in train) / 6 for s in samples]
+    for cells in (6, 100, 2 ** 26):  # one comparison row at a time, a few, everything at once
+        assert train_match(samples, train, max_cells=cells).tolist() == expected
+    assert expected[-2:] == [1.0, 1.0] and min(expected) < 1.0
+    with pytest.raises(ValueError, match="different lengths"):
+        train_match(samples[:, :5], train)
+
+
+def draw_grids(train: torch.Tensor, n: int, noise: float, seed: int) -> torch.Tensor:
+    """A 'prior' that recalls random training grids with a share `noise` of positions redrawn uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    x = train[torch.randint(0, len(train), (n,), generator=g)].clone()
+    redraw = torch.rand(x.shape, generator=g) < noise
+    return torch.where(redraw, torch.randint(0, 16, x.shape, generator=g), x)
+
+
+def test_train_match_aa_not_different_and_a_copier_comes_out_closer():
+    """A/A: two sample sets of one sampler are "different" on train_match about 5% of the time; a sampler that
+    copies more (10% of positions redrawn against 40%) is closer every time, and its exact copies are counted."""
+    from bench.evaluate import train_match_metrics
+
+    train = torch.randint(0, 16, (300, 16), generator=torch.Generator().manual_seed(1))
+    trials, n = 200, 120
+    same = closer = 0
+    for t in range(trials):
+        a = train_match_metrics(draw_grids(train, n, 0.4, 3 * t), train)
+        b = train_match_metrics(draw_grids(train, n, 0.4, 3 * t + 1), train)
+        c = train_match_metrics(draw_grids(train, n, 0.1, 3 * t + 2), train)
+        same += S.independent_test(a["train_match"], a["train_match_se"], b["train_match"], b["train_match_se"]) < 0.05
+        closer += (S.independent_test(c["train_match"], c["train_match_se"], a["train_match"], a["train_match_se"])
+                   < 0.05 and c["train_match"] > a["train_match"])
+    lo, hi = binomial_bounds(trials, 0.05)
+    assert lo <= same <= hi, same
+    assert closer == trials
+    # Copies: 16 positions each kept with probability 0.9 (plus redraws that land on the same code): about
+    # 0.9^16 = 19% of the close sampler's grids are exact copies, none of a sampler that never recalls.
+    assert 0.1 < c["train_copies"] < 0.35 and c["train_copies_ci"][0] > 0
+    fresh = train_match_metrics(torch.randint(0, 16, (n, 16), generator=torch.Generator().manual_seed(9)), train)
+    assert fresh["train_copies"] == 0 and fresh["train_copies_se"] > 0 and fresh["n_match_samples"] == n
