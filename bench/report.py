@@ -230,6 +230,23 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
     return out
 
 
+def copies_text(ok: pd.DataFrame) -> list[str]:
+    """What the Train match column means, and how many samples were exact copies of a training grid."""
+    if "train_match" not in ok or not ok["train_match"].map(finite).any():
+        return []
+    n = ok["n_match_samples"].dropna()
+    copies = [(label_of(r) + (f" T={r['T']}" if r.get("T_applies") != "none" else ""), r["train_copies"])
+              for _, r in ok.iterrows() if finite(r.get("train_copies"))]
+    worst = max(copies, key=lambda c: c[1]) if copies else None
+    return ["Train match: per sample, the largest share of token positions its grid shares with one training grid "
+            "(1 = a copy), averaged" + (f" over {fmt_value(n.max(), 0)} samples" if len(n) else "")
+            + "; the baseline rows give the level of unseen images (the val images' own codes). The reference is "
+            "drawn from the train split, so sample metrics reward recall: a row well above the baseline level owes "
+            "part of its FID to it. Exact copies of a training grid: "
+            + ("none in any row." if worst is None or worst[1] == 0 else
+               f"at most {100 * worst[1]:.1f}% of the samples ({worst[0]}; `train_copies` in results.csv)."), ""]
+
+
 def training_table(df: pd.DataFrame) -> str:
     """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
     lines = []
@@ -436,6 +453,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
                "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
                "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
                "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
+        md += copies_text(ok)
         md += resolution_text(points, ref, n_tests) + [""]
     extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
     if extra:

@@ -76,6 +76,12 @@ def test_sweep_writes_the_report(sweep):
     assert re.search(r"\| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]", main)
     assert "N per column: FID, KID, IS and PRDC at N = 16 samples" in main and "completion FID at N = 8" in main
     assert "Holm" in main and "A/A check: ImageBART T=2 is the same model as the AR (Taming) row" in main
+    # Closeness to the training set: a column with the baseline rows' level, and the copies in words.
+    head = [c.strip() for c in main.splitlines()[2].split("|")]
+    col = head.index("Train match")
+    real = [c.strip() for c in next(ln for ln in main.splitlines() if ln.startswith("| *real val images*")).split("|")]
+    assert re.fullmatch(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", real[col]), real[col]
+    assert "Train match: per sample, the largest share of token positions" in main and "Exact copies" in main
     for fig in ("fid_vs_T", "fid_vs_speed", "nll_vs_T", "completion_fid_vs_T"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
         assert (out / "figures" / f"{fig}.pdf").stat().st_size > 1000
