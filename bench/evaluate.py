@@ -159,10 +159,7 @@ def train_match_metrics(samples: torch.Tensor, train: torch.Tensor, device: torc
     out = S.bounded_estimate(mean.value, mean.se, "train_match").as_results("train_match")
     copies = (m == 1.0).astype(np.float64)
     p, n = float(copies.mean()), len(copies)
-    # A share: its standard error never below the binomial one at p clipped to [1/n, 1 - 1/n], so that no
-    # copies in either row does not make a single copy a certain difference.
-    floor = math.sqrt(min(max(p, 1 / n), 1 - 1 / n) * (1 - min(max(p, 1 / n), 1 - 1 / n)) / n)
-    se = max(S.mean_estimate(copies).se or 0.0, floor)
+    se = max(S.mean_estimate(copies).se or 0.0, S.binomial_se(p, n))  # a share: never below the binomial floor
     out.update(S.bounded_estimate(p, se, "train_copies").as_results("train_copies"))
     out["n_match_samples"] = n
     return out

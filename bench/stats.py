@@ -103,9 +103,15 @@ def delete_d_estimate(value: float, replicates: np.ndarray, n: int, r: int, key:
         return Estimate(float(value), None, None)
     se = sd * math.sqrt(r / (n - r))
     if share_of:
-        p = min(max(float(value), 1.0 / share_of), 1.0 - 1.0 / share_of)
-        se = max(se, math.sqrt(p * (1 - p) / share_of))
+        se = max(se, binomial_se(float(value), share_of))
     return bounded_estimate(value, se, key)
+
+
+def binomial_se(p: float, m: int) -> float:
+    """sqrt(p (1 - p) / m) with p clipped to [1/m, 1 - 1/m]: the floor of a share's standard error, so that a share
+    of 0 (or 1) in both rows does not make one differing item a certain difference."""
+    p = min(max(p, 1.0 / m), 1.0 - 1.0 / m)
+    return math.sqrt(p * (1 - p) / m)
 
 
 def mean_estimate(values: np.ndarray) -> Estimate:
