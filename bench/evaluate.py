@@ -31,6 +31,7 @@ from bench import metrics as M
 from bench import stats as S
 from bench.cache import atomic_write_json, cached_stage, content_key
 from bench.data import ImageData
+from bench.results import BASELINE_KEYS
 from bench.tokens import TokenSet, decode_tokens
 from bench.errors import ConfigError
 from priors.base import Prior
@@ -132,7 +133,8 @@ def train_match(samples: torch.Tensor, train: torch.Tensor, device: torch.device
     grid (M, L), i.e. 1 - the normalised Hamming distance to its nearest training grid; 1.0 is an exact copy.
     Exact over all M training grids, in chunks of at most `max_cells` compared tokens."""
     if samples.ndim != 2 or train.ndim != 2 or samples.shape[1] != train.shape[1]:
-        raise ValueError(f"token grids of different lengths: samples {tuple(samples.shape)}, train {tuple(train.shape)}")
+        raise ValueError(f"token grids of different lengths: samples {tuple(samples.shape)}, "
+                         f"train {tuple(train.shape)}")
     n, L = samples.shape
     train = train.to(device)
     rows = max(1, max_cells // max(1, len(train) * L))
@@ -181,11 +183,16 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
         out: dict[str, Any] = {"n_samples": n_s, "n_completions": len(comp), "n_val": n_val, "unavailable": {}}
         seed = int(cfg.get("split_seed", 0))
         sample_idx = M.sample_rows(n_val, n_s, seed + VAL_DRAW) if n_s <= n_val else None
+        match: dict[str, Any] = {}
         if sample_idx is None:
             reason = f"the val split has {n_val} images, fewer than eval.num_samples={n_s}"
-            for k in ("fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage", "train_match",
-                      "train_copies"):
-                out["unavailable"][k] = reason
+            for k in BASELINE_KEYS:
+                if k != "completion_fid":  # at its own N, below
+                    out["unavailable"][k] = reason
+        else:
+            # Both rows' token grids are the val images' codes (the reconstructions decode the same codes).
+            match = train_match_metrics(tokens.val[torch.from_numpy(sample_idx[:match_samples(n_s, cfg)])],
+                                        tokens.train)
         for name, images in rows.items():
             row: dict[str, Any] = {}
             if sample_idx is not None:
@@ -194,9 +201,7 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
                 values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
                 row.update(values)
                 out["unavailable"].update(missing)
-                # The rows' token grids: the val images' codes (the reconstructions decode the same codes).
-                row.update(train_match_metrics(tokens.val[torch.from_numpy(sample_idx[:match_samples(n_s, cfg)])],
-                                               tokens.train))
+                row.update(match)
             if len(comp) >= 2:
                 pool = M.images_to_features(torch.from_numpy(images[comp]), extractor,
                                             batch_size=int(cfg.feature_batch_size))["pool"].double().numpy()

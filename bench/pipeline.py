@@ -199,8 +199,8 @@ def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, p
 
 def baselines_key(tokens_key: str, ref_key: str, cfg_eval: Any) -> str:
     e = cfg_eval
-    return content_key("baselines-v4", tokens_key, ref_key, int(e.num_samples), e.completion_samples, e.get("match_samples"),
-                       int(e.bootstrap), int(e.prdc_k), int(e.prdc_samples), int(e.isc_splits),
+    return content_key("baselines-v4", tokens_key, ref_key, int(e.num_samples), e.completion_samples,
+                       e.get("match_samples"), int(e.bootstrap), int(e.prdc_k), int(e.prdc_samples), int(e.isc_splits),
                        int(e.get("split_seed", 0)))
 
 

@@ -47,6 +47,11 @@ class Point:
     def n_seeds(self) -> int:
         return len(self.jobs)
 
+    @property
+    def name(self) -> str:
+        """The label with its T where T applies: how the report's sentences name the point."""
+        return self.label if self.T is None else f"{self.label} T={self.T}"
+
     def order(self) -> tuple:
         return self.rank, self.T if self.T is not None else -1, tuple(sorted(self.settings.items()))
 
@@ -222,29 +227,31 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
         if other is not None and other.shape == ref_nll.shape and np.allclose(other, ref_nll, rtol=1e-6, atol=1e-9):
             tested = {k: v for k, v in pt.significant.items() if v is not None and k != "nll_bits_per_token"}
             sig = [KEYS[k].title for k, v in tested.items() if v]
-            T = "" if pt.T is None else f" T={pt.T}"
-            out.append(f"A/A check: {pt.label}{T} is the same model as the {ref.label} row (identical "
+            out.append(f"A/A check: {pt.name} is the same model as the {ref.label} row (identical "
                        f"per-sequence NLL), sampled with other random streams; {len(sig)} of its {len(tested)} "
                        f"sample-metric comparisons came out significant" + (f" ({', '.join(sig)})." if sig else
                                                                               ", as it should."))
     return out
 
 
-def copies_text(ok: pd.DataFrame) -> list[str]:
+def copies_text(points: list[Point]) -> list[str]:
     """What the Train match column means, and how many samples were exact copies of a training grid."""
-    if "train_match" not in ok or not ok["train_match"].map(finite).any():
+    if not any(finite(pt.est["train_match"].value) for pt in points):
         return []
-    n = ok["n_match_samples"].dropna()
-    copies = [(label_of(r) + (f" T={r['T']}" if r.get("T_applies") != "none" else ""), r["train_copies"])
-              for _, r in ok.iterrows() if finite(r.get("train_copies"))]
-    worst = max(copies, key=lambda c: c[1]) if copies else None
+
+    def values(pt: Point, key: str) -> list[float]:
+        return [v for v in pt.jobs.get(key, []) if finite(v)]
+
+    n = [v for pt in points for v in values(pt, "n_match_samples")]
+    worst = max(((max(vs), pt) for pt in points if (vs := values(pt, "train_copies"))), key=lambda c: c[0],
+                default=None)
     return ["Train match: per sample, the largest share of token positions its grid shares with one training grid "
-            "(1 = a copy), averaged" + (f" over {fmt_value(n.max(), 0)} samples" if len(n) else "")
+            "(1 = a copy), averaged" + (f" over {fmt_value(max(n), 0)} samples" if n else "")
             + "; the baseline rows give the level of unseen images (the val images' own codes). The reference is "
             "drawn from the train split, so sample metrics reward recall: a row well above the baseline level owes "
             "part of its FID to it. Exact copies of a training grid: "
-            + ("none in any row." if worst is None or worst[1] == 0 else
-               f"at most {100 * worst[1]:.1f}% of the samples ({worst[0]}; `train_copies` in results.csv)."), ""]
+            + ("none in any row." if worst is None or worst[0] == 0 else
+               f"at most {100 * worst[0]:.1f}% of the samples ({worst[1].name}; `train_copies` in results.csv)."), ""]
 
 
 def training_table(df: pd.DataFrame) -> str:
@@ -258,7 +265,8 @@ def training_table(df: pd.DataFrame) -> str:
             continue
         cells = "; ".join(f"{u} {v['best_val']:.3f} ({v['best_step']})" for u, v in units.items())
         total = sum(v["best_val"] for v in units.values())
-        minutes = [f"{r.get(k) / 60:.1f}" if finite(r.get(k)) else "n/a" for k in ("train_seconds", "train_wall_seconds")]
+        minutes = [f"{r.get(k) / 60:.1f}" if finite(r.get(k)) else "n/a"
+                   for k in ("train_seconds", "train_wall_seconds")]
         T = r.get("T") if r.get("T_applies") == "training" else "–"
         lines.append(((ranks[r["prior"]], T if T != "–" else 0, r.get("seed") or 0),
                       f"| {label_of(r)} | {T} | {r.get('seed')} | {cells} | {total:.3f} | {' | '.join(minutes)} |"))
@@ -453,7 +461,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
                "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
                "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
                "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
-        md += copies_text(ok)
+        md += copies_text(points)
         md += resolution_text(points, ref, n_tests) + [""]
     extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
     if extra:

@@ -424,4 +424,3 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
         message, signum = preempted or (f"{signal.Signals(stop.signum).name} while training {prior.name}",
                                         stop.signum)
         raise Preempted(message, signum, stop.previous(signum))
-

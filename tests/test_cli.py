@@ -38,6 +38,9 @@ def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
             assert lo <= base[row][key] <= hi, (row, key)  # clipped to the metric's range (coverage <= 1)
         lo, hi = base[row]["fid_ci"]
         assert lo < base[row]["fid"] < hi
+    # Both rows decode the val images' codes: one closeness to the training grids, a share of positions.
+    assert base["real_val"]["train_match"] == base["reconstruction"]["train_match"]
+    assert 0 < base["real_val"]["train_match"] < 1 and base["real_val"]["n_match_samples"] == 16
     assert base["real_val"]["fid"] < base["reconstruction"]["fid"]
 
     second = run_cli(SMOKE + ["stage=tokens", f"paths.cache={shared_cache}"], cwd=tmp_path / "outputs")
@@ -47,6 +50,20 @@ def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
     for stage in ("data", "tokenizer", "tokens", "reference features", "baselines"):
         assert f"{stage}: reusing cache" in log2
     assert "plan: tokens    cached" in log2 and "plan: tokens    runs" in log
+
+
+def test_baselines_beyond_the_val_split_are_unavailable_with_the_reason(shared_cache, tmp_path):
+    p = run_cli(SMOKE + ["stage=tokens", "eval.num_samples=1000", f"paths.cache={shared_cache}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [r] = job_results(tmp_path / "outputs")
+    base = r["baselines"]
+    sample_keys = {"fid", "kid_mean", "is_mean", "prdc_precision", "recall", "density", "coverage", "train_match",
+                   "train_copies"}
+    assert sample_keys <= set(base["unavailable"])
+    assert all(re.fullmatch(r"the val split has \d+ images, fewer than eval.num_samples=1000", base["unavailable"][k])
+               for k in sample_keys)
+    for row in ("real_val", "reconstruction"):
+        assert not sample_keys & set(base[row]) and base[row]["completion_fid"] > 0  # completion has its own N
 
 
 def test_mirrored_train_tokens_are_the_mirrored_images_codes(shared_cache, tmp_path):
