@@ -102,8 +102,9 @@ def series(r: Report, prior: str, key: str, digits: int) -> str:
 
 
 def mark(r: Report, prior: str, key: str, T: int | None) -> str:
+    # Empty (NaN) for the reference row itself and for metrics a row has no test of.
     sig = r.row(prior, T).get(f"{key}_significant")
-    return " *" if sig is True or sig == "True" else ""
+    return " *" if isinstance(sig, (bool, np.bool_)) and sig else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
