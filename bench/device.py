@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from bench.errors import ConfigError
 
@@ -53,7 +54,11 @@ def resolve_threads(want: Any) -> int:
 
 
 def set_threads(n: int) -> None:
+    """torch's intra-op threads and numpy's BLAS threads (the metrics' float64 linear algebra): a BLAS splits a
+    product's sums by thread, so a job launched where the BLAS would pick another count (a joblib worker gets
+    cpu_count // n_jobs) would round its metrics differently."""
     torch.set_num_threads(int(n))
+    threadpool_limits(limits=int(n), user_api="blas")
 
 
 def autocast(device: torch.device, precision: str):

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     images = emoji_batch(args.n, args.resolution)
     ex = {k: build_extractor(k) for k in args.sources}
     ref = build_extractor("torchscript")(images[:8])[M.FEATURE_POOL]
-    diffs = {k: float((e(images[:8])[M.FEATURE_POOL] - ref).abs().max() / ref.abs().max()) for k, e in ex.items()}
+    # Relative to each row's norm: the quantity float32 rounding bounds (tests/tolerance.py conv_network_error).
+    diffs = {k: float(((e(images[:8])[M.FEATURE_POOL] - ref).norm(dim=1) / ref.norm(dim=1)).max())
+             for k, e in ex.items()}
     pairs = [(k, b) for k in ex for b in args.batch]
     for k, b in pairs:  # warm-up (first calls allocate and pick kernels)
         time_call(ex[k], images[:b], b)
@@ -97,14 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# Inception throughput, {args.n} images of {args.resolution}x{args.resolution} -> 299x299, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"# load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}")
-    print("| source | network batch | images/s (median) | runs | max rel. pool diff vs torchscript |")
+    print("| source | network batch | images/s (median) | runs | max row rel. pool diff vs torchscript |")
     print("| --- | --- | --- | --- | --- |")
     out = {}
     for k, b in pairs:
         med = statistics.median(speeds[(k, b)])
         out[f"{k}@{b}"] = med
         print(f"| {k} | {b} | {med:.2f} | {' '.join(f'{s:.1f}' for s in speeds[(k, b)])} | {diffs[k]:.2e} |")
-    return {"images_per_second": out, "max_rel_diff": diffs}
+    return {"images_per_second": out, "max_row_rel_diff": diffs}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 from bench import metrics as M
 from bench.data import emoji_root, list_images, load_image
+from tests import tolerance as T
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,11 @@ def test_default_route_pool_features_equal_the_torchscript(emoji4):
     a = adopted(emoji4)[M.FEATURE_POOL]
     b = reference(emoji4)[M.FEATURE_POOL]
     assert a.shape == b.shape == (4, M.POOL_DIM) and set(adopted(emoji4[:1])) == {M.FEATURE_POOL}
-    # Tolerance, relative to the largest feature: float32 rounding only. Measured 1.5e-7 with the batch norms
-    # unfolded and 1.5e-6 to 1.9e-6 folded (the folded weights w * g / sqrt(v + eps) round differently). A real
-    # mapping error is far above: swapping two same-shaped branches gives 1.3 (Mixed_6b) to 2.1 (Mixed_7c), a
-    # batch-norm eps of 1e-5 instead of TF's 1e-3 gives 4e-2. 1e-5 sits between the two.
-    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    # Float32 rounding of two routes through the same weights (batch norms folded into the convolutions or not):
+    # each row within conv_network_error of exact (0.13% of its norm), so within twice it. Measured 1.5e-6 to
+    # 1.9e-6 relative to the largest feature. A real mapping error is far above: swapping two same-shaped branches
+    # gives 1.3 (Mixed_6b) to 2.1 (Mixed_7c), a batch-norm eps of 1e-5 instead of TF's 1e-3 gives 4e-2.
+    assert T.max_row_rel_diff(a, b) <= 2 * T.conv_network_error(reference.net)
     assert not adopted.has_logits and "default_1.pt" in adopted.name and "torch-fidelity" in adopted.name
     assert adopted.weights_sha256 == reference.weights_sha256 and len(adopted.weights_sha256) == 64
 
@@ -43,7 +44,8 @@ def test_cpu_chunking_does_not_change_features(emoji4, monkeypatch):
     whole = extractor(emoji4)[M.FEATURE_POOL]
     monkeypatch.setattr(M, "CPU_CHUNK", 3)  # 4 images -> forwards of 3 and 1
     chunked = extractor(emoji4)[M.FEATURE_POOL]
-    assert torch.allclose(whole, chunked, rtol=0, atol=1e-5 * float(whole.abs().max()))
+    # Other batch shapes may take other conv kernels: the rounding bound of one route on either side.
+    assert T.rows_close(chunked, whole, 2 * T.conv_network_error(extractor.net))
 
 
 def test_a_torchscript_that_is_not_the_fid_inception_is_rejected(tmp_path):
@@ -57,5 +59,7 @@ def test_inception_speed_benchmark_runs(capsys):
     import benchmarks.inception_speed as bench_speed
 
     out = bench_speed.main(["--n", "2", "--repeats", "1", "--batch", "2", "--sources", "torch-fidelity"])
-    assert out["images_per_second"]["torch-fidelity@2"] > 0 and out["max_rel_diff"]["torch-fidelity"] < 1e-5
+    reference = M.TorchScriptFIDInception(M.fid_helper_weights_path())
+    assert out["images_per_second"]["torch-fidelity@2"] > 0
+    assert out["max_row_rel_diff"]["torch-fidelity"] <= 2 * T.conv_network_error(reference.net)
     assert "| torch-fidelity | 2 |" in capsys.readouterr().out

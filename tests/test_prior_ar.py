@@ -9,6 +9,7 @@ import priors
 from priors import PRIORS, build_prior
 from priors.ar import ARPrior
 from priors.transformer import filter_logits
+from tests import tolerance as T
 from tests.priortools import count_network_calls
 
 
@@ -43,7 +44,12 @@ def test_exact_nll_matches_brute_force_enumeration():
     seqs = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
     bits = torch.cat([prior.nll(s[None]).per_sequence for s in seqs])  # (27,) one sequence at a time
     p = 2.0 ** (-bits * 3)
-    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # Each token's float32 log-probability within `token` nats of exact (the network's rounding through
+    # log-softmax); a sequence's probability within 3 tokens' error relative, and so is their sum.
+    with torch.no_grad():
+        logits = prior.model(torch.cat([torch.full((27, 1), prior.start_id), seqs[:, :2]], 1))
+    token = T.log_softmax_error(logits, T.transformer_error(16, 2, 3))
+    assert p.sum().item() == pytest.approx(1.0, abs=math.expm1(3 * token))
     assert p.max() > 2.0 / 27  # far from uniform, so the sum is a real check
     with torch.no_grad():
         for s, pi in zip(seqs, p):
@@ -51,14 +57,16 @@ def test_exact_nll_matches_brute_force_enumeration():
             for i in range(3):
                 inp = torch.cat([torch.tensor([prior.start_id]), s[:i]])[None]  # (1, i + 1)
                 chain *= prior.model(inp)[0, -1].double().softmax(-1)[s[i]].item()
-            assert pi.item() == pytest.approx(chain, rel=1e-4)
+            assert pi.item() == pytest.approx(chain, rel=2 * math.expm1(3 * token))  # both routes' errors
     # A batch reports every row, in order; nll is exact.
     batch = prior.nll(seqs)
     assert batch.kind == "exact" and batch.reason is None and not batch.extra
     assert batch.per_sequence.dtype == torch.float64 and batch.per_sequence.device.type == "cpu"
-    torch.testing.assert_close(batch.per_sequence, bits, rtol=1e-5, atol=0)
+    # Bits per token: a mean of 3 log-probabilities, each batch's within `token` nats of exact.
+    per_seq = 2 * token / math.log(2)
+    torch.testing.assert_close(batch.per_sequence, bits, rtol=0, atol=per_seq)
     perm = torch.randperm(27, generator=seeded(0))
-    torch.testing.assert_close(prior.nll(seqs[perm]).per_sequence, bits[perm], rtol=1e-5, atol=0)
+    torch.testing.assert_close(prior.nll(seqs[perm]).per_sequence, bits[perm], rtol=0, atol=per_seq)
 
 
 def test_unit_loss_is_the_nll_in_nats_and_trains():
@@ -66,8 +74,14 @@ def test_unit_loss_is_the_nll_in_nats_and_trains():
     target = torch.tensor([[3, 1, 0, 2, 2, 1]]).repeat(8, 1)  # (B, L)
     prior.eval()
     loss, logs = prior.unit_loss("model", target)
-    assert loss.item() == pytest.approx(prior.nll(target).per_sequence.mean().item() * math.log(2), rel=1e-5)
-    assert logs["bits_per_token"] == pytest.approx(loss.item() / math.log(2))
+    # Two forwards of one network (cross-entropy in float32; log-softmax, then a float64 sum): within twice
+    # log_softmax_error per token (nats), so per mean too.
+    with torch.no_grad():
+        logits = prior.logits(target)
+    token = T.log_softmax_error(logits, T.transformer_error(16, 2, 6))
+    assert loss.item() == pytest.approx(prior.nll(target).per_sequence.mean().item() * math.log(2), rel=0,
+                                        abs=2 * token)
+    assert logs["bits_per_token"] == pytest.approx(loss.item() / math.log(2))  # one division: 1 ulp << 1e-6
     with pytest.raises(ValueError, match="unit=scale2"):
         prior.unit_loss("scale2", target)
     prior.train()
@@ -193,7 +207,8 @@ def test_from_budget_and_arch_config_rebuild():
     rebuilt.load_state_dict(prior.state_dict())
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.logits(x), prior.logits(x))
+        # The same weights, the same shapes, the same kernel: bit-identical.
+        assert torch.equal(rebuilt.logits(x), prior.logits(x))
     with pytest.raises(ValueError, match="too small"):
         ARPrior.from_budget(64, (4, 4), budget=1000, T=2)
     with pytest.raises(ValueError, match="prior.beta"):

@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from priors.base import NLL
-from tests.priortools import all_sequences, count_network_calls
 from priors.imagebart import (ImageBARTPrior, betas_to_alpha_bars, linear_alpha_bars, make_betas,
                               q_marginal_probs, q_onestep_probs, q_posterior_probs, q_sample_marginal,
                               q_sample_onestep)
+from tests import tolerance
+from tests.priortools import all_sequences, count_network_calls
 
 F64 = torch.float64
+# Forward-process probabilities in float64: products of at most T = 9 one-step V x V matrices (V <= 5) and one
+# normalisation, all terms nonnegative, so at most T V + 2 roundings relative: gamma_47 = 5e-15, SAFETY for the
+# pow and division of the schedule arithmetic.
+CHAIN = tolerance.SAFETY * tolerance.gamma(9 * 5 + 2)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,8 +56,8 @@ def test_marginal_is_product_of_onestep_matrices(schedule):
     for t in range(2, T + 1):
         prod = prod @ onestep_matrix(betas[t], V)  # q(x_t | x_1) as a V x V matrix
         marginal = q_marginal_probs(torch.arange(V), alpha_bars[t], V, F64)  # Eq. 6
-        torch.testing.assert_close(marginal, prod, rtol=0, atol=1e-12)
-    assert torch.allclose(prod, torch.full((V, V), 1.0 / V, dtype=F64))  # x_T is uniform
+        torch.testing.assert_close(marginal, prod, rtol=0, atol=CHAIN)
+    torch.testing.assert_close(prod, torch.full((V, V), 1.0 / V, dtype=F64), rtol=0, atol=CHAIN)  # x_T uniform
 
 
 @pytest.mark.parametrize("V", [3, 4])
@@ -70,10 +75,10 @@ def test_posterior_matches_bayes_by_enumeration(V):
             joint = torch.tensor([to_prev[x1, k] * step[k, xt] for k in range(V)], dtype=F64)
             expected = joint / joint.sum()
             got = q_posterior_probs(torch.tensor(xt), torch.tensor(x1), betas[t], alpha_bars[t - 1], V, F64)
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got, expected, rtol=0, atol=CHAIN)
             # its normaliser is q(x_t | x_1) of Eq. 6
             assert math.isclose(joint.sum().item(),
-                                q_marginal_probs(torch.tensor(x1), alpha_bars[t], V, F64)[xt].item(), abs_tol=1e-12)
+                                q_marginal_probs(torch.tensor(x1), alpha_bars[t], V, F64)[xt].item(), abs_tol=CHAIN)
     # beta_T = 1: x_T says nothing, the posterior of the last scale is q(x_{T-1} | x_1)
     x1, xt = torch.arange(V).repeat(V), torch.arange(V).repeat_interleave(V)
     torch.testing.assert_close(q_posterior_probs(xt, x1, 1.0, 0.3, V, F64), q_marginal_probs(x1, 0.3, V, F64))
@@ -83,6 +88,7 @@ def test_forward_samplers_match_their_distributions():
     V, n = 4, 40000
     g = torch.Generator().manual_seed(0)
     x = torch.full((n, 1), 2, dtype=torch.long)
+    # Frequencies of n = 40000 draws: sd <= sqrt(0.25 / n) = 0.0025 each, so 0.012 is 4.8 sd.
     for alpha_bar in (0.0, 0.35, 1.0):
         freq = torch.bincount(q_sample_marginal(x, alpha_bar, V, g).flatten(), minlength=V).double() / n
         torch.testing.assert_close(freq, q_marginal_probs(torch.tensor(2), alpha_bar, V, F64), rtol=0, atol=0.012)
@@ -100,6 +106,7 @@ def test_training_pairs_follow_the_forward_chain():
     freq = torch.bincount((x_prev * V + x_t).flatten(), minlength=V * V).double().view(V, V) / n
     joint = q_marginal_probs(torch.tensor(1), prior.alpha_bars[t - 1], V, F64)[:, None] * \
         onestep_matrix(prior.betas[t], V)  # [x_{t-1}, x_t]
+    # n = 60000 draws over 9 cells: sd <= sqrt(0.25 / n) = 0.002 each, so 0.01 is 5 sd.
     torch.testing.assert_close(freq, joint, rtol=0, atol=0.01)
 
 
@@ -112,11 +119,12 @@ def test_linear_schedule(T):
     betas = make_betas("linear", T)
     ab = betas_to_alpha_bars(betas)
     assert len(betas) == T + 1 and betas[T] == 1.0 and ab[T] == 0.0
+    # Scalar float64 arithmetic of at most T = 9 products and divisions: within CHAIN of the closed forms.
     for t in range(1, T + 1):
-        assert math.isclose(ab[t], (T - t) / (T - 1), abs_tol=1e-12)  # linear from 1 at t=1 to 0 at t=T
-        assert math.isclose(ab[t], linear_alpha_bars(T)[t], abs_tol=1e-12)
+        assert math.isclose(ab[t], (T - t) / (T - 1), abs_tol=CHAIN)  # linear from 1 at t=1 to 0 at t=T
+        assert math.isclose(ab[t], linear_alpha_bars(T)[t], abs_tol=CHAIN)
     for t in range(2, T + 1):
-        assert math.isclose(betas[t], 1.0 / (T - t + 1), rel_tol=1e-12)  # the official "geometric" redraw probs
+        assert math.isclose(betas[t], 1.0 / (T - t + 1), rel_tol=CHAIN)  # the official "geometric" redraw probs
 
 
 def test_explicit_schedules_round_trip():
@@ -126,9 +134,9 @@ def test_explicit_schedules_round_trip():
     ab = betas_to_alpha_bars(betas)
     assert math.isclose(ab[3] * 256, 166.5, abs_tol=0.5)  # Tab. 5 "effective seq. length" 166
     again = make_betas({"alpha_bars": ab[2:]}, 4)
-    assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(again, betas))
+    assert all(math.isclose(a, b, abs_tol=CHAIN) for a, b in zip(again, betas))
     ab_given = [0.75, 0.5, 0.5, 0.0]  # equal consecutive alpha_bars (beta = 0) are allowed
-    assert all(math.isclose(a, b, abs_tol=1e-12)
+    assert all(math.isclose(a, b, abs_tol=CHAIN)
                for a, b in zip(betas_to_alpha_bars(make_betas({"alpha_bars": ab_given}, 5))[2:], ab_given))
 
 
@@ -184,6 +192,15 @@ def transition_matrices(prior: ImageBARTPrior, seqs: torch.Tensor) -> dict[int, 
                 for t in range(2, prior.T + 1)}
 
 
+def scale_logits(prior: ImageBARTPrior, seqs: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every scale's logits for every (x_{t-1}, x_t) pair of sequences: what transition_matrices normalises."""
+    S = seqs.shape[0]
+    x_t, x_prev = seqs.repeat_interleave(S, 0), seqs.repeat(S, 1)
+    with torch.no_grad():
+        return {t: prior.units()[f"scale{t}"](x_prev, x_t if prior.units()[f"scale{t}"].encoder is not None else None)
+                for t in range(2, prior.T + 1)}
+
+
 def exact_nll_and_elbo(prior: ImageBARTPrior, x1: torch.Tensor) -> tuple[float, float]:
     """-log p(x_1) of the model's chain (sum over x_2..x_T, p(x_T) uniform) and the ELBO computed
     with every expectation enumerated, both in nats for one sequence x1 (L,)."""
@@ -191,12 +208,16 @@ def exact_nll_and_elbo(prior: ImageBARTPrior, x1: torch.Tensor) -> tuple[float, 
     seqs = all_sequences(V, L)
     S = seqs.shape[0]
     P = transition_matrices(prior, seqs)
+    # A sequence's probability is a product of L float64 softmax entries of shared logits: relative error
+    # L log_softmax_error each; sums over S sequences keep it (the terms are positive), T - 1 chained ones add.
+    token = max(tolerance.log_softmax_error(logits) for logits in scale_logits(prior, seqs).values())
+    tol = (T - 1) * L * token + tolerance.gamma(S * T)
     for t in P:  # every scale is a normalised distribution over whole sequences
-        torch.testing.assert_close(P[t].sum(1), torch.ones(S, dtype=F64), rtol=0, atol=1e-9)
+        torch.testing.assert_close(P[t].sum(1), torch.ones(S, dtype=F64), rtol=0, atol=tol)
     dist = torch.full((S,), 1.0 / S, dtype=F64)
     for t in range(T, 1, -1):
         dist = dist @ P[t]  # p(x_{t-1})
-    assert math.isclose(dist.sum().item(), 1.0, abs_tol=1e-9)
+    assert math.isclose(dist.sum().item(), 1.0, abs_tol=tol)
     i1 = int((seqs == x1).all(1).nonzero())
     nll = -math.log(dist[i1].item())
 
@@ -248,12 +269,18 @@ def test_T2_nll_is_exact_ar_likelihood():
             ctx = torch.cat([torch.full((len(seqs), 1), V), seqs[:, :i]], 1)
             logits = model.decoder(ctx)[:, -1].double()
             logp += logits.log_softmax(-1).gather(1, seqs[:, i:i + 1]).squeeze(1)
-    assert math.isclose(logp.exp().sum().item(), 1.0, abs_tol=1e-9)
+    # float64 network: each token's log-probability within `token` nats of exact, for this forward and for the
+    # prior's own (another batch shape: other roundings); a sequence's probability within 3 tokens' error.
+    with torch.no_grad():
+        logits = model.decoder(torch.cat([torch.full((len(seqs), 1), V), seqs[:, :2]], 1))
+    token = tolerance.log_softmax_error(logits, tolerance.transformer_error(16, 2, 3, eps=tolerance.EPS64))
+    assert math.isclose(logp.exp().sum().item(), 1.0, abs_tol=math.expm1(3 * token))
     est = prior.nll(seqs)
     assert est.kind == "exact" and est.per_sequence.shape == (len(seqs),)
-    torch.testing.assert_close(est.per_sequence, -logp / (3 * math.log(2)), rtol=1e-5, atol=0)  # row by row
+    bits = -logp / (3 * math.log(2))
+    torch.testing.assert_close(est.per_sequence, bits, rtol=0, atol=2 * token / math.log(2))  # row by row
     loss, _ = prior.unit_loss("scale2", seqs)  # Eq. 8 with x_2 independent: the AR cross-entropy
-    assert math.isclose(loss.item(), (-logp / 3).mean().item(), rel_tol=1e-5)
+    assert math.isclose(loss.item(), (-logp / 3).mean().item(), rel_tol=0, abs_tol=2 * token)
 
 
 def test_unit_losses_and_gradients_stay_in_their_unit():
@@ -265,7 +292,7 @@ def test_unit_losses_and_gradients_stay_in_their_unit():
         prior.zero_grad(set_to_none=True)
         loss, logs = prior.unit_loss(unit, x, torch.Generator().manual_seed(0))
         assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() >= 0  # CE and KL are non-negative
-        assert math.isclose(logs["loss"], loss.item())
+        assert logs["loss"] == loss.item()  # the same float, logged
         loss.backward()
         for name, other in prior.units().items():
             has_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in other.parameters())
@@ -291,7 +318,9 @@ def test_likelihood_residual_sets_the_untrained_conditional(residual):
         p = model(x_prev, x_t).softmax(-1)  # (3, 6, V)
         want = q_onestep_probs(x_t, prior.betas[t], V, F64) if residual and t < T \
             else torch.full((3, 6, V), 1.0 / V, dtype=F64)
-        torch.testing.assert_close(p, want, rtol=0, atol=1e-12)
+        # float64 softmax of the residual log q(x_t | x_{t-1}) alone (the head is zero): a few roundings of
+        # probabilities <= 1 over V = 5 classes, gamma_{V + 2} each, SAFETY for exp and log.
+        torch.testing.assert_close(p, want, rtol=0, atol=tolerance.SAFETY * tolerance.gamma(V + 2))
     # Sampling scale 3 (beta_3 = 1/2 for T = 4) from a constant x_3 copies it with probability 1/2 + 1/10.
     x3 = torch.full((400, 6), 2)
     same = (prior.eval().sample_scale(3, x3, torch.Generator().manual_seed(1)) == 2).double().mean().item()

@@ -139,7 +139,8 @@ def test_truncated_cache_file_is_rebuilt(copy_token_cache, tmp_path, stage, file
     assert f"{target.parent} is invalid: {filename} is truncated" in log
     [a], [b] = job_results(tmp_path / "a"), job_results(tmp_path / "b")
     assert b["status"] == "ok"
-    assert a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+    # The rebuilt stage is the same computation on the same kernel and thread counts: the same FID.
+    assert a["fid"] == b["fid"]
 
 
 def test_one_failing_point_does_not_stop_the_sweep(copy_token_cache, tmp_path):
