@@ -51,6 +51,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from tqdm import tqdm
 
 from bench.errors import ConfigError
+from bench.weights import DOWNLOAD, Weights, is_url, resolve
 
 # Result keys: the names results.json uses (DESIGN.md section 4).
 KEY_FID = "fid"
@@ -86,6 +87,7 @@ DEFAULT_FEATURE_BATCH_SIZE = 64
 CPU_CHUNK = 8
 
 TORCH_FIDELITY_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
+INCEPTION_WEIGHTS = Weights(WEIGHTS_OPTION, URL_INCEPTION_V3, "a torch-fidelity InceptionV3 state dict")
 
 
 class InceptionWeightsNotFound(ConfigError, FileNotFoundError):
@@ -324,13 +326,17 @@ def torch_fidelity_cached_weights_path() -> Path:
 
 
 def load_feature_extractor(weights: str | os.PathLike | None = None, device: str = "cpu") -> FeatureExtractor:
-    """Pick the Inception source; never downloads.
+    """Pick the Inception source; downloads only when asked.
 
     weights=None: torch-fidelity's weights if they are already in torch's hub cache (with logits, so IS works),
                   else the weights of the offline TorchScript port `default_1.pt` run through torch-fidelity's
                   module (pool features only; faster than the TorchScript graph, same features).
+    weights="download" or an http(s) URL: torch-fidelity's file (or that mirror's), fetched once into torch's
+                  hub cache and checked against its sha256 prefix (bench/weights.py).
     weights=PATH: torch-fidelity's InceptionV3 with that state-dict file.
     """
+    if weights is not None and (str(weights) == DOWNLOAD or is_url(str(weights))):
+        return TorchFidelityInception(resolve(weights, INCEPTION_WEIGHTS), device)
     if weights is not None:
         path = Path(os.path.expanduser(str(weights)))
         if not path.is_file():
@@ -500,7 +506,7 @@ def features_to_prdc(
 
 NO_LOGITS_REASON = (
     "no Inception logits: offline FID Inception (default_1.pt) has pool features only; "
-    f"pass {WEIGHTS_OPTION}=PATH"
+    f"pass {WEIGHTS_OPTION}={DOWNLOAD} (torch-fidelity's file, fetched once) or {WEIGHTS_OPTION}=PATH"
 )
 
 

@@ -109,6 +109,9 @@ def tokenizer_key(cfg: Any, data_key: str) -> str:
     # Whether LPIPS can run changes the trained weights, so it is part of the key.
     lpips_on = float(cfg.train.get("perceptual_weight", 0.0)) > 0 and lpips_available()
     options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in TOKENS_ONLY_OPTIONS}
+    # Where LPIPS's weights come from is not what they are (lpips_on and the file's fixed hash are).
+    if isinstance(options.get("train"), dict):
+        options["train"] = {k: v for k, v in options["train"].items() if k != "vgg16_weights"}
     return content_key("tokenizer-vqgan-v1", data_key, options, lpips_on)
 
 
@@ -133,6 +136,10 @@ def load_tokenizer(tok_dir: Path, cfg: Any, device: str = "cpu"):
 
 
 def build_tokenizer(cfg: Any, data: ImageData, cache_root: Path, device: str = "cpu") -> tuple[Path, str]:
+    if cfg.kind != "taming" and float(cfg.train.get("perceptual_weight", 0.0)) > 0:
+        from bench.vqgan_train import provide_vgg16
+
+        provide_vgg16(cfg.train.get("vgg16_weights"))  # before the key: it says whether LPIPS is on
     key = tokenizer_key(cfg, data.key)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -154,7 +161,8 @@ def build_tokenizer(cfg: Any, data: ImageData, cache_root: Path, device: str = "
             from bench.vqgan_train import lpips_available, vgg16_weights_path
 
             log.info("tokenizer: LPIPS perceptual term %s", "on" if lpips_available() else
-                     f"off: its VGG16 weights are not at {vgg16_weights_path()} (nothing is downloaded)")
+                     f"off: its VGG16 weights are not at {vgg16_weights_path()} "
+                     f"(tokenizer.train.vgg16_weights=download fetches them)")
         else:
             log.info("tokenizer: LPIPS perceptual term off (tokenizer.train.perceptual_weight=0)")
         t0 = time.time()

@@ -9,8 +9,9 @@ and of the PatchGAN discriminator the hinge loss 0.5 * (E[relu(1 - D(x))] + E[re
 The GAN terms switch on after `disc_start` steps, as taming's `adopt_weight`.
 
 LPIPS: the `lpips` package ships its linear heads, but its VGG16 backbone comes from
-torchvision's download cache. We never download: the perceptual term is on only when
-`vgg16-397923af.pth` is already in the torch hub checkpoint folder (and perceptual_weight > 0).
+torchvision's download cache. The perceptual term is on when `vgg16-397923af.pth` is in the torch hub
+checkpoint folder (and perceptual_weight > 0); `tokenizer.train.vgg16_weights` (download, a URL or a PATH,
+bench/weights.py) puts it there when asked. Nothing is downloaded otherwise.
 
 Deviations from taming, for CPU budgets (none changes the loss):
 - Before `disc_start` the discriminator is neither run nor updated (taming runs it and multiplies
@@ -38,13 +39,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import VGG16_Weights
 from tqdm import tqdm
 
 from bench.train import lr_factor
 from bench.vqgan import VQModel, images_to_unit
+from bench.weights import Weights, place_in_hub, resolve
 
 # torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads
-VGG16_FILE = "vgg16-397923af.pth"
+VGG16_WEIGHTS = Weights("tokenizer.train.vgg16_weights", VGG16_Weights.IMAGENET1K_V1.url,
+                        "torchvision's VGG16 ImageNet weights")
+VGG16_FILE = VGG16_WEIGHTS.file_name
 
 
 @dataclass
@@ -67,6 +72,7 @@ class VQGANTrainConfig:
     dead_code_every: int = 0  # > 0: every this many steps, restart codes unused in them (0: never)
     lr_schedule: str = "constant"  # "constant" (taming) | "cosine" (half-cosine decay over `steps`)
     lr_min_ratio: float = 0.0  # with "cosine": the final lr as a fraction of `lr`
+    vgg16_weights: str | None = None  # LPIPS's backbone: null (hub cache only) | download | URL | PATH
 
     def __post_init__(self) -> None:
         if self.codebook_init not in ("random", "kmeans"):
@@ -79,6 +85,13 @@ class VQGANTrainConfig:
 
 def vgg16_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+
+
+def provide_vgg16(value: str | None) -> None:
+    """Put the file `tokenizer.train.vgg16_weights` names where LPIPS's torchvision backbone looks for it."""
+    path = resolve(value, VGG16_WEIGHTS)
+    if path is not None:
+        place_in_hub(path, VGG16_WEIGHTS)
 
 
 def lpips_available() -> bool:
