@@ -22,6 +22,17 @@ def sweep_dir_of(config: DictConfig) -> Path:
     return Path(to_absolute_path(str(config.hydra.sweep.dir)))
 
 
+def announce_cost(config: DictConfig) -> None:
+    """The sweep's cost before its first job (bench/planning.py). An estimate: if it cannot be made, the sweep
+    says so and runs."""
+    from bench.planning import log_sweep_cost
+
+    try:
+        log_sweep_cost(config)
+    except Exception as e:  # noqa: BLE001 - the plan informs; it never stops a sweep
+        log.warning("sweep plan: not available (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
 class ReportCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A fresh id per launch: jobs record it, so folders left by an earlier grid of the same name are stale."""
@@ -29,6 +40,7 @@ class ReportCallback(Callback):
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / SWEEP_MANIFEST, {"id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                "overrides": list(config.hydra.overrides.task)})
+        announce_cost(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from bench.report import ReportError, write_report

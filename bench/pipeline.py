@@ -3,7 +3,9 @@
     run_job(cfg, job_dir) -> results dict        (also written to job_dir/results.json)
 
       validate      every option, before any work (one-line ConfigError)
-      plan          which stages are cached and which will run, with the work they stand for
+      plan          which stages are cached and which will run, with the work they stand for, and the job's cost
+                    (FLOPs, Inception passes, cache disk, hours on named devices: bench/cost.py); stage=plan
+                    stops here
       data          images and the train/val split
       tokens        tokenizer (trained or loaded) and the shared token cache
       reference     Inception features of a seeded sample of the train split
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench import cost as C
 from bench import device as D
 from bench import metrics as M
 from bench.cache import MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
@@ -40,13 +43,15 @@ from bench.evaluate import (build_baselines, build_reference, evaluate_prior, lo
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.results import KEYS, empty_results
 from bench.tokens import (TokenSet, build_tokens, hflip_train, load_tokenizer, tokenizer_key, tokens_key,
-                          validate_tokenizer)
+                          validate_tokenizer, vqgan_configs)
 from bench.train import resolve_unit_workers, train_units
+from bench.vqgan import config_from_taming_yaml
 from priors import Prior, build_prior, prior_class
+from priors.flops import matmul_peak_flops
 
 log = logging.getLogger("priorbench")
 
-STAGES = ("tokens", "train", "all")
+STAGES = ("plan", "tokens", "train", "all")
 # Bytes per trainable parameter while training: fp32 weights, gradients, AdamW's two moments, the EMA copy and
 # the best-checkpoint copy; activations come on top, so this is a lower bound on what training needs.
 TRAIN_BYTES_PER_PARAM = 4 * 6
@@ -268,7 +273,7 @@ def plan(job: Job) -> list[str]:
                                f"completions, NLL of {len(val_files)} val sequences, {cfg.eval.bootstrap} "
                                "bootstrap resamples"),
     ]
-    last = {"tokens": "baselines", "train": "train", "all": "eval"}[cfg.stage]
+    last = {"plan": "eval", "tokens": "baselines", "train": "train", "all": "eval"}[cfg.stage]
     lines = []
     for stage, folder, key, work in rows:
         state = "cached" if _cached(cache, folder, key) else "runs"
@@ -276,6 +281,29 @@ def plan(job: Job) -> list[str]:
         if stage == last:
             break
     return lines
+
+
+def cost_plan(job: Job) -> C.Cost:
+    """The job's cost (bench/cost.py) from its configuration and file counts alone, the prior built at n_embed
+    codes (the effective codebook is at most that); the job's device peak measured in a fraction of a second."""
+    cfg, s = job.cfg, job.settings
+    prior = build_prior_checked(cfg, s.n_embed, s.grid)
+    _, _, train_files, val_files = data_key(cfg.data, s.files)
+    n_train, n_val = len(train_files), len(val_files)
+    counts = {"n_train": n_train, "n_val": n_val,
+              "n_reference": min(cfg.eval.num_reference or n_train, n_train),
+              "n_completions": min(cfg.eval.completion_samples or n_val, n_val)}
+    counts["n_encoded"] = n_train * (2 if hflip_train(cfg.tokenizer) else 1) + n_val
+    own = (torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "this CPU",
+           matmul_peak_flops(s.device, seconds=0.2))
+    if cfg.tokenizer.kind == "taming":
+        model_cfg, vq_training = config_from_taming_yaml(str(Path(str(cfg.tokenizer.config)).expanduser())), None
+    else:
+        model_cfg, vq_train_cfg = vqgan_configs(cfg.tokenizer)
+        vq_training = (vq_train_cfg.steps, vq_train_cfg.batch_size)
+    return C.estimate(prior, s.params, cfg, counts, int(cfg.data.resolution),
+                      C.inception_flops_per_image(job.extractor), own, codec=C.vqgan_flops(model_cfg),
+                      tokenizer_training=vq_training)
 
 
 def data_stage(job: Job) -> ImageData:
@@ -431,6 +459,13 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         job = Job(cfg, job_dir, settings, results, extractor)
         for line in plan(job):
             log.info(line)
+        cost = cost_plan(job)
+        for line in cost.lines():
+            log.info("plan: %s", line)
+        results.update(cost.as_results())
+        if cfg.stage == "plan":
+            log.info("stage=plan: stopping before any stage")
+            return finish(job, t_job)
         name, _ = prior_settings(cfg)
         job.logger = make_logger(cfg, job_dir, prior=name, T=cfg.T, seed=cfg.seed, config=container(cfg))
 

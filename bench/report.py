@@ -276,6 +276,26 @@ def training_table(df: pd.DataFrame) -> str:
                       "|---|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
 
 
+def cost_table(df: pd.DataFrame) -> str:
+    """Per job: the plan's estimated minutes on each device beside the measured job minutes."""
+    if "plan_hours" not in df.columns:
+        return ""
+    rows = df[df["plan_hours"].apply(lambda h: isinstance(h, dict) and bool(h))]
+    if rows.empty:
+        return ""
+    devices = list(dict.fromkeys(name for h in rows["plan_hours"] for name in h))
+    ranks = prior_ranks(df)
+    lines = []
+    for _, r in rows.iterrows():
+        planned = [f"{60 * r['plan_hours'][d]:.3g}" if d in r["plan_hours"] else "n/a" for d in devices]
+        measured = f"{r['job_seconds'] / 60:.2f}" if finite(r.get("job_seconds")) else "n/a"
+        lines.append(((ranks[r["prior"]], r.get("T") or 0, r.get("seed") or 0),
+                      f"| {label_of(r)} | {r.get('T')} | {r.get('seed')} | {' | '.join(planned)} | {measured} |"))
+    head = " | ".join(f"planned min, {d}" for d in devices)
+    return "\n".join([f"| Prior | T | seed | {head} | measured job min |", "|---" * (len(devices) + 4) + "|",
+                      *[ln for _, ln in sorted(lines)]])
+
+
 # ---- figures ---------------------------------------------------------------
 
 def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
@@ -496,6 +516,14 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
                "evaluation uses). ImageBART's scale 2 is Eq. 8's cross-entropy and scales t > 2 the Eq. 7 KL terms, "
                "so their sum is its ELBO on the validation batches; absorbing's is its Eq. 6 ELBO. Jobs that share "
                "a training run are shown once.", "", training, ""]
+
+    cost = cost_table(df)
+    if cost:
+        md += ["## Cost: planned and measured", "",
+               "Each job's plan before it ran (bench/cost.py: model FLOPs at a stated share of each device's peak; "
+               "the job's own device at its measured matmul peak) beside the job's measured wall time. Shared "
+               "stages are planned in every job but run once, so a job that found them cached takes less than "
+               "planned.", "", cost, ""]
 
     figs = figures(points, out / "figures")
     if figs:

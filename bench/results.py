@@ -115,6 +115,22 @@ SCHEMA: tuple[Key, ...] = (
     Key("batch_size", "batch", digits=0, source="speed"),
     Key("peak_memory_mb", "peak MB", "MiB", 0, source="speed",
         doc="CUDA: peak allocated during sampling; CPU: peak RSS of the job's sampling (reset before)"),
+    # the cost plan (bench/cost.py), estimated before any work
+    Key("plan_train_flops", "planned train FLOP", "FLOP", 0, source="plan",
+        doc="model FLOPs of training every unit (3 x forward x batch x steps) and its validation forwards"),
+    Key("plan_sample_flops", "planned sample FLOP", "FLOP", 0, source="plan",
+        doc="model FLOPs of the evaluation's samples and completions (the prior's sample_flops per image)"),
+    Key("plan_inception_images", "planned Inception images", digits=0, source="plan",
+        doc="Inception forwards: reference, samples, completions and the two baseline rows"),
+    Key("plan_inception_flops", "planned Inception FLOP", "FLOP", 0, source="plan"),
+    Key("plan_tokenizer_flops", "planned tokenizer FLOP", "FLOP", 0, source="plan",
+        doc="training the VQGAN here (0 for a released one), encoding the images, decoding reconstructions, "
+            "samples and completions"),
+    Key("plan_disk_bytes", "planned cache disk", "B", 0, source="plan",
+        doc="token cache, reference features, checkpoints and samples this job's stages write"),
+    Key("plan_hours", "planned hours", "h", 2, source="plan",
+        doc="estimated hours per device (A100, H100 SXM at bf16 peak, the job's own device at its measured peak), "
+            "at bench.cost.UTILISATION"),
     Key("compute_precision", "precision", source="env", doc="fp32 | bf16 (compute dtype of sampling/training)"),
     Key("device", "device", source="env"),
     Key("tokens_key", "tokens key", source="job"),

@@ -1,0 +1,202 @@
+"""What a job will cost, from its configuration alone: FLOPs, cache disk and hours on named devices.
+
+Counted with the model-FLOP convention of priors/flops.py (2 FLOPs per weight per token, attention over the
+(query, key) pairs a pass reads; embeddings, norms and softmaxes count 0):
+
+    training     3 x the forward FLOPs of every transformer of every unit (forward, and a backward of twice the
+                 forward: the gradients of the activations and of the weights) x batch x steps, plus the
+                 validation forwards (val_batches x batch every val_every steps)
+    sampling     the prior's own sample_flops per image (the path it samples with) x (samples + completions);
+                 completions generate part of a grid, so counting whole images bounds them from above
+    Inception    one forward per image it sees (reference, samples, completions, the two baseline rows), its
+                 FLOPs counted by torch's FlopCounterMode on one 299 x 299 forward
+    tokenizer    training a VQGAN here: 3 x its encoder and decoder forward x batch x steps (the discriminator
+                 and LPIPS excluded); encoding every train and val image (the tokens stage), decoding the val
+                 reconstructions, samples and completions; encoder and decoder FLOPs counted by FlopCounterMode
+                 on the meta device (shapes only, nothing computed)
+    disk         token cache (int64), reference features (float32), the prior's checkpoints (weights, EMA, best
+                 copy and AdamW's two moments: 5 float32 copies of the parameters) and the samples file
+
+Hours divide FLOPs by a device's peak times a stated utilisation per phase (UTILISATION: what a well-fed
+training step, a memory-bound decode and a convolution network reach). Peaks: the vendors' dense bf16 figures
+for GPUs, and for the CPU the float32 matmul peak measured on this machine (priors.flops.matmul_peak_flops).
+Estimates, not promises; the report puts the measured times beside them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from priors.flops import call_flops, causal_pairs, sample_flops_per_image
+from priors.transformer import Transformer
+
+FLOAT = 4
+GPU_PEAKS = {  # dense bf16 tensor-core FLOP/s, the vendors' data sheets
+    "A100": 312e12,
+    "H100 SXM": 989e12,
+}
+UTILISATION = {"training": 0.40, "sampling": 0.10, "inception": 0.30}
+CHECKPOINT_COPIES = 5  # weights, EMA, best copy, AdamW's two moments
+
+
+@dataclass
+class Cost:
+    """One job's estimate; hours per device name."""
+    params: int
+    train_flops: float
+    sample_flops: float
+    inception_images: int
+    inception_flops: float
+    tokenizer_flops: float  # training the VQGAN (0 for a released one), encoding and decoding
+    disk_bytes: int
+    hours: dict[str, float]
+
+    def as_results(self) -> dict[str, Any]:
+        """The plan_* keys of results.json (bench/results.py); params has its own key."""
+        out = asdict(self)
+        out.pop("params")
+        return {f"plan_{k}": v for k, v in out.items()}
+
+    def lines(self) -> list[str]:
+        hours = ", ".join(f"{name} {format_hours(h)}" for name, h in self.hours.items())
+        return [
+            f"cost: {self.params:,} parameters; training {self.train_flops:.3g} FLOPs, sampling "
+            f"{self.sample_flops:.3g} FLOPs, Inception {self.inception_images:,} images ({self.inception_flops:.3g} "
+            f"FLOPs), tokenizer {self.tokenizer_flops:.3g} FLOPs; cache disk {format_bytes(self.disk_bytes)}",
+            f"cost: estimated time {hours} (utilisation: training {UTILISATION['training']:.0%}, sampling "
+            f"{UTILISATION['sampling']:.0%}, Inception {UTILISATION['inception']:.0%} of peak)",
+        ]
+
+
+def format_hours(h: float) -> str:
+    if h < 1 / 3600:
+        return "<1 s"
+    if h < 1 / 60:
+        return f"{h * 3600:.0f} s"
+    if h < 1:
+        return f"{h * 60:.1f} min"
+    if h < 48:
+        return f"{h:.1f} h"
+    return f"{h / 24:.1f} days"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def forward_flops(t: Transformer) -> int:
+    """Model FLOPs of one forward of a whole sequence through Transformer t (priors/flops.py's convention); a
+    cross-attending decoder reads an encoder memory of its own length, projected once."""
+    c = t.cfg
+    pairs = causal_pairs(0, c.seq_len) if c.causal else c.seq_len * c.seq_len
+    memory = c.seq_len if c.cross_attn else 0
+    return call_flops(c, c.seq_len, pairs, memory, project_memory=c.cross_attn)
+
+
+def unit_forward_flops(prior: Any) -> dict[str, int]:
+    """Forward FLOPs of one sequence per unit: the sum over the shared transformers the unit runs."""
+    return {name: sum(forward_flops(m) for m in unit.modules() if isinstance(m, Transformer))
+            for name, unit in prior.units().items()}
+
+
+def training_flops(prior: Any, batch_size: int, steps: int, val_every: int, val_batches: int) -> float:
+    """Every unit's training steps (3 x forward) and validation forwards."""
+    per_seq = sum(unit_forward_flops(prior).values())
+    validations = steps // max(val_every, 1) + 1
+    return float(per_seq * batch_size * (3 * steps + val_batches * validations))
+
+
+_INCEPTION_FLOPS: dict[str, float] = {}
+_VQGAN_FLOPS: dict[str, tuple[float, float]] = {}
+
+
+def vqgan_flops(model_cfg: Any) -> tuple[float, float]:
+    """(encoder, decoder) FLOPs of one image through a VQGAN of this config (quant convs included), counted on
+    the meta device: no weights, no arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.vqgan import VQModel
+
+    key = repr(model_cfg)
+    if key not in _VQGAN_FLOPS:
+        with torch.device("meta"):
+            model = VQModel(model_cfg)
+            x = torch.zeros(1, 3, model_cfg.resolution, model_cfg.resolution)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            h = model.quant_conv(model.encoder(x))
+        encode = float(counter.get_total_flops())
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.decode(h)
+        _VQGAN_FLOPS[key] = (encode, float(counter.get_total_flops()))
+    return _VQGAN_FLOPS[key]
+
+
+def inception_flops_per_image(extractor: Any) -> float:
+    """FLOPs of one 299 x 299 forward of the extractor's network (torch's FlopCounterMode, once per network)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.metrics import INCEPTION_SIZE
+
+    key = extractor.name
+    if key not in _INCEPTION_FLOPS:
+        image = torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, dtype=torch.uint8)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            extractor(image)
+        _INCEPTION_FLOPS[key] = float(counter.get_total_flops())
+    return _INCEPTION_FLOPS[key]
+
+
+def disk_bytes(prior: Any, params: int, n_images: int, n_reference: int, n_samples: int, n_completions: int,
+               resolution: int, logits: bool) -> int:
+    tokens = n_images * prior.seq_len * 8
+    features = n_reference * (2048 + (1008 if logits else 0)) * FLOAT
+    checkpoints = params * FLOAT * CHECKPOINT_COPIES
+    samples = (n_samples + n_completions) * (3 * resolution * resolution + prior.seq_len * 8)
+    return int(tokens + features + checkpoints + samples)
+
+
+def estimate(prior: Any, params: int, cfg: Any, counts: dict[str, int], resolution: int,
+             inception_per_image: float, own_peak: tuple[str, float] | None, train: bool = True,
+             codec: tuple[float, float] = (0.0, 0.0), tokenizer_training: tuple[int, int] | None = None) -> Cost:
+    """The job's cost. counts: n_train, n_val, n_reference, n_completions (after clipping to the val split), and
+    n_encoded (images the tokens stage encodes); own_peak: the job's own device (its name and measured peak),
+    beside the named GPUs. train=False: a released prior, nothing to train. codec: the tokenizer's (encoder,
+    decoder) FLOPs per image; tokenizer_training: (steps, batch) when the tokenizer is trained here."""
+    t, e = cfg.train, cfg.eval
+    train_flops = training_flops(prior, int(t.batch_size), int(t.steps), int(t.val_every),
+                                 int(t.val_batches)) if train else 0.0
+    n_samples = int(e.num_samples)
+    per_image = sample_flops_per_image(prior) or 0.0
+    sample_flops = per_image * (n_samples + counts["n_completions"])
+    # Reference, samples, completions, and the two baseline rows (real val images, reconstructions) at N.
+    images = counts["n_reference"] + n_samples + counts["n_completions"] + 2 * min(n_samples, counts["n_val"])
+    inception_flops = images * inception_per_image
+    encode, decode = codec
+    vq_train = 3 * (encode + decode) * tokenizer_training[0] * tokenizer_training[1] if tokenizer_training else 0.0
+    vq_codec = encode * counts.get("n_encoded", counts["n_train"] + counts["n_val"]) + decode * (
+        counts["n_val"] + n_samples + counts["n_completions"])
+    peaks = dict(GPU_PEAKS)
+    if own_peak:
+        peaks[own_peak[0]] = own_peak[1]
+    work = ((train_flops + vq_train) / UTILISATION["training"] + sample_flops / UTILISATION["sampling"]
+            + (inception_flops + vq_codec) / UTILISATION["inception"])
+    hours = {name: work / peak / 3600 for name, peak in peaks.items()}
+    disk = disk_bytes(prior, params, counts["n_train"] + counts["n_val"], counts["n_reference"], n_samples,
+                      counts["n_completions"], resolution, logits=False)
+    return Cost(params, train_flops, sample_flops, images, inception_flops, vq_train + vq_codec, disk, hours)
+
+
+def total(costs: list[Cost]) -> Cost:
+    """A sweep's total over its jobs' estimates (shared stages counted per job: an upper bound)."""
+    names = costs[0].hours.keys() if costs else []
+    return Cost(sum(c.params for c in costs), sum(c.train_flops for c in costs), sum(c.sample_flops for c in costs),
+                sum(c.inception_images for c in costs), sum(c.inception_flops for c in costs),
+                sum(c.tokenizer_flops for c in costs), sum(c.disk_bytes for c in costs),
+                {n: math.fsum(c.hours[n] for c in costs) for n in names})

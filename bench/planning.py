@@ -1,0 +1,82 @@
+"""A sweep's cost before its first job: every job's plan (bench/cost.py) and their total, printed at launch.
+
+The jobs are enumerated as Hydra's sweeper will launch them (its own split of the command line's sweep
+overrides, each job's config composed by Hydra's config loader), validated as the job will be, and costed from
+configuration and file counts alone. A job whose options are wrong is left out with its one-line reason: it
+fails by itself, before any work, when it runs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from bench import cost as C
+from bench.errors import ConfigError
+
+log = logging.getLogger("priorbench")
+
+
+@dataclass
+class JobCost:
+    label: str  # prior=..., T=..., seed=...
+    cost: C.Cost | None
+    error: str | None = None
+
+
+def sweep_job_configs(config: DictConfig) -> list[DictConfig]:
+    """Each job's composed config, in launch order, as Hydra's basic sweeper splits the sweep."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [loader.load_sweep_config(config, list(job)) for batch in batches for job in batch]
+
+
+def job_cost(cfg: DictConfig, extractors: dict[Any, Any]) -> C.Cost:
+    """One job's cost, as its own plan computes it (the Inception extractor loaded once per weights option)."""
+    from bench import metrics as M
+    from bench.pipeline import Job, cost_plan, validate
+
+    settings = validate(cfg)
+    weights = cfg.eval.get("inception_weights")
+    if weights not in extractors:
+        extractors[weights] = M.load_feature_extractor(weights)
+    return cost_plan(Job(cfg, None, settings, {}, extractors[weights]))
+
+
+def sweep_costs(config: DictConfig) -> list[JobCost]:
+    extractors: dict[Any, Any] = {}
+    out = []
+    for cfg in sweep_job_configs(config):
+        label = f"prior={cfg.prior.name} T={cfg.T} seed={cfg.seed}"
+        try:
+            out.append(JobCost(label, job_cost(cfg, extractors)))
+        except ConfigError as e:
+            out.append(JobCost(label, None, str(e).splitlines()[0]))
+    return out
+
+
+def log_sweep_cost(config: DictConfig) -> list[JobCost]:
+    """Log every job's estimated hours and the sweep's totals (Hydra's launch log: on the console)."""
+    jobs = sweep_costs(config)
+    costed = [j.cost for j in jobs if j.cost is not None]
+    lines = []
+    for j in jobs:
+        if j.cost is None:
+            lines.append(f"sweep plan: {j.label}: not costed: {j.error}")
+        else:
+            hours = ", ".join(f"{name} {C.format_hours(h)}" for name, h in j.cost.hours.items())
+            lines.append(f"sweep plan: {j.label}: {j.cost.params:,} parameters, {hours}")
+    if costed:
+        total = C.total(costed)
+        lines += [f"sweep plan: total over {len(costed)} job(s) (shared stages counted per job: an upper bound)"]
+        lines += [f"sweep plan: {line.removeprefix('cost: ')}" for line in total.lines()]
+    for line in lines:
+        log.info(line)
+    return jobs
