@@ -287,7 +287,7 @@ def cost_plan(job: Job) -> C.Cost:
     """The job's cost (bench/cost.py) from its configuration and file counts alone, the prior built at n_embed
     codes (the effective codebook is at most that); the job's device peak measured in a fraction of a second."""
     cfg, s = job.cfg, job.settings
-    prior = build_prior_checked(cfg, s.n_embed, s.grid)
+    prior = build_prior_checked(cfg, s.n_embed, s.grid, device="meta")  # shapes only
     _, _, train_files, val_files = data_key(cfg.data, s.files)
     n_train, n_val = len(train_files), len(val_files)
     counts = {"n_train": n_train, "n_val": n_val,
