@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from bench.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -37,6 +39,17 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_folder(path: Path, option: str, value: Any) -> None:
+    """A folder the job will create or write into: refuse, before any work, a file in the way or a parent that
+    cannot be written (one line naming the option)."""
+    p = Path(path)
+    existing = next(q for q in (p, *p.parents) if q.exists() or q == q.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{option}={value}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={value}: cannot write into {existing} (permission denied)")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
