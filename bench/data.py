@@ -175,15 +175,28 @@ def resolve_files(cfg: Any) -> Files:
     return root, train, val
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image of any mode Pillow reads from PNG, JPEG or WebP as 8-bit RGB: 16-bit grey scaled to 0-255,
+    transparency (an alpha band, premultiplied or not, a palette's or tRNS transparent colour) composited on
+    white."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        # 16-bit grey (PNG): Pillow's own convert clips 0-65535 at 255, so nearly every pixel would be white.
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8))
+    elif im.mode == "La":
+        im = im.convert("LA")  # Pillow converts premultiplied grey only to LA
+    if im.has_transparency_data:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """RGB uint8 (3, R, R): alpha composited on white, centre-cropped to a square, resized with antialiasing."""
+    """RGB uint8 (3, R, R): any mode scaled to 8 bits, alpha composited on white, centre-cropped to a square,
+    resized with antialiasing."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, im)
-        im = im.convert("RGB")
+        im = to_rgb(im)
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
