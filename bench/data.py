@@ -165,11 +165,15 @@ def resolve_files(cfg: Any) -> Files:
         held_out = [is_val(g, frac) for g in split_groups(kind, root, files)]
         train = [f for f, h in zip(files, held_out) if not h]
         val = [f for f, h in zip(files, held_out) if h]
-    if cfg.get("limit"):
+    if cfg.get("limit") is not None:
         # Keep the val share: the limit applies to the whole set.
-        n = int(cfg.limit)
-        n_val = max(1, round(n * len(val) / max(1, len(train) + len(val))))
-        train, val = train[: n - n_val], val[:n_val]
+        n, total = int(cfg.limit), len(train) + len(val)
+        n_val = max(1, round(n * len(val) / max(1, total)))
+        train, val = train[: max(0, n - n_val)], val[:n_val]
+        if n < total and (len(train) < 2 or len(val) < 2):
+            # Fewer fail later, after the tokenizer trained (a spread needs two values).
+            raise ConfigError(f"data.limit={n} leaves {len(train)} train / {len(val)} val images; at least 2 of "
+                              "each are needed")
     if not train or not val:
         raise ConfigError(f"data: the split of {root} left {len(train)} train and {len(val)} val images")
     return root, train, val

@@ -32,12 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import device as D
 from bench import metrics as M
-from bench.cache import MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
+from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, check_folder, content_key,
+                         read_meta)
 from bench.data import Files, ImageData, data_key, load_data, resolve_files
 from bench.errors import ConfigError, Preempted
 from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
                             reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
+from bench.options import check_groups
 from bench.results import KEYS, empty_results
 from bench.tokens import (TokenSet, build_tokens, hflip_train, load_tokenizer, tokenizer_key, tokens_key,
                           validate_tokenizer)
@@ -139,11 +141,8 @@ def validate(cfg: DictConfig) -> Settings:
     device = D.resolve_device(cfg.get("device", "auto"))
     precision = D.resolve_precision(cfg.get("precision", "auto"), device)
     validate_logger(cfg)
-    t = cfg.train
-    check_int(t.steps, "train.steps", minimum=1)
-    check_int(t.batch_size, "train.batch_size", minimum=1)
-    for opt in ("warmup_steps", "val_every", "val_batches", "ckpt_every"):
-        check_int(t[opt], f"train.{opt}", minimum=0 if opt == "warmup_steps" else 1)
+    check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
+    check_folder(Path(str(cfg.paths.cache)), "paths.cache", cfg.paths.cache)
     e = cfg.eval
     cap = check_int(e.get("max_samples", 1_000_000), "eval.max_samples", minimum=2)
     check_int(e.num_samples, "eval.num_samples", minimum=2, maximum=cap)
@@ -275,6 +274,25 @@ def plan(job: Job) -> list[str]:
         lines.append(f"plan: {stage:<9} {state:<6} {work}")
         if stage == last:
             break
+    return lines
+
+
+def plan_warnings(cfg: DictConfig, settings: Settings) -> list[str]:
+    """Legal but suspicious settings, one line each in the plan: usually a preset shrunk or grown in one
+    option but not in the options tied to it."""
+    t, e = cfg.train, cfg.eval
+    _, train_files, val_files = settings.files
+    lines = []
+    if 0 < int(t.warmup_steps) and int(t.warmup_steps) >= int(t.steps):
+        lines.append(f"train.warmup_steps={t.warmup_steps} is not shorter than train.steps={t.steps}: the learning "
+                     f"rate never reaches train.lr={t.lr} (set train.warmup_steps below the steps)")
+    if e.completion_samples is not None and int(e.completion_samples) > len(val_files):
+        lines.append(f"eval.completion_samples={e.completion_samples} exceeds the {len(val_files)} val images: "
+                     f"completion FID uses {len(val_files)}")
+    n_ref = min(int(e.num_reference or len(train_files)), len(train_files))
+    if int(e.num_samples) > n_ref:
+        lines.append(f"eval.num_samples={e.num_samples} exceeds the reference's {n_ref} train images: FID and KID "
+                     f"compare {e.num_samples} samples with {n_ref} real images")
     return lines
 
 
@@ -431,6 +449,8 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         job = Job(cfg, job_dir, settings, results, extractor)
         for line in plan(job):
             log.info(line)
+        for line in plan_warnings(cfg, settings):
+            log.warning("plan: warning: %s", line)
         name, _ = prior_settings(cfg)
         job.logger = make_logger(cfg, job_dir, prior=name, T=cfg.T, seed=cfg.seed, config=container(cfg))
 

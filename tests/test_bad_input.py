@@ -65,7 +65,8 @@ CASES = [
     case("likelihood residual not a boolean", "prior=imagebart T=3 prior.likelihood_residual=maybe",
          "prior.likelihood_residual='maybe': expected true or false"),
     case("missing data folder", "data=folder data.path=/no/such/folder", "data.path=/no/such/folder: no such folder"),
-    case("folder without images", "data=folder data.path=DIR", "data.path=...: no images (.png/.jpg/.jpeg/.webp) found"),
+    case("folder without images", "data=folder data.path=DIR",
+         "data.path=...: no images (.png/.jpg/.jpeg/.webp) found"),
     case("missing tokenizer checkpoint", "tokenizer=taming tokenizer.ckpt=/no/such.ckpt tokenizer.config=/no/such.yaml",
          "tokenizer.ckpt=/no/such.ckpt: file not found"),
     case("unknown W&B mode", "logger=wandb wandb.mode=sometimes",
@@ -97,6 +98,32 @@ CASES = [
          "tokenizer.model.n_embd is not an option of tokenizer=vqgan (options: ..."),
     case("a tokenizer option out of range", "tokenizer.train.codebook_init=zeros",
          "tokenizer.train: codebook_init='zeros' is not 'random' or 'kmeans'"),
+    # Accepted before with exit 0 and wrong numbers.
+    case("an EMA decay above 1", "train.ema_decay=2", "train.ema_decay=2.0 must lie in [0, 1)"),
+    case("a negative data limit", "data.limit=-5", "data.limit=-5 must be at least 1"),
+    case("no samples for KID and PRDC", "eval.prdc_samples=0",
+         "eval.prdc_samples=0 must be at least eval.prdc_k + 1 = 6 ..."),
+    case("an infinite temperature", "prior.sample.temperature=inf", "prior.sample.temperature=inf must be finite"),
+    case("more threads than CPUs", "threads=999", "threads=999 exceeds the ... CPUs this process may use"),
+    case("no IS splits", "eval.isc_splits=0", "eval.isc_splits=0 must be at least 1"),
+    case("an unknown eval option", "+eval.num_sample=10",
+         "eval.num_sample is not an option of eval=default (options: ..."),
+    case("an unknown train option", "+train.stepz=5", "train.stepz is not an option of train=default (options: ..."),
+    # Failed before only after work started, with a traceback that did not name the option.
+    case("a negative protocol seed", "eval.split_seed=-1", "eval.split_seed=-1 must be at least 0"),
+    case("a learning rate that is not a number", "train.lr=abc", "train.lr='abc': expected a number"),
+    case("a negative learning rate", "train.lr=-1", "train.lr=-1.0 must lie in (0, inf)"),
+    case("an Adam beta above 1", "train.betas=[2,.5]", "train.betas=[2, 0.5]: each beta must lie in [0, 1)"),
+    case("a val fraction that is not a number", "data.val_fraction=abc", "data.val_fraction='abc': expected a number"),
+    case("a data limit too small to split", "data.limit=2",
+         "data.limit=2 leaves 1 train / 1 val images; at least 2 of each are needed"),
+    case("no pixels", "data.resolution=0", "data.resolution=0 must be at least 1"),
+    case("a taming project.yaml that is not YAML", "tokenizer=taming tokenizer.ckpt=RANDOM tokenizer.config=BADYAML",
+         "tokenizer.config=...: not valid YAML at line ..."),
+    case("a tokenizer checkpoint of random bytes", "tokenizer=taming tokenizer.ckpt=RANDOM tokenizer.config=YAML",
+         "tokenizer.ckpt=... cannot be loaded safely (weights_only=True): not a PyTorch checkpoint, or a damaged one "
+         "(...)"),
+    case("a cache that is a file", "paths.cache=FILE", "paths.cache=...: ... is a file, not a folder"),
     # Sweep-level options: checked before the first job of the sweep.
     case("-m after the overrides (as Hydra allows)", "prior=ar,absorbing compare_to=foo -m",
          "compare_to=foo is not one of the priors: absorbing, ar, imagebart"),
@@ -109,22 +136,53 @@ CASES = [
 ]
 
 
-def substitute(argv: tuple[str, ...], root: Path) -> list[str]:
-    subs = {"DIR": str(root / "no_images"), "FILE": str(root / "a_file")}
-    return [re.sub(r"\b(DIR|FILE)\b", lambda m: subs[m.group(1)], a) for a in argv]
+# A taming project.yaml of a small VQGAN: a valid config for the cases about its checkpoint.
+TAMING_YAML = """model:
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 4
+    n_embed: 16
+    ddconfig: {double_z: false, z_channels: 4, resolution: 32, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
+               num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
+"""
+FILES = {
+    "DIR": ("no_images/readme.txt", "no images"),  # a folder without images
+    "FILE": ("a_file", "a file"),  # a plain file where a folder is expected
+    "RANDOM": ("random.ckpt", None),  # random bytes
+    "YAML": ("project.yaml", TAMING_YAML),
+    "BADYAML": ("broken.yaml", "model:\n  params: [1, 2\n"),  # an unclosed list
+}
+
+
+def make_files(root: Path) -> dict[str, str]:
+    import numpy as np
+
+    subs = {}
+    for name, (rel, text) in FILES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            path.write_bytes(np.random.default_rng(0).bytes(4096))
+        else:
+            path.write_text(text)
+        subs[name] = str(path.parent if name == "DIR" else path)
+    return subs
+
+
+def substitute(argv: tuple[str, ...], subs: dict[str, str]) -> list[str]:
+    return [re.sub(r"\b(" + "|".join(subs) + r")\b", lambda m: subs[m.group(1)], a) for a in argv]
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     """Every case run once, each in its own working folder (cache, outputs, multirun, reports), in one process."""
     root = tmp_path_factory.mktemp("bad_input")
-    (root / "no_images").mkdir()
-    (root / "no_images" / "readme.txt").write_text("no images")
-    (root / "a_file").write_text("a file")
+    subs = make_files(root)
     lines = []
     for i, c in enumerate(CASES):
-        argv = substitute(c.argv, root)
-        overrides = SMOKE + ["paths.cache=cache"] + [a for a in argv if a != "-m"]
+        argv = substitute(c.argv, subs)
+        cache = [] if any(a.startswith("paths.cache=") for a in argv) else ["paths.cache=cache"]
+        overrides = SMOKE + cache + [a for a in argv if a != "-m"]
         # The sweep flag stays where the case puts it: first, or after the overrides as Hydra allows.
         line = overrides + ["-m"] if argv[-1] == "-m" else ["-m"] + overrides if "-m" in argv else overrides
         cwd = root / f"case{i}"
@@ -143,6 +201,7 @@ def test_bad_input_is_one_line_error_before_any_work(outcomes, c):
     assert r["stderr"].strip().splitlines()[-1] == err_lines[0]  # the last thing the user reads
     assert c.pattern().match(err_lines[0]), err_lines[0]
     assert "Traceback" not in r["stderr"] + r["stdout"]
+    assert "weights_only=False" not in r["stderr"]  # never the advice to run a checkpoint's pickled code
     # Nothing was computed: no cache stage was started, no sweep folder or report made.
     cwd = root / f"case{CASES.index(c)}"
     assert not (cwd / "cache").exists() or not any((cwd / "cache").iterdir())
