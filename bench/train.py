@@ -113,6 +113,29 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
     return total / max(1, n)
 
 
+RESUMABLE_KEYS = ("arch", "unit", "model", "optimizer", "scheduler", "ema", "step", "best_val", "best_step",
+                  "best_state", "seconds", "data_gen", "noise_gen", "torch_rng")
+
+
+def read_resumable(path: Path, unit: str) -> dict[str, Any] | None:
+    """A unit's resumable checkpoint, or None when it cannot be read (truncated by a full disk or a copy,
+    damaged): it is moved aside with a warning and the unit trains from scratch, which gives the same weights as
+    an uninterrupted run. Without this every rerun would fail on the same file until it was deleted by hand."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in RESUMABLE_KEYS if k not in state] if isinstance(state, dict) else ["a dict"]
+        if missing:
+            raise ValueError(f"no {missing[0]}")
+        return state
+    except Exception as e:  # noqa: BLE001 - whatever torch raises on a damaged file, the remedy is the same
+        aside = path.with_name(f"{path.name}.unreadable")
+        os.replace(path, aside)
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        log.warning("%s: resumable checkpoint %s cannot be read (%s: %s); moved aside to %s, training from scratch",
+                    unit, path, type(e).__name__, reason, aside)
+        return None
+
+
 def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int,
                work_dir: Path, device: torch.device, precision: str = "fp32",
                log_fn: Callable[[dict[str, float], int], None] | None = None,
@@ -142,8 +165,8 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
     noise_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 2)
     step, best_val, best_step, best_state, seconds = 0, float("inf"), -1, None, 0.0
 
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = read_resumable(ckpt_path, unit) if ckpt_path.is_file() else None
+    if state is not None:
         if state.get("arch") != prior.arch_config() or state.get("unit") != unit:
             raise ConfigError(f"checkpoint {ckpt_path} was written by a different prior configuration "
                               f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
