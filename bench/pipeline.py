@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench import device as D
+from bench import memory
 from bench import metrics as M
 from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, check_folder, content_key,
                          read_meta)
@@ -49,9 +50,6 @@ from priors import Prior, build_prior, prior_class
 log = logging.getLogger("priorbench")
 
 STAGES = ("tokens", "train", "all")
-# Bytes per trainable parameter while training: fp32 weights, gradients, AdamW's two moments, the EMA copy and
-# the best-checkpoint copy; activations come on top, so this is a lower bound on what training needs.
-TRAIN_BYTES_PER_PARAM = 4 * 6
 
 
 # ---- configuration -------------------------------------------------------
@@ -161,13 +159,12 @@ def validate(cfg: DictConfig) -> Settings:
     # The effective codebook is at most n_embed: checking the budget at that size catches a budget too small.
     prior = build_prior_checked(cfg, n_embed, (h, w), device="meta")
     params = prior.num_params()
-    need, have = params * TRAIN_BYTES_PER_PARAM, D.memory_bytes(device)
-    if have is not None and need > have:
-        raise ConfigError(f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
-                          f"{need / 2**30:.1f} GiB (weights, gradients, AdamW state, EMA), more than the "
-                          f"{have / 2**30:.1f} GiB {device.type} memory available")
     units = list(prior.units())
     workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
+    peak = memory.estimate(prior, params, cfg.train, cfg.eval, workers if device.type == "cpu" else 1)
+    problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
+    if problem:
+        raise ConfigError(problem)
     return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers, files)
 
 
