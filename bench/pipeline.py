@@ -20,6 +20,7 @@ import json
 import logging
 import platform
 import shutil
+import signal
 import subprocess
 import time
 import traceback
@@ -37,14 +38,14 @@ from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_
                          read_meta)
 from bench.data import Files, ImageData, data_key, load_data, resolve_files
 from bench.errors import ConfigError, Preempted
-from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
-                            reference_key, resolve_compile)
+from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evaluate_prior, load_reference,
+                            read_baselines, reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.options import check_groups
 from bench.results import KEYS, empty_results
 from bench.tokens import (TokenSet, build_tokens, hflip_train, load_tokenizer, tokenizer_key, tokens_key,
                           validate_tokenizer)
-from bench.train import resolve_unit_workers, train_units
+from bench.train import StopFlag, resolve_unit_workers, train_units
 from priors import Prior, build_prior, prior_class
 
 log = logging.getLogger("priorbench")
@@ -394,17 +395,34 @@ def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: s
     t0 = time.time()
     cfg, s = job.cfg, job.settings
     ekey = eval_key(cfg, s.prior_cls, tkey, ref.key, s.precision)
+    # Finished parts of an interrupted evaluation (EVAL_PARTS): a rerun resumes from them.
+    work = job.cache / "eval" / f"{ekey}.work"
 
     def build(tmp: Path) -> dict[str, Any]:
         ref_feats, ref_stats = load_reference(ref.directory)
         tok_model = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, cfg.tokenizer, str(job.device))
         t1 = time.time()
-        values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, cfg.eval,
-                                         int(cfg.seed), job.device, tmp, precision=s.precision)
+        work.mkdir(parents=True, exist_ok=True)
+        with StopFlag() as stop:
+            def check_stop(part: str) -> None:
+                if stop.signum is None:
+                    return
+                name = signal.Signals(stop.signum).name
+                kept = [p for p in EVAL_PARTS if (work / f"{p}.pt").is_file()]
+                what = f"finished parts ({', '.join(kept)}) kept in {work}" if kept else "no part finished yet"
+                log.warning("%s during the evaluation of %s (%s): %s; the rerun resumes from them", name,
+                            prior.name, part, what)
+                raise Preempted(f"{name} during the evaluation of {prior.name} ({part}): {what}", stop.signum,
+                                stop.previous(stop.signum))
+
+            values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, cfg.eval,
+                                             int(cfg.seed), job.device, tmp, precision=s.precision, work=work,
+                                             check_stop=check_stop)
         atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
         return {"eval_seconds": time.time() - t1}
 
     eval_dir = cached_stage(job.cache, "eval", ekey, build, what=f"eval {prior.name} T={cfg.T}")
+    shutil.rmtree(work, ignore_errors=True)
     ev = json.loads((eval_dir / "metrics.json").read_text())
     job.results.update(ev["values"])
     job.results["unavailable"].update(ev["unavailable"])

@@ -43,7 +43,7 @@ class TrainingError(RuntimeError):
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class _StopFlag:
+class StopFlag:
     """Turns preemption signals into a flag read between optimizer steps, so the step in flight finishes
     and is checkpointed before the job exits."""
 
@@ -51,7 +51,7 @@ class _StopFlag:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopFlag":
         for s in PREEMPT_SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -204,7 +204,7 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
     module.train()
     bar = tqdm(total=steps, initial=step, desc=f"train {prior.name}:{unit}", unit="step", leave=False,
                **({} if progress else {"disable": True}))
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while step < steps:
             t0 = time.perf_counter()
             idx = torch.randint(len(train), (bs,), generator=data_gen)
@@ -334,7 +334,7 @@ def _stop_with_parent() -> None:
         pass
 
 
-class _ForwardingStopFlag(_StopFlag):
+class _ForwardingStopFlag(StopFlag):
     """The job's preemption flag while units train in processes: the signal is passed on to them, so each
     checkpoints the step in flight (under SLURM they usually get it directly too; twice does no harm)."""
 
