@@ -7,6 +7,8 @@ the contract it is checked against, so a field here is an option of the group's 
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +132,10 @@ def group_options(cls: type, cfg: Any, group: str) -> Any:
     try:
         return options_from(cls, mapping, group, owner=group_choice(group), group=group)
     except ValueError as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        msg = str(e).splitlines()[0]
+        unknown = [k for k in mapping if k not in {f.name for f in dataclasses.fields(cls)}]
+        near = difflib.get_close_matches(unknown[0], [f.name for f in dataclasses.fields(cls)], n=1) if unknown else []
+        raise ConfigError(f"{msg}; did you mean {group}.{near[0]}?" if near else msg) from None
 
 
 def check_groups(cfg: DictConfig) -> tuple[TrainOptions, EvalOptions, DataOptions]:

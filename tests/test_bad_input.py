@@ -113,8 +113,11 @@ CASES = [
     case("more threads than CPUs", "threads=999", "threads=999 exceeds the ... CPUs this process may use"),
     case("no IS splits", "eval.isc_splits=0", "eval.isc_splits=0 must be at least 1"),
     case("an unknown eval option", "+eval.num_sample=10",
-         "eval.num_sample is not an option of eval=default (options: ..."),
-    case("an unknown train option", "+train.stepz=5", "train.stepz is not an option of train=default (options: ..."),
+         "eval.num_sample is not an option of eval=default (options: ...); did you mean eval.num_samples?"),
+    case("an unknown train option", "+train.stepz=5",
+         "train.stepz is not an option of train=default (options: ...); did you mean train.steps?"),
+    case("an unknown data option", "+data.resolutoin=64",
+         "data.resolutoin is not an option of data=emoji (options: ...); did you mean data.resolution?"),
     # Failed before only after work started, with a traceback that did not name the option.
     case("a negative protocol seed", "eval.split_seed=-1", "eval.split_seed=-1 must be at least 0"),
     case("a learning rate that is not a number", "train.lr=abc", "train.lr='abc': expected a number"),
