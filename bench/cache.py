@@ -52,6 +52,14 @@ def check_folder(path: Path, option: str, value: Any) -> None:
         raise ConfigError(f"{option}={value}: cannot write into {existing} (permission denied)")
 
 
+def with_path(e: BaseException, path: Path) -> BaseException:
+    """A write error that names no file (a full disk: errno 28, a quota) as one that names `path`; others as
+    they are. Without it the job's one-line error would not say which disk is full."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        return OSError(e.errno, e.strerror, str(path))
+    return e
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +70,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise with_path(e, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -143,8 +151,8 @@ def cached_stage(root: Path, stage: str, key: str, build: Callable[[Path], dict[
             meta = build(tmp) or {}
             write_manifest(tmp, meta)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise with_path(e, final)
     log.info("%s: built %s", what, final)
     return final

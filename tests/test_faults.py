@@ -5,9 +5,12 @@ import re
 import shutil
 import signal
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
+from bench.cache import cached_stage
 from tests.clitools import job_results, popen_cli, run_cli
 from tests.test_reliability import final_weights
 
@@ -75,3 +78,16 @@ def test_sigterm_during_evaluation_keeps_the_finished_parts_and_the_rerun_resume
     [r] = job_results(tmp_path / "out_resumed")
     assert {k: r[k] for k in METRICS} == {k: r_whole[k] for k in METRICS}
     assert not list(cache.glob("eval/*.work"))  # the finished evaluation's parts are gone
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_names_the_folder_it_could_not_write(tmp_path):
+    """Writing to /dev/full fails as a full disk does (errno 28, no file name): the error names the stage."""
+    def build(tmp: Path) -> dict:
+        with open("/dev/full", "wb") as f:  # what np.save and torch.save meet on a full disk
+            f.write(b"features")
+        return {}
+
+    with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device: '.*/reference/k1'$"):
+        cached_stage(tmp_path, "reference", "k1", build)
+    assert not list((tmp_path / "reference").glob(".k1.tmp-*"))  # the unfinished build is removed
