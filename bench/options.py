@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -115,6 +116,57 @@ class DataOptions:
             at_least("data.limit", self.limit, 1)  # the split's own check asks for two train and two val images
 
 
+@dataclass
+class BudgetOptions:
+    """config.yaml `budget:`: what every prior gets."""
+    params: int = 400000  # trainable transformer parameters per prior (ImageBART: split over its scales)
+
+
+@dataclass
+class PathsOptions:
+    """config.yaml `paths:`: where the job writes (checked as folders by the job and the sweep)."""
+    cache: str = "./cache"  # shared stage caches
+    reports: str = "./reports"  # reports/<name>/ of a sweep
+
+
+@dataclass
+class WandbOptions:
+    """conf/logger/wandb.yaml `wandb:` (its mode is checked by bench.logger)."""
+    mode: str = "offline"
+    project: str = "priorbench"
+    entity: str | None = None
+    dir: str | None = None
+    tags: list = field(default_factory=list)
+
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# Keys of the composed config that are not in config.yaml itself: the config groups and the W&B block.
+GROUP_KEYS = ("prior", "data", "tokenizer", "train", "eval", "logger", "wandb")
+
+
+def top_level_keys() -> list[str]:
+    return [k for k in OmegaConf.load(CONF / "config.yaml") if k not in ("defaults", "hydra")] + list(GROUP_KEYS)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Keys added with `+KEY=VALUE` outside any group (`+seeds=3`) and the small blocks budget, paths, wandb."""
+    known = top_level_keys()
+    for key in cfg:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"{key} is not an option (options: {', '.join(known)})"
+                              + (f"; did you mean {near[0]}?" if near else ""))
+    for block, cls in (("budget", BudgetOptions), ("paths", PathsOptions), ("wandb", WandbOptions)):
+        if block in cfg:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            for key in cfg[block]:
+                if key not in fields:
+                    near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+                    raise ConfigError(f"{block}.{key} is not an option of {block} (options: "
+                                      f"{', '.join(f.name for f in dataclasses.fields(cls))})"
+                                      + (f"; did you mean {block}.{near[0]}?" if near else ""))
+
+
 def group_choice(group: str) -> str:
     """The group's option as chosen on the command line (train=default), for messages."""
     try:
@@ -139,6 +191,7 @@ def group_options(cls: type, cfg: Any, group: str) -> Any:
 
 
 def check_groups(cfg: DictConfig) -> tuple[TrainOptions, EvalOptions, DataOptions]:
-    """train, eval and data: unknown keys, types and ranges, before any work."""
+    """train, eval and data: unknown keys, types and ranges; unknown keys elsewhere; before any work."""
+    check_top_level(cfg)
     return (group_options(TrainOptions, cfg.train, "train"), group_options(EvalOptions, cfg.eval, "eval"),
             group_options(DataOptions, cfg.data, "data"))

@@ -118,6 +118,9 @@ CASES = [
          "train.stepz is not an option of train=default (options: ...); did you mean train.steps?"),
     case("an unknown data option", "+data.resolutoin=64",
          "data.resolutoin is not an option of data=emoji (options: ...); did you mean data.resolution?"),
+    case("an unknown top-level option", "+seeds=3", "seeds is not an option (options: ...); did you mean seed?"),
+    case("an unknown budget option", "+budget.param=5",
+         "budget.param is not an option of budget (options: params); did you mean budget.params?"),
     # Failed before only after work started, with a traceback that did not name the option.
     case("a negative protocol seed", "eval.split_seed=-1", "eval.split_seed=-1 must be at least 0"),
     case("a learning rate that is not a number", "train.lr=abc", "train.lr='abc': expected a number"),
