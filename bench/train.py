@@ -117,16 +117,24 @@ RESUMABLE_KEYS = ("arch", "unit", "model", "optimizer", "scheduler", "ema", "ste
                   "best_state", "seconds", "data_gen", "noise_gen", "torch_rng")
 
 
-def read_resumable(path: Path, unit: str) -> dict[str, Any] | None:
+def read_resumable(path: Path, unit: str, arch: dict[str, Any]) -> dict[str, Any] | None:
     """A unit's resumable checkpoint, or None when it cannot be read (truncated by a full disk or a copy,
     damaged): it is moved aside with a warning and the unit trains from scratch, which gives the same weights as
-    an uninterrupted run. Without this every rerun would fail on the same file until it was deleted by hand."""
+    an uninterrupted run. Without this every rerun would fail on the same file until it was deleted by hand.
+    A readable checkpoint of another configuration is the user's to resolve (one-line ConfigError)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in RESUMABLE_KEYS if k not in state] if isinstance(state, dict) else ["a dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"a {type(state).__name__}, not a checkpoint")
+        if state.get("arch") != arch or state.get("unit") != unit:
+            raise ConfigError(f"checkpoint {path} was written by a different prior configuration "
+                              f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
+        missing = [k for k in RESUMABLE_KEYS if k not in state]
         if missing:
             raise ValueError(f"no {missing[0]}")
         return state
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever torch raises on a damaged file, the remedy is the same
         aside = path.with_name(f"{path.name}.unreadable")
         os.replace(path, aside)
@@ -165,11 +173,8 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
     noise_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 2)
     step, best_val, best_step, best_state, seconds = 0, float("inf"), -1, None, 0.0
 
-    state = read_resumable(ckpt_path, unit) if ckpt_path.is_file() else None
+    state = read_resumable(ckpt_path, unit, prior.arch_config()) if ckpt_path.is_file() else None
     if state is not None:
-        if state.get("arch") != prior.arch_config() or state.get("unit") != unit:
-            raise ConfigError(f"checkpoint {ckpt_path} was written by a different prior configuration "
-                              f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
