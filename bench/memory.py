@@ -4,8 +4,8 @@ Each figure counts the large tensors a phase keeps alive, in float32, per transf
 shared `Transformer` module: the harness reads its config, never a prior's name):
 
     training    activations kept for the backward pass: per token and block the residual stream, the q/k/v,
-                attention output and MLP tensors (16 D) and the attention scores (2 H L, the math kernel
-                keeps them), plus the logits with their softmax and gradient (3 V)
+                attention output and MLP tensors (16 D; attention scores are not counted, fused kernels do not
+                keep them), plus the logits with their softmax and gradient (3 V)
     sampling    the KV cache (2 D per block and token) and one step's hidden states and logits, per row
     evaluation  Inception activations per feature batch, and the N x N distance and kernel matrices of
                 PRDC and KID (three of them, N = min(eval.num_samples, eval.prdc_samples))
@@ -52,7 +52,7 @@ def transformers(prior: Prior) -> list[list[Transformer]]:
 
 def training_floats_per_token(t: Transformer) -> int:
     c = t.cfg
-    per_block = 16 * c.d_model + 2 * c.n_head * c.seq_len + (6 * c.d_model if c.cross_attn else 0)
+    per_block = 16 * c.d_model + (6 * c.d_model if c.cross_attn else 0)
     return c.n_layer * per_block + 3 * max(c.vocab_out, 0) + 2 * c.d_model
 
 
