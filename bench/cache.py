@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from bench.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -39,6 +41,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_folder(path: Path, option: str, value: Any) -> None:
+    """A folder the job will create or write into: refuse, before any work, a file in the way or a parent that
+    cannot be written (one line naming the option)."""
+    p = Path(path)
+    existing = next(q for q in (p, *p.parents) if q.exists() or q == q.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{option}={value}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={value}: cannot write into {existing} (permission denied)")
+
+
+def with_path(e: BaseException, path: Path) -> BaseException:
+    """A write error that names no file (a full disk: errno 28, a quota) as one that names `path`; others as
+    they are. Without it the job's one-line error would not say which disk is full."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        return OSError(e.errno, e.strerror, str(path))
+    return e
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,9 +70,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise with_path(e, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -130,8 +151,8 @@ def cached_stage(root: Path, stage: str, key: str, build: Callable[[Path], dict[
             meta = build(tmp) or {}
             write_manifest(tmp, meta)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise with_path(e, final)
     log.info("%s: built %s", what, final)
     return final

@@ -165,25 +165,42 @@ def resolve_files(cfg: Any) -> Files:
         held_out = [is_val(g, frac) for g in split_groups(kind, root, files)]
         train = [f for f, h in zip(files, held_out) if not h]
         val = [f for f, h in zip(files, held_out) if h]
-    if cfg.get("limit"):
+    if cfg.get("limit") is not None:
         # Keep the val share: the limit applies to the whole set.
-        n = int(cfg.limit)
-        n_val = max(1, round(n * len(val) / max(1, len(train) + len(val))))
-        train, val = train[: n - n_val], val[:n_val]
+        n, total = int(cfg.limit), len(train) + len(val)
+        n_val = max(1, round(n * len(val) / max(1, total)))
+        train, val = train[: max(0, n - n_val)], val[:n_val]
+        if n < total and (len(train) < 2 or len(val) < 2):
+            # Fewer fail later, after the tokenizer trained (a spread needs two values).
+            raise ConfigError(f"data.limit={n} leaves {len(train)} train / {len(val)} val images; at least 2 of "
+                              "each are needed")
     if not train or not val:
         raise ConfigError(f"data: the split of {root} left {len(train)} train and {len(val)} val images")
     return root, train, val
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image of any mode Pillow reads from PNG, JPEG or WebP as 8-bit RGB: 16-bit grey scaled to 0-255,
+    transparency (an alpha band, premultiplied or not, a palette's or tRNS transparent colour) composited on
+    white."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        # 16-bit grey (PNG): Pillow's own convert clips 0-65535 at 255, so nearly every pixel would be white.
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8))
+    elif im.mode == "La":
+        im = im.convert("LA")  # Pillow converts premultiplied grey only to LA
+    if im.has_transparency_data:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """RGB uint8 (3, R, R): alpha composited on white, centre-cropped to a square, resized with antialiasing."""
+    """RGB uint8 (3, R, R): any mode scaled to 8 bits, alpha composited on white, centre-cropped to a square,
+    resized with antialiasing."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, im)
-        im = im.convert("RGB")
+        im = to_rgb(im)
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

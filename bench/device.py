@@ -50,6 +50,9 @@ def resolve_threads(want: Any) -> int:
         return available_cpus()
     if isinstance(want, bool) or not isinstance(want, int) or want < 1:
         raise ConfigError(f"threads={want} must be a positive integer or auto")
+    if want > available_cpus():
+        # More threads than CPUs only wait on each other (and change the float reductions for nothing).
+        raise ConfigError(f"threads={want} exceeds the {available_cpus()} CPUs this process may use")
     return int(want)
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+EXIT_CONFIG = 2  # bad option or file
+EXIT_FAILED = 1  # the job ran and failed
+
 
 class ConfigError(ValueError):
     """Bad input named by option or file. The CLI prints its message as one line and exits 2."""

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from bench import device as D
 from bench import metrics as M
 from bench import stats as S
-from bench.cache import atomic_write_json, cached_stage, content_key
+from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key
 from bench.data import ImageData
 from bench.results import BASELINE_KEYS
 from bench.tokens import TokenSet, decode_tokens
@@ -282,97 +282,149 @@ def efficiency(prior: Prior, seconds_per_image: float, device: torch.device) -> 
 
 # ---- the evaluation ------------------------------------------------------
 
+EVAL_PARTS = ("nll", "samples", "metrics", "completions")  # the evaluation's resumable parts, in order
+
+
+def _plain(o: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists (what json.dumps cannot write itself)."""
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
+def resumable_part(work: Path | None, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One part of the evaluation: read from `work/<name>.pt` when an interrupted run finished it, else computed
+    and saved there. Its results dicts travel as JSON text, so that the file loads with weights_only=True and the
+    numbers come back exactly (floats round-trip through repr)."""
+    path = None if work is None else Path(work) / f"{name}.pt"
+    if path is not None and path.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            data["results"], data["unavailable"] = json.loads(data["results"]), json.loads(data["unavailable"])
+            log.info("eval: %s resumed from %s", name, path)
+            return data
+        except Exception as e:  # noqa: BLE001 - a damaged part is recomputed, whatever torch raises
+            aside = path.with_name(f"{path.name}.unreadable")
+            path.replace(aside)
+            log.warning("eval: %s cannot be read (%s); moved aside to %s, computing %s again", path,
+                        type(e).__name__, aside, name)
+    data = compute()
+    if path is not None:
+        atomic_torch_save({**data, "results": json.dumps(data["results"], default=_plain),
+                           "unavailable": json.dumps(data["unavailable"], default=_plain)}, path)
+    return data
+
+
 def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.FeatureExtractor,
                    ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], cfg: Any, seed: int,
-                   device: torch.device, out_dir: Path, precision: str = "fp32"
+                   device: torch.device, out_dir: Path, precision: str = "fp32", work: Path | None = None,
+                   check_stop: Callable[[str], None] = lambda part: None
                    ) -> tuple[dict[str, Any], dict[str, str]]:
     """Every metric of DESIGN.md section 4 that the eval stage owns, plus grids and arrays in out_dir.
 
     precision "bf16" runs sampling and completion under bf16 autocast (as training, so the speed column is
-    the one a user gets); the NLL stays in float32, where the exact and bound comparisons are made."""
+    the one a user gets); the NLL stays in float32, where the exact and bound comparisons are made.
+
+    With `work`, each finished part (EVAL_PARTS) is kept there, and a rerun after an interruption resumes from
+    the parts it finds; `check_stop(part)` is called between batches and parts and raises to stop (preemption),
+    losing only the part in flight."""
     n_samples, bs = int(cfg.num_samples), int(cfg.batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     prior.eval()
-    results: dict[str, Any] = {}
-    unavailable: dict[str, str] = {}
+    g = torch.Generator(device=device).manual_seed(seed)  # samples, then completions
 
-    # NLL on held-out tokens: per sequence, so every prior's stderr means the same and pairs can be compared.
-    val = tokens.val if not cfg.get("nll_batches") else tokens.val[: int(cfg.nll_batches) * bs]
-    per_seq, kind, reason, extra = held_out_nll(prior, val, bs, seed, device)
-    if per_seq is None:
-        unavailable["nll_bits_per_token"] = reason or "no tractable likelihood for this sampler"
-    else:
-        est = S.mean_estimate(per_seq)
-        results.update(est.as_results("nll_bits_per_token"), nll_stderr=est.se, nll_kind=kind,
-                       nll_sequences=len(per_seq))
-        np.save(out_dir / "nll_per_sequence.npy", per_seq)
-    if "elbo_eq6" in extra:
-        results.update(S.mean_estimate(extra["elbo_eq6"]).as_results("elbo_eq6_bits_per_token"))
+    def nll() -> dict[str, Any]:
+        # NLL on held-out tokens: per sequence, so every prior's stderr means the same and pairs can be compared.
+        results: dict[str, Any] = {}
+        unavailable: dict[str, str] = {}
+        val = tokens.val if not cfg.get("nll_batches") else tokens.val[: int(cfg.nll_batches) * bs]
+        per_seq, kind, reason, extra = held_out_nll(prior, val, bs, seed, device)
+        if per_seq is None:
+            unavailable["nll_bits_per_token"] = reason or "no tractable likelihood for this sampler"
+        else:
+            est = S.mean_estimate(per_seq)
+            results.update(est.as_results("nll_bits_per_token"), nll_stderr=est.se, nll_kind=kind,
+                           nll_sequences=len(per_seq))
+        if "elbo_eq6" in extra:
+            results.update(S.mean_estimate(extra["elbo_eq6"]).as_results("elbo_eq6_bits_per_token"))
+        return {"results": results, "unavailable": unavailable,
+                "per_sequence": None if per_seq is None else torch.from_numpy(np.asarray(per_seq))}
 
-    # Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
-    # is also where a compiled path compiles: compile time never enters s/img.
-    compile_mode = resolve_compile(cfg.get("compile", "auto"), device)
-    prior.set_compile(compile_mode)
-    g = torch.Generator(device=device).manual_seed(seed)
-    memory_reason = D.reset_peak_memory(device)
-    sample_tokens, images, t_gen, t_dec = [], [], [], []
-    n_batches = max(2, math.ceil(n_samples / bs))
-    for _ in tqdm(range(n_batches), desc=f"sample {prior.name}", unit="batch", leave=False):
-        D.sync(device)
-        t0 = time.perf_counter()
-        with D.autocast(device, precision):
-            x = prior.sample(bs, generator=g)
-        D.sync(device)
-        t1 = time.perf_counter()
-        img = decode_tokens(tokenizer, x, tokens.inverse, tokens.grid, batch_size=bs, device=str(device))
-        D.sync(device)
-        t2 = time.perf_counter()
-        sample_tokens.append(x.cpu())
-        images.append(img)
-        t_gen.append(t1 - t0)
-        t_dec.append(t2 - t1)
-    peak = D.peak_memory_mb(device)
-    sample_tokens = torch.cat(sample_tokens)[:n_samples]
-    images = torch.cat(images)[:n_samples]
-    gen_s = float(np.mean(t_gen[1:])) / bs
-    dec_s = float(np.mean(t_dec[1:])) / bs
-    results.update(sample_seconds_per_image=gen_s, samples_per_second=1.0 / gen_s,
-                   decode_seconds_per_image=dec_s, decode_images_per_second=1.0 / dec_s,
-                   nfe=prior.nfe(), batch_size=bs, n_samples=len(images),
-                   peak_memory_mb=None if memory_reason else peak, timed_batches=len(t_gen) - 1,
-                   warmup_seconds=t_gen[0], compile=compile_mode,
-                   compile_seconds=max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None)
-    results.update(efficiency(prior, gen_s, device))
-    if results["sample_flops_per_image"] is None:
-        unavailable["sampler_peak_percent"] = f"prior={prior.name} does not count its sampling FLOPs (sample_flops)"
-    if memory_reason:
-        unavailable["peak_memory_mb"] = memory_reason
+    def samples() -> dict[str, Any]:
+        # Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
+        # is also where a compiled path compiles: compile time never enters s/img.
+        results: dict[str, Any] = {}
+        unavailable: dict[str, str] = {}
+        compile_mode = resolve_compile(cfg.get("compile", "auto"), device)
+        prior.set_compile(compile_mode)
+        memory_reason = D.reset_peak_memory(device)
+        sample_tokens, images, t_gen, t_dec = [], [], [], []
+        n_batches = max(2, math.ceil(n_samples / bs))
+        for _ in tqdm(range(n_batches), desc=f"sample {prior.name}", unit="batch", leave=False):
+            check_stop("samples")
+            D.sync(device)
+            t0 = time.perf_counter()
+            with D.autocast(device, precision):
+                x = prior.sample(bs, generator=g)
+            D.sync(device)
+            t1 = time.perf_counter()
+            img = decode_tokens(tokenizer, x, tokens.inverse, tokens.grid, batch_size=bs, device=str(device))
+            D.sync(device)
+            t2 = time.perf_counter()
+            sample_tokens.append(x.cpu())
+            images.append(img)
+            t_gen.append(t1 - t0)
+            t_dec.append(t2 - t1)
+        peak = D.peak_memory_mb(device)
+        sample_tokens = torch.cat(sample_tokens)[:n_samples]
+        images = torch.cat(images)[:n_samples]
+        gen_s = float(np.mean(t_gen[1:])) / bs
+        dec_s = float(np.mean(t_dec[1:])) / bs
+        results.update(sample_seconds_per_image=gen_s, samples_per_second=1.0 / gen_s,
+                       decode_seconds_per_image=dec_s, decode_images_per_second=1.0 / dec_s,
+                       nfe=prior.nfe(), batch_size=bs, n_samples=len(images),
+                       peak_memory_mb=None if memory_reason else peak, timed_batches=len(t_gen) - 1,
+                       warmup_seconds=t_gen[0], compile=compile_mode,
+                       compile_seconds=max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None)
+        results.update(efficiency(prior, gen_s, device))
+        if results["sample_flops_per_image"] is None:
+            unavailable["sampler_peak_percent"] = (f"prior={prior.name} does not count its sampling FLOPs "
+                                                   "(sample_flops)")
+        if memory_reason:
+            unavailable["peak_memory_mb"] = memory_reason
+        # The generator's state after sampling: completions draw on from it, resumed or not.
+        return {"results": results, "unavailable": unavailable, "tokens": sample_tokens, "images": images,
+                "generator": g.get_state()}
 
-    feats = M.images_to_features(images, extractor, batch_size=int(cfg.feature_batch_size))
-    values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
-    results.update(values)
-    unavailable.update(missing)
-    np.save(out_dir / "sample_features.npy", feats[M.FEATURE_POOL].numpy().astype(np.float32))
-    results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), cfg)], tokens.train, device))
+    def metrics() -> dict[str, Any]:
+        feats = M.images_to_features(drawn["images"], extractor, batch_size=int(cfg.feature_batch_size))
+        results, unavailable = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
+        sample_tokens = drawn["tokens"]
+        results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), cfg)], tokens.train,
+                                           device))
+        return {"results": results, "unavailable": unavailable,
+                "features": feats[M.FEATURE_POOL].float().cpu()}
 
-    # Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: keep the lower half.
-    rows = torch.from_numpy(completion_rows(len(tokens.val), cfg))
-    n_comp = len(rows)
-    if n_comp < 2:
-        results["completion_fid"] = None
-        unavailable["completion_fid"] = f"eval.completion_samples={n_comp}: need at least 2 validation images"
-        completions = torch.zeros(0, tokens.val.shape[1], dtype=torch.long)
-    else:
+    def completions() -> dict[str, Any]:
+        # Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: keep the lower half.
+        results: dict[str, Any] = {}
+        unavailable: dict[str, str] = {}
+        rows = torch.from_numpy(completion_rows(len(tokens.val), cfg))
+        n_comp = len(rows)
+        if n_comp < 2:
+            results["completion_fid"] = None
+            unavailable["completion_fid"] = f"eval.completion_samples={n_comp}: need at least 2 validation images"
+            return {"results": results, "unavailable": unavailable, "grid": None,
+                    "completions": torch.zeros(0, tokens.val.shape[1], dtype=torch.long)}
         inputs = tokens.val[rows]
-        completions = []
+        done = []
         for i in tqdm(range(0, n_comp, bs), desc=f"complete {prior.name}", unit="batch", leave=False):
+            check_stop("completions")
             x = inputs[i:i + bs].to(device)
             keep = upper_half_keep_mask(len(x), tokens.grid, device)
             with D.autocast(device, precision):
-                completions.append(prior.complete(x, keep, generator=g).cpu())
-        completions = torch.cat(completions)
+                done.append(prior.complete(x, keep, generator=g).cpu())
+        done = torch.cat(done)
         results["completion_nfe"] = prior.completion_nfe(upper_half_keep_mask(1, tokens.grid, device))
-        comp_images = decode_tokens(tokenizer, completions, tokens.inverse, tokens.grid, bs, str(device))
+        comp_images = decode_tokens(tokenizer, done, tokens.inverse, tokens.grid, bs, str(device))
         comp_pool = M.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))["pool"]
         results.update(fid_with_interval(ref_stats, comp_pool.double().numpy(), int(cfg.bootstrap), seed + 4)
                        .as_results("completion_fid"))
@@ -382,11 +434,31 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
         originals = decode_tokens(tokenizer, inputs[:k], tokens.inverse, tokens.grid, bs, str(device))
         masked = originals.clone()
         masked[:, :, : masked.shape[2] // 2] = 128
-        save_grid(torch.cat([masked, comp_images[:k], originals]), out_dir / "completion_grid.png", nrow=k)
+        return {"results": results, "unavailable": unavailable, "completions": done,
+                "grid": torch.cat([masked, comp_images[:k], originals])}
 
+    results: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
+    parts = {}
+    for name, compute in zip(EVAL_PARTS, (nll, samples, metrics, completions)):
+        check_stop(name)
+        parts[name] = resumable_part(work, name, compute)
+        results.update(parts[name]["results"])
+        unavailable.update(parts[name]["unavailable"])
+        if name == "samples":
+            drawn = parts["samples"]
+            g.set_state(drawn["generator"].to(g.get_state().device))
+
+    if parts["nll"]["per_sequence"] is not None:
+        np.save(out_dir / "nll_per_sequence.npy", parts["nll"]["per_sequence"].numpy())
+    np.save(out_dir / "sample_features.npy", parts["metrics"]["features"].numpy().astype(np.float32))
+    images = drawn["images"]
+    if parts["completions"]["grid"] is not None:
+        save_grid(parts["completions"]["grid"], out_dir / "completion_grid.png",
+                  nrow=len(parts["completions"]["grid"]) // 3)
     save_grid(images[:64], out_dir / "samples_grid.png", nrow=8)
-    np.savez_compressed(out_dir / "samples.npz", images=images.numpy(), tokens=sample_tokens.numpy(),
-                        completions=completions.numpy())
+    np.savez_compressed(out_dir / "samples.npz", images=images.numpy(), tokens=drawn["tokens"].numpy(),
+                        completions=parts["completions"]["completions"].numpy())
     results["feature_extractor"] = extractor.name
     return results, unavailable
 

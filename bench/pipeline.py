@@ -22,6 +22,7 @@ import json
 import logging
 import platform
 import shutil
+import signal
 import subprocess
 import time
 import traceback
@@ -34,17 +35,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import cost as C
 from bench import device as D
+from bench import memory
 from bench import metrics as M
-from bench.cache import MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, content_key, read_meta
+from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, check_folder, content_key,
+                         read_meta)
 from bench.data import Files, ImageData, data_key, load_data, resolve_files
 from bench.errors import ConfigError, Preempted
-from bench.evaluate import (build_baselines, build_reference, evaluate_prior, load_reference, read_baselines,
-                            reference_key, resolve_compile)
+from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evaluate_prior, load_reference,
+                            read_baselines, reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
+from bench.options import check_groups
 from bench.results import KEYS, empty_results
 from bench.tokens import (TokenSet, build_tokens, hflip_train, load_tokenizer, tokenizer_key, tokens_key,
                           validate_tokenizer, vqgan_configs)
-from bench.train import resolve_unit_workers, train_units
+from bench.train import StopFlag, resolve_unit_workers, train_units
 from bench.vqgan import config_from_taming_yaml
 from priors import Prior, build_prior, prior_class
 from priors.flops import matmul_peak_flops
@@ -52,9 +56,6 @@ from priors.flops import matmul_peak_flops
 log = logging.getLogger("priorbench")
 
 STAGES = ("plan", "tokens", "train", "all")
-# Bytes per trainable parameter while training: fp32 weights, gradients, AdamW's two moments, the EMA copy and
-# the best-checkpoint copy; activations come on top, so this is a lower bound on what training needs.
-TRAIN_BYTES_PER_PARAM = 4 * 6
 
 
 # ---- configuration -------------------------------------------------------
@@ -144,11 +145,8 @@ def validate(cfg: DictConfig) -> Settings:
     device = D.resolve_device(cfg.get("device", "auto"))
     precision = D.resolve_precision(cfg.get("precision", "auto"), device)
     validate_logger(cfg)
-    t = cfg.train
-    check_int(t.steps, "train.steps", minimum=1)
-    check_int(t.batch_size, "train.batch_size", minimum=1)
-    for opt in ("warmup_steps", "val_every", "val_batches", "ckpt_every"):
-        check_int(t[opt], f"train.{opt}", minimum=0 if opt == "warmup_steps" else 1)
+    check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
+    check_folder(Path(str(cfg.paths.cache)), "paths.cache", cfg.paths.cache)
     e = cfg.eval
     cap = check_int(e.get("max_samples", 1_000_000), "eval.max_samples", minimum=2)
     check_int(e.num_samples, "eval.num_samples", minimum=2, maximum=cap)
@@ -167,13 +165,12 @@ def validate(cfg: DictConfig) -> Settings:
     # The effective codebook is at most n_embed: checking the budget at that size catches a budget too small.
     prior = build_prior_checked(cfg, n_embed, (h, w), device="meta")
     params = prior.num_params()
-    need, have = params * TRAIN_BYTES_PER_PARAM, D.memory_bytes(device)
-    if have is not None and need > have:
-        raise ConfigError(f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
-                          f"{need / 2**30:.1f} GiB (weights, gradients, AdamW state, EMA), more than the "
-                          f"{have / 2**30:.1f} GiB {device.type} memory available")
     units = list(prior.units())
     workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
+    peak = memory.estimate(prior, params, cfg.train, cfg.eval, workers if device.type == "cpu" else 1)
+    problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
+    if problem:
+        raise ConfigError(problem)
     return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers, files)
 
 
@@ -306,6 +303,25 @@ def cost_plan(job: Job) -> C.Cost:
                       tokenizer_training=vq_training)
 
 
+def plan_warnings(cfg: DictConfig, settings: Settings) -> list[str]:
+    """Legal but suspicious settings, one line each in the plan: usually a preset shrunk or grown in one
+    option but not in the options tied to it."""
+    t, e = cfg.train, cfg.eval
+    _, train_files, val_files = settings.files
+    lines = []
+    if 0 < int(t.warmup_steps) and int(t.warmup_steps) >= int(t.steps):
+        lines.append(f"train.warmup_steps={t.warmup_steps} is not shorter than train.steps={t.steps}: the learning "
+                     f"rate never reaches train.lr={t.lr} (set train.warmup_steps below the steps)")
+    if e.completion_samples is not None and int(e.completion_samples) > len(val_files):
+        lines.append(f"eval.completion_samples={e.completion_samples} exceeds the {len(val_files)} val images: "
+                     f"completion FID uses {len(val_files)}")
+    n_ref = min(int(e.num_reference or len(train_files)), len(train_files))
+    if int(e.num_samples) > n_ref:
+        lines.append(f"eval.num_samples={e.num_samples} exceeds the reference's {n_ref} train images: FID and KID "
+                     f"compare {e.num_samples} samples with {n_ref} real images")
+    return lines
+
+
 def data_stage(job: Job) -> ImageData:
     t0 = time.time()
     data = load_data(job.cfg.data, job.cache, job.settings.files)
@@ -407,17 +423,34 @@ def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: s
     t0 = time.time()
     cfg, s = job.cfg, job.settings
     ekey = eval_key(cfg, s.prior_cls, tkey, ref.key, s.precision)
+    # Finished parts of an interrupted evaluation (EVAL_PARTS): a rerun resumes from them.
+    work = job.cache / "eval" / f"{ekey}.work"
 
     def build(tmp: Path) -> dict[str, Any]:
         ref_feats, ref_stats = load_reference(ref.directory)
         tok_model = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, cfg.tokenizer, str(job.device))
         t1 = time.time()
-        values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, cfg.eval,
-                                         int(cfg.seed), job.device, tmp, precision=s.precision)
+        work.mkdir(parents=True, exist_ok=True)
+        with StopFlag() as stop:
+            def check_stop(part: str) -> None:
+                if stop.signum is None:
+                    return
+                name = signal.Signals(stop.signum).name
+                kept = [p for p in EVAL_PARTS if (work / f"{p}.pt").is_file()]
+                what = f"finished parts ({', '.join(kept)}) kept in {work}" if kept else "no part finished yet"
+                log.warning("%s during the evaluation of %s (%s): %s; the rerun resumes from them", name,
+                            prior.name, part, what)
+                raise Preempted(f"{name} during the evaluation of {prior.name} ({part}): {what}", stop.signum,
+                                stop.previous(stop.signum))
+
+            values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, cfg.eval,
+                                             int(cfg.seed), job.device, tmp, precision=s.precision, work=work,
+                                             check_stop=check_stop)
         atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
         return {"eval_seconds": time.time() - t1}
 
     eval_dir = cached_stage(job.cache, "eval", ekey, build, what=f"eval {prior.name} T={cfg.T}")
+    shutil.rmtree(work, ignore_errors=True)
     ev = json.loads((eval_dir / "metrics.json").read_text())
     job.results.update(ev["values"])
     job.results["unavailable"].update(ev["unavailable"])
@@ -459,6 +492,8 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         job = Job(cfg, job_dir, settings, results, extractor)
         for line in plan(job):
             log.info(line)
+        for line in plan_warnings(cfg, settings):
+            log.warning("plan: warning: %s", line)
         cost = cost_plan(job)
         for line in cost.lines():
             log.info("plan: %s", line)

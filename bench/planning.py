@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from bench import cost as C
 from bench.errors import ConfigError
@@ -35,7 +35,13 @@ def sweep_job_configs(config: DictConfig) -> list[DictConfig]:
     loader = GlobalHydra.instance().config_loader()
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
     batches = BasicSweeper.split_arguments(parsed, None)
-    return [loader.load_sweep_config(config, list(job)) for batch in batches for job in batch]
+    configs = []
+    for job in (job for batch in batches for job in batch):
+        cfg = loader.load_sweep_config(config, list(job))
+        with open_dict(cfg):
+            del cfg["hydra"]  # a job's own config has no hydra node
+        configs.append(cfg)
+    return configs
 
 
 def job_cost(cfg: DictConfig, extractors: dict[Any, Any]) -> C.Cost:

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -24,14 +26,12 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import to_absolute_path  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from bench.errors import Preempted  # noqa: E402
+from bench.errors import EXIT_CONFIG, EXIT_FAILED, Preempted  # noqa: E402
 from bench.pipeline import run_job  # noqa: E402
 from bench.results import sweep_id  # noqa: E402
 
 log = logging.getLogger("priorbench")
 
-EXIT_CONFIG = 2  # bad option or file
-EXIT_FAILED = 1  # the job ran and failed
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("prior", "data", "tokenizer", "train", "eval", "logger", "experiment")
 
@@ -113,18 +113,34 @@ def main(cfg: DictConfig) -> dict:
 
 def pin_sweep_name(argv: list[str]) -> list[str]:
     """Resolve the default sweep name (a timestamp) once, here: launchers that run jobs in other processes
-    (joblib, submitit) would otherwise resolve ${now:...} again in each job and scatter the sweep."""
-    flags = [i for i, a in enumerate(argv) if a in ("-m", "--multirun")]
-    if not flags or any(a.startswith("name=") for a in argv):
+    (joblib, submitit) would otherwise resolve ${now:...} again in each job and scatter the sweep.
+
+    The user's arguments stay as typed, flags anywhere Hydra allows them; `name=` joins the overrides next to
+    the ones given (argparse reads overrides as one run of positional arguments), or leads when there are none."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return argv  # Hydra reports its own usage errors on the same command line
+    if not args.multirun or any(o.lstrip("+~").split("=", 1)[0] == "name" for o in args.overrides):
         return argv
-    i = flags[0] + 1  # right after the flag, among the overrides, so argparse reads it as one of them
-    return argv[:i] + [f"name={datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"] + argv[i:]
+    pinned = f"name={datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+    first = next((i for i in range(len(argv)) if argv[i:i + len(args.overrides)] == args.overrides), None)
+    i = first if args.overrides and first is not None else 0
+    return argv[:i] + [pinned] + argv[i:]
 
 
-if __name__ == "__main__":
-    problem = check_group_choices(sys.argv[1:])
+def cli(argv: list[str]) -> None:
+    """The command line: group choices checked first (one line, exit 2), then Hydra on the user's arguments."""
+    problem = check_group_choices(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    sys.argv[1:] = pin_sweep_name(sys.argv[1:])
+    sys.argv[1:] = pin_sweep_name(argv)
     main()
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

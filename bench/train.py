@@ -43,7 +43,7 @@ class TrainingError(RuntimeError):
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class _StopFlag:
+class StopFlag:
     """Turns preemption signals into a flag read between optimizer steps, so the step in flight finishes
     and is checkpointed before the job exits."""
 
@@ -51,7 +51,7 @@ class _StopFlag:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopFlag":
         for s in PREEMPT_SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -113,6 +113,37 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
     return total / max(1, n)
 
 
+RESUMABLE_KEYS = ("arch", "unit", "model", "optimizer", "scheduler", "ema", "step", "best_val", "best_step",
+                  "best_state", "seconds", "data_gen", "noise_gen", "torch_rng")
+
+
+def read_resumable(path: Path, unit: str, arch: dict[str, Any]) -> dict[str, Any] | None:
+    """A unit's resumable checkpoint, or None when it cannot be read (truncated by a full disk or a copy,
+    damaged): it is moved aside with a warning and the unit trains from scratch, which gives the same weights as
+    an uninterrupted run. Without this every rerun would fail on the same file until it was deleted by hand.
+    A readable checkpoint of another configuration is the user's to resolve (one-line ConfigError)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"a {type(state).__name__}, not a checkpoint")
+        if state.get("arch") != arch or state.get("unit") != unit:
+            raise ConfigError(f"checkpoint {path} was written by a different prior configuration "
+                              f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
+        missing = [k for k in RESUMABLE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"no {missing[0]}")
+        return state
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever torch raises on a damaged file, the remedy is the same
+        aside = path.with_name(f"{path.name}.unreadable")
+        os.replace(path, aside)
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        log.warning("%s: resumable checkpoint %s cannot be read (%s: %s); moved aside to %s, training from scratch",
+                    unit, path, type(e).__name__, reason, aside)
+        return None
+
+
 def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int,
                work_dir: Path, device: torch.device, precision: str = "fp32",
                log_fn: Callable[[dict[str, float], int], None] | None = None,
@@ -142,11 +173,8 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
     noise_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 2)
     step, best_val, best_step, best_state, seconds = 0, float("inf"), -1, None, 0.0
 
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("arch") != prior.arch_config() or state.get("unit") != unit:
-            raise ConfigError(f"checkpoint {ckpt_path} was written by a different prior configuration "
-                              f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
+    state = read_resumable(ckpt_path, unit, prior.arch_config()) if ckpt_path.is_file() else None
+    if state is not None:
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -181,7 +209,7 @@ def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, 
     module.train()
     bar = tqdm(total=steps, initial=step, desc=f"train {prior.name}:{unit}", unit="step", leave=False,
                **({} if progress else {"disable": True}))
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while step < steps:
             t0 = time.perf_counter()
             idx = torch.randint(len(train), (bs,), generator=data_gen)
@@ -311,7 +339,7 @@ def _stop_with_parent() -> None:
         pass
 
 
-class _ForwardingStopFlag(_StopFlag):
+class _ForwardingStopFlag(StopFlag):
     """The job's preemption flag while units train in processes: the signal is passed on to them, so each
     checkpoints the step in flight (under SLURM they usually get it directly too; twice does no harm)."""
 

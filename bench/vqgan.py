@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 
@@ -379,7 +380,13 @@ def config_from_taming_yaml(config_path: str) -> VQGANConfig:
 
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"tokenizer.config={config_path}: file not found")
-    conf = OmegaConf.load(config_path)
+    try:
+        conf = OmegaConf.load(config_path)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        reason = getattr(e, "problem", None) or e
+        raise ValueError(f"tokenizer.config={config_path}: not valid YAML{at} ({reason})") from None
     model = conf.get("model")
     if model is None or model.get("params") is None or model.params.get("ddconfig") is None:
         raise ValueError(f"tokenizer.config={config_path} has no model.params.ddconfig (not a taming project.yaml)")
@@ -446,6 +453,11 @@ def _load_error_reason(e: Exception) -> str:
     m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
     if m:
         return f"it holds the non-allow-listed global {m.group(1)} (pickled code or an unknown class)"
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+    if m:
+        # Not the advice to load with weights_only=False that torch's message leads with: bytes that are no
+        # checkpoint (random, another format) fail here too, and running their pickle would be the wrong fix.
+        return f"not a PyTorch checkpoint, or a damaged one ({m.group(1).strip()})"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
 

@@ -414,6 +414,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     """Reject sampling settings that would silently do something else."""
     if not temperature > 0:
         raise ValueError(f"prior.sample.temperature={temperature} must be > 0")
+    if not math.isfinite(temperature):  # inf flattens every softmax to uniform noise
+        raise ValueError(f"prior.sample.temperature={temperature} must be finite")
     if top_k is not None and top_k < 1:
         raise ValueError(f"prior.sample.top_k={top_k} must be >= 1 or null")
     if top_p is not None and not 0 < top_p <= 1:

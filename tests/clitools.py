@@ -31,3 +31,14 @@ def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
 def job_results(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) | {"job_dir": str(p.parent)} for p in sorted(Path(root).rglob("results.json"))
             if "eval" not in p.parts]
+
+
+def run_cli_many(cases: list[tuple[list[str], Path]], timeout: float = 600) -> list[dict]:
+    """Each (command line, working folder) of `cases` through bench/run.py's cli() in one process
+    (tests/cli_batch.py): the exit status, stdout and stderr of each, for tables of inputs that must fail
+    before any work."""
+    cases = [{"argv": list(argv), "cwd": str(cwd)} for argv, cwd in cases]
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py")], env=cli_env(),
+                       input=json.dumps(cases), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)

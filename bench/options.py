@@ -1,0 +1,197 @@
+"""The harness's own config groups (train, eval, data) as dataclasses, checked before any work.
+
+Built by the same `options_from` as a prior's and the tokenizer's options: an unknown key (`+train.stepz=5`)
+or a value of the wrong type (`train.lr=abc`) is a one-line ConfigError naming the option, and each
+dataclass checks its ranges in __post_init__. The stages keep reading the config itself; these classes are
+the contract it is checked against, so a field here is an option of the group's yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.errors import ConfigError
+from priors.options import options_from
+
+
+def at_least(option: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{option}={value} must be at least {minimum}")
+
+
+def finite_in(option: str, value: float, low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False) -> None:
+    """low <= value <= high (or < at an open end), and finite: inf and nan are refused too."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{option}={value} must lie in {interval}")
+
+
+@dataclass
+class TrainOptions:
+    """conf/train/default.yaml: the training loop every model (ImageBART: every scale) runs."""
+    steps: int = 500  # optimizer steps per model
+    batch_size: int = 64  # sequences per step
+    lr: float = 3.0e-3  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay of the matrices
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    warmup_steps: int = 30  # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # global gradient-norm clip
+    ema_decay: float = 0.99  # EMA of the weights (the evaluated ones)
+    val_every: int = 100  # validation NLL every N steps
+    val_batches: int = 4  # validation batches per check
+    ckpt_every: int = 100  # resumable checkpoint every N steps
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "val_batches", "ckpt_every"):
+            at_least(f"train.{name}", getattr(self, name), 1)
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        finite_in("train.lr", self.lr, 0, math.inf, low_open=True, high_open=True)
+        finite_in("train.weight_decay", self.weight_decay, 0, math.inf, high_open=True)
+        finite_in("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        finite_in("train.grad_clip", self.grad_clip, 0, math.inf, low_open=True, high_open=True)
+        # 1 would freeze the EMA at the initial weights; above 1 it diverges (the evaluated weights explode).
+        finite_in("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
+        betas = self.betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+            raise ValueError(f"train.betas={betas!r}: expected two numbers [beta1, beta2]")
+        for b in betas:
+            if not (math.isfinite(b) and 0 <= b < 1):
+                raise ValueError(f"train.betas={list(betas)}: each beta must lie in [0, 1)")
+
+
+@dataclass
+class EvalOptions:
+    """conf/eval/default.yaml: the evaluation protocol (sizes, seeds, metric settings)."""
+    num_samples: int = 250  # generated samples for FID / KID / IS / PRDC
+    batch_size: int = 50  # sampling batch
+    compile: str = "auto"  # sampling path: auto | off | on
+    feature_batch_size: int = 64  # images per Inception forward
+    inception_weights: str | None = None  # null, download, a URL or a PATH (bench/weights.py)
+    num_reference: int | None = 1000  # reference train images; null: all
+    split_seed: int = 0  # seed of the protocol's random draws
+    bootstrap: int = 200  # bootstrap resamples for the intervals and tests
+    max_samples: int = 1_000_000  # typo guard on num_samples / completion_samples
+    prdc_k: int = 5  # PRDC nearest neighbours
+    prdc_samples: int = 10000  # at most this many samples per side for PRDC and KID
+    isc_splits: int = 10  # IS splits
+    completion_samples: int | None = 150  # val images for completion FID; null: all
+    match_samples: int | None = None  # samples compared with every training grid; null: all
+    nll_batches: int | None = None  # validation batches for the NLL; null: all
+
+    def __post_init__(self) -> None:
+        at_least("eval.split_seed", self.split_seed, 0)  # numpy refuses negative seeds, after the tokenizer
+        at_least("eval.isc_splits", self.isc_splits, 1)
+        # KID's unbiased estimate needs two samples per side; PRDC's k-th neighbour needs k others.
+        if self.prdc_samples < max(2, self.prdc_k + 1):
+            raise ValueError(f"eval.prdc_samples={self.prdc_samples} must be at least eval.prdc_k + 1 = "
+                             f"{max(2, self.prdc_k + 1)} (KID and PRDC are computed on that many samples)")
+
+
+@dataclass
+class DataOptions:
+    """conf/data/*.yaml: the images and their split."""
+    kind: str = "emoji"  # emoji | folder
+    resolution: int = 32  # images are resized to resolution x resolution
+    val_fraction: float = 0.1  # share held out by the hash split
+    limit: int | None = None  # at most this many images; null: all
+    path: str | None = None  # data=folder: the image folder
+    train_list: str | None = None  # text files of paths relative to data.path
+    val_list: str | None = None
+
+    def __post_init__(self) -> None:
+        at_least("data.resolution", self.resolution, 1)
+        finite_in("data.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        if self.limit is not None:
+            at_least("data.limit", self.limit, 1)  # the split's own check asks for two train and two val images
+
+
+@dataclass
+class BudgetOptions:
+    """config.yaml `budget:`: what every prior gets."""
+    params: int = 400000  # trainable transformer parameters per prior (ImageBART: split over its scales)
+
+
+@dataclass
+class PathsOptions:
+    """config.yaml `paths:`: where the job writes (checked as folders by the job and the sweep)."""
+    cache: str = "./cache"  # shared stage caches
+    reports: str = "./reports"  # reports/<name>/ of a sweep
+
+
+@dataclass
+class WandbOptions:
+    """conf/logger/wandb.yaml `wandb:` (its mode is checked by bench.logger)."""
+    mode: str = "offline"
+    project: str = "priorbench"
+    entity: str | None = None
+    dir: str | None = None
+    tags: list = field(default_factory=list)
+
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# Keys of the composed config that are not in config.yaml itself: the config groups and the W&B block.
+GROUP_KEYS = ("prior", "data", "tokenizer", "train", "eval", "logger", "wandb")
+
+
+def top_level_keys() -> list[str]:
+    return [k for k in OmegaConf.load(CONF / "config.yaml") if k not in ("defaults", "hydra")] + list(GROUP_KEYS)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Keys added with `+KEY=VALUE` outside any group (`+seeds=3`) and the small blocks budget, paths, wandb."""
+    known = top_level_keys()
+    for key in cfg:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"{key} is not an option (options: {', '.join(known)})"
+                              + (f"; did you mean {near[0]}?" if near else ""))
+    for block, cls in (("budget", BudgetOptions), ("paths", PathsOptions), ("wandb", WandbOptions)):
+        if block in cfg:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            for key in cfg[block]:
+                if key not in fields:
+                    near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+                    raise ConfigError(f"{block}.{key} is not an option of {block} (options: "
+                                      f"{', '.join(f.name for f in dataclasses.fields(cls))})"
+                                      + (f"; did you mean {block}.{near[0]}?" if near else ""))
+
+
+def group_choice(group: str) -> str:
+    """The group's option as chosen on the command line (train=default), for messages."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group) or "default")
+    except ValueError:  # no Hydra run (tests call validate directly)
+        return "default"
+
+
+def group_options(cls: type, cfg: Any, group: str) -> Any:
+    mapping = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if group == "data" and mapping.get("path") == "???":
+        mapping["path"] = None  # data=emoji has no folder; data=folder's own check names a missing one
+    try:
+        return options_from(cls, mapping, group, owner=group_choice(group), group=group)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        unknown = [k for k in mapping if k not in {f.name for f in dataclasses.fields(cls)}]
+        near = difflib.get_close_matches(unknown[0], [f.name for f in dataclasses.fields(cls)], n=1) if unknown else []
+        raise ConfigError(f"{msg}; did you mean {group}.{near[0]}?" if near else msg) from None
+
+
+def check_groups(cfg: DictConfig) -> tuple[TrainOptions, EvalOptions, DataOptions]:
+    """train, eval and data: unknown keys, types and ranges; unknown keys elsewhere; before any work."""
+    check_top_level(cfg)
+    return (group_options(TrainOptions, cfg.train, "train"), group_options(EvalOptions, cfg.eval, "eval"),
+            group_options(DataOptions, cfg.data, "data"))
