@@ -24,7 +24,6 @@ Estimates, not promises; the report puts the measured times beside them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,28 +43,38 @@ CHECKPOINT_COPIES = 5  # weights, EMA, best copy, AdamW's two moments
 
 @dataclass
 class Cost:
-    """One job's estimate; hours per device name."""
+    """One job's estimate (or a sweep's total); hours per device from the FLOPs and the devices' peaks."""
     params: int
     train_flops: float
     sample_flops: float
     inception_images: int
     inception_flops: float
-    tokenizer_flops: float  # training the VQGAN (0 for a released one), encoding and decoding
+    tokenizer_flops: float  # training the VQGAN here (0 for a released one) and encoding the images
+    decode_flops: float  # decoding reconstructions, samples and completions
     disk_bytes: int
-    hours: dict[str, float]
+    peaks: dict[str, float]  # device name -> peak FLOP/s
+
+    @property
+    def hours(self) -> dict[str, float]:
+        work = ((self.train_flops + self.tokenizer_flops) / UTILISATION["training"]
+                + self.sample_flops / UTILISATION["sampling"]
+                + (self.inception_flops + self.decode_flops) / UTILISATION["inception"])
+        return {name: work / peak / 3600 for name, peak in self.peaks.items()}
 
     def as_results(self) -> dict[str, Any]:
         """The plan_* keys of results.json (bench/results.py); params has its own key."""
         out = asdict(self)
         out.pop("params")
-        return {f"plan_{k}": v for k, v in out.items()}
+        out.pop("peaks")
+        return {f"plan_{k}": v for k, v in out.items()} | {"plan_hours": self.hours}
 
     def lines(self) -> list[str]:
         hours = ", ".join(f"{name} {format_hours(h)}" for name, h in self.hours.items())
         return [
             f"cost: {self.params:,} parameters; training {self.train_flops:.3g} FLOPs, sampling "
             f"{self.sample_flops:.3g} FLOPs, Inception {self.inception_images:,} images ({self.inception_flops:.3g} "
-            f"FLOPs), tokenizer {self.tokenizer_flops:.3g} FLOPs; cache disk {format_bytes(self.disk_bytes)}",
+            f"FLOPs), tokenizer {self.tokenizer_flops + self.decode_flops:.3g} FLOPs; cache disk "
+            f"{format_bytes(self.disk_bytes)}",
             f"cost: estimated time {hours} (utilisation: training {UTILISATION['training']:.0%}, sampling "
             f"{UTILISATION['sampling']:.0%}, Inception {UTILISATION['inception']:.0%} of peak)",
         ]
@@ -180,23 +189,38 @@ def estimate(prior: Any, params: int, cfg: Any, counts: dict[str, int], resoluti
     inception_flops = images * inception_per_image
     encode, decode = codec
     vq_train = 3 * (encode + decode) * tokenizer_training[0] * tokenizer_training[1] if tokenizer_training else 0.0
-    vq_codec = encode * counts.get("n_encoded", counts["n_train"] + counts["n_val"]) + decode * (
-        counts["n_val"] + n_samples + counts["n_completions"])
+    vq_encode = encode * counts.get("n_encoded", counts["n_train"] + counts["n_val"])
+    vq_decode = decode * (counts["n_val"] + n_samples + counts["n_completions"])
     peaks = dict(GPU_PEAKS)
     if own_peak:
         peaks[own_peak[0]] = own_peak[1]
-    work = ((train_flops + vq_train) / UTILISATION["training"] + sample_flops / UTILISATION["sampling"]
-            + (inception_flops + vq_codec) / UTILISATION["inception"])
-    hours = {name: work / peak / 3600 for name, peak in peaks.items()}
     disk = disk_bytes(prior, params, counts["n_train"] + counts["n_val"], counts["n_reference"], n_samples,
                       counts["n_completions"], resolution, logits=False)
-    return Cost(params, train_flops, sample_flops, images, inception_flops, vq_train + vq_codec, disk, hours)
+    return Cost(params, train_flops, sample_flops, images, inception_flops, vq_train + vq_encode, vq_decode, disk,
+                peaks)
 
 
-def total(costs: list[Cost]) -> Cost:
-    """A sweep's total over its jobs' estimates (shared stages counted per job: an upper bound)."""
-    names = costs[0].hours.keys() if costs else []
-    return Cost(sum(c.params for c in costs), sum(c.train_flops for c in costs), sum(c.sample_flops for c in costs),
-                sum(c.inception_images for c in costs), sum(c.inception_flops for c in costs),
-                sum(c.tokenizer_flops for c in costs), sum(c.disk_bytes for c in costs),
-                {n: math.fsum(c.hours[n] for c in costs) for n in names})
+def total(costs: list[Cost], keys: list[dict[str, str]] | None = None) -> Cost:
+    """A sweep's total over its jobs' estimates. keys: per job, the cache keys of its "tokens", "train" and
+    "eval" stages; each phase is then counted once per key, as the sweep computes it once (AR's points at other
+    T reuse one training and one evaluation, absorbing's trains once for every T)."""
+    keys = keys or [{"tokens": str(i), "train": str(i), "eval": str(i)} for i in range(len(costs))]
+    seen: dict[str, set[str]] = {"tokens": set(), "train": set(), "eval": set()}
+    sums = dict.fromkeys(("params", "train", "sample", "images", "inception", "tokenizer", "decode", "disk"), 0.0)
+    for c, k in zip(costs, keys):
+        if k["tokens"] not in seen["tokens"]:
+            seen["tokens"].add(k["tokens"])
+            sums["tokenizer"] += c.tokenizer_flops
+        if k["train"] not in seen["train"]:
+            seen["train"].add(k["train"])
+            sums["params"] += c.params
+            sums["train"] += c.train_flops
+        if k["eval"] not in seen["eval"]:
+            seen["eval"].add(k["eval"])
+            sums["sample"] += c.sample_flops
+            sums["images"] += c.inception_images
+            sums["inception"] += c.inception_flops
+            sums["decode"] += c.decode_flops
+            sums["disk"] += c.disk_bytes
+    return Cost(int(sums["params"]), sums["train"], sums["sample"], int(sums["images"]), sums["inception"],
+                sums["tokenizer"], sums["decode"], int(sums["disk"]), dict(costs[0].peaks) if costs else {})

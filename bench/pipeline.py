@@ -134,6 +134,8 @@ class Settings:
     units: list[str]  # the prior's independently trained models
     unit_workers: int  # how many of them train at once (CPU)
     files: Files  # the data's root, train and val files, listed once per job
+    peak: memory.Peak | None = None  # the least memory of each phase (bench/memory.py)
+    memory_problem: str | None = None  # why the job cannot fit this machine (stage=plan reports it, others stop)
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -169,9 +171,10 @@ def validate(cfg: DictConfig) -> Settings:
     workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
     peak = memory.estimate(prior, params, cfg.train, cfg.eval, workers if device.type == "cpu" else 1)
     problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
-    if problem:
+    if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
-    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers, files)
+    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers, files, peak,
+                    problem)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -246,16 +249,25 @@ def _cached(cache: Path, stage: str, key: str) -> bool:
     return (cache / stage / key / MANIFEST).is_file()
 
 
+def stage_keys(job: Job) -> dict[str, str]:
+    """The cache keys of the job's stages, from its configuration and file list alone."""
+    cfg, s = job.cfg, job.settings
+    dkey, _, _, _ = data_key(cfg.data, s.files)
+    tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey), cfg.tokenizer)
+    rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
+    trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
+    return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, cfg.eval),
+            "train": trkey, "eval": eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)}
+
+
 def plan(job: Job) -> list[str]:
     """One line per stage: cached or to run, with the work it stands for (printed before any work)."""
     cfg, s = job.cfg, job.settings
     cache = job.cache
-    dkey, _, train_files, val_files = data_key(cfg.data, s.files)
-    tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey), cfg.tokenizer)
-    rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
-    bkey = baselines_key(tkey, rkey, cfg.eval)
-    trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
-    ekey = eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)
+    _, _, train_files, val_files = data_key(cfg.data, s.files)
+    keys = stage_keys(job)
+    dkey, tkey, rkey, bkey, trkey, ekey = (keys[k] for k in ("data", "tokens", "reference", "baselines", "train",
+                                                             "eval"))
     n_ref = cfg.eval.num_reference or len(train_files)
     rows = [
         ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
@@ -278,6 +290,14 @@ def plan(job: Job) -> list[str]:
         if stage == last:
             break
     return lines
+
+
+def memory_line(peak: memory.Peak) -> str:
+    gib = 2 ** 30
+    phase, need = peak.worst()
+    return (f"memory: at least {peak.weights / gib:.1f} GiB weights and optimizer state + {peak.training / gib:.1f} "
+            f"GiB training activations, {peak.sampling / gib:.1f} GiB sampling (KV cache, logits), "
+            f"{peak.evaluation / gib:.1f} GiB evaluation; peak {need / gib:.1f} GiB in {phase} (lower bounds)")
 
 
 def cost_plan(job: Job) -> C.Cost:
@@ -497,6 +517,11 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         cost = cost_plan(job)
         for line in cost.lines():
             log.info("plan: %s", line)
+        if settings.peak is not None:
+            log.info("plan: %s", memory_line(settings.peak))
+            results["plan_memory_bytes"] = settings.peak.worst()[1]
+        if settings.memory_problem:
+            log.warning("plan: warning: %s (this machine cannot run it)", settings.memory_problem)
         results.update(cost.as_results())
         if cfg.stage == "plan":
             log.info("stage=plan: stopping before any stage")

@@ -24,6 +24,7 @@ class JobCost:
     label: str  # prior=..., T=..., seed=...
     cost: C.Cost | None
     error: str | None = None
+    keys: dict[str, str] | None = None  # the cache keys of its stages: jobs that share one compute it once
 
 
 def sweep_job_configs(config: DictConfig) -> list[DictConfig]:
@@ -44,16 +45,18 @@ def sweep_job_configs(config: DictConfig) -> list[DictConfig]:
     return configs
 
 
-def job_cost(cfg: DictConfig, extractors: dict[Any, Any]) -> C.Cost:
-    """One job's cost, as its own plan computes it (the Inception extractor loaded once per weights option)."""
+def job_cost(cfg: DictConfig, extractors: dict[Any, Any]) -> tuple[C.Cost, dict[str, str]]:
+    """One job's cost, as its own plan computes it (the Inception extractor loaded once per weights option), and
+    its stages' cache keys."""
     from bench import metrics as M
-    from bench.pipeline import Job, cost_plan, validate
+    from bench.pipeline import Job, cost_plan, stage_keys, validate
 
     settings = validate(cfg)
     weights = cfg.eval.get("inception_weights")
     if weights not in extractors:
         extractors[weights] = M.load_feature_extractor(weights)
-    return cost_plan(Job(cfg, None, settings, {}, extractors[weights]))
+    job = Job(cfg, None, settings, {}, extractors[weights])
+    return cost_plan(job), stage_keys(job)
 
 
 def sweep_costs(config: DictConfig) -> list[JobCost]:
@@ -62,7 +65,8 @@ def sweep_costs(config: DictConfig) -> list[JobCost]:
     for cfg in sweep_job_configs(config):
         label = f"prior={cfg.prior.name} T={cfg.T} seed={cfg.seed}"
         try:
-            out.append(JobCost(label, job_cost(cfg, extractors)))
+            cost, keys = job_cost(cfg, extractors)
+            out.append(JobCost(label, cost, keys=keys))
         except ConfigError as e:
             out.append(JobCost(label, None, str(e).splitlines()[0]))
     return out
@@ -71,7 +75,7 @@ def sweep_costs(config: DictConfig) -> list[JobCost]:
 def log_sweep_cost(config: DictConfig) -> list[JobCost]:
     """Log every job's estimated hours and the sweep's totals (Hydra's launch log: on the console)."""
     jobs = sweep_costs(config)
-    costed = [j.cost for j in jobs if j.cost is not None]
+    costed = [j for j in jobs if j.cost is not None]
     lines = []
     for j in jobs:
         if j.cost is None:
@@ -80,8 +84,9 @@ def log_sweep_cost(config: DictConfig) -> list[JobCost]:
             hours = ", ".join(f"{name} {C.format_hours(h)}" for name, h in j.cost.hours.items())
             lines.append(f"sweep plan: {j.label}: {j.cost.params:,} parameters, {hours}")
     if costed:
-        total = C.total(costed)
-        lines += [f"sweep plan: total over {len(costed)} job(s) (shared stages counted per job: an upper bound)"]
+        total = C.total([j.cost for j in costed], [j.keys for j in costed])
+        lines += [f"sweep plan: total over {len(costed)} job(s), each stage counted once per cache key (shared "
+                  f"tokens, one training for every T that reuses it)"]
         lines += [f"sweep plan: {line.removeprefix('cost: ')}" for line in total.lines()]
     for line in lines:
         log.info(line)

@@ -124,10 +124,14 @@ SCHEMA: tuple[Key, ...] = (
         doc="Inception forwards: reference, samples, completions and the two baseline rows"),
     Key("plan_inception_flops", "planned Inception FLOP", "FLOP", 0, source="plan"),
     Key("plan_tokenizer_flops", "planned tokenizer FLOP", "FLOP", 0, source="plan",
-        doc="training the VQGAN here (0 for a released one), encoding the images, decoding reconstructions, "
-            "samples and completions"),
+        doc="training the VQGAN here (0 for a released one) and encoding the images"),
+    Key("plan_decode_flops", "planned decode FLOP", "FLOP", 0, source="plan",
+        doc="decoding the val reconstructions, samples and completions"),
     Key("plan_disk_bytes", "planned cache disk", "B", 0, source="plan",
         doc="token cache, reference features, checkpoints and samples this job's stages write"),
+    Key("plan_memory_bytes", "planned peak memory", "B", 0, source="plan",
+        doc="the least memory of the job's largest phase (bench/memory.py: weights and optimizer state with "
+            "training activations, sampling's KV cache, evaluation's feature batches and matrices)"),
     Key("plan_hours", "planned hours", "h", 2, source="plan",
         doc="estimated hours per device (A100, H100 SXM at bf16 peak, the job's own device at its measured peak), "
             "at bench.cost.UTILISATION"),

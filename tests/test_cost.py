@@ -76,6 +76,11 @@ def test_estimate_adds_phases_at_their_utilisation():
     assert released.train_flops == 0 and "this CPU" not in released.hours
     both = C.total([cost, cost])
     assert both.train_flops == 2 * cost.train_flops and both.hours["A100"] == pytest.approx(2 * cost.hours["A100"])
+    # Two points that share their tokens and their training (AR at two T) count them once, evaluation twice.
+    shared = C.total([cost, cost], [{"tokens": "t", "train": "a", "eval": "e1"}, {"tokens": "t", "train": "a",
+                                                                              "eval": "e2"}])
+    assert shared.train_flops == cost.train_flops and shared.tokenizer_flops == cost.tokenizer_flops
+    assert shared.sample_flops == 2 * cost.sample_flops and shared.inception_images == 2 * cost.inception_images
     assert any("FLOPs" in line for line in cost.lines()) and "A100" in cost.lines()[1]
 
 
