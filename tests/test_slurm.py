@@ -144,3 +144,23 @@ def test_cancelled_job_ends_the_sweep_with_one_line_naming_it(cluster, copy_toke
     [line] = [ln for ln in text.splitlines() if ln.startswith("error: ")]
     assert f"SLURM job {job} (prior=ar T=2 " in line and "left the queue without a result" in line, line
     assert waited < 240, waited
+
+
+@pytest.mark.skipif(shutil.which("squeue") is None, reason="no SLURM client (squeue not found)")
+def test_an_unreachable_controller_ends_the_wait_with_one_line(tmp_path, monkeypatch, capsys):
+    # The real squeue against a controller that is not there: nothing tells a lost job from a running one, so the
+    # wait is bounded by lost_job_timeout_s here too (squeue itself tries the controller for about 10 s a call).
+    import submitit
+    from hydra_plugins.priorbench_slurm.slurm_launcher import SlurmLauncher
+
+    (tmp_path / "slurm.conf").write_text("ClusterName=gone\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n"
+                                         "NodeName=gone CPUs=1\nPartitionName=p Nodes=gone\n")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    jobs = [submitit.SlurmJob(tmp_path / "%j", job_id) for job_id in ("41_0", "41_1")]
+    launcher = SlurmLauncher(lost_job_timeout_s=1, poll_s=1)
+    with pytest.raises(SystemExit) as e:
+        launcher.wait(jobs)
+    assert e.value.code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: squeue has failed for 1s (") and "Unable to contact slurm controller" in line
+    assert line.endswith("SLURM jobs without a result: 41_0, 41_1"), line

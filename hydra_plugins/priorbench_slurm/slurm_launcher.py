@@ -26,15 +26,17 @@ from omegaconf import OmegaConf
 log = logging.getLogger("priorbench")
 
 
-def queued_job_ids() -> set[str] | None:
+def queued_job_ids() -> tuple[set[str] | None, str]:
     """SLURM ids (array tasks as ARRAY_TASK) of this user's jobs that are pending, running, requeued or
-    completing; None when squeue fails (controller unreachable)."""
+    completing, or None and squeue's error when it fails (controller unreachable)."""
     try:
         p = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i"], capture_output=True,
                            text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return set(p.stdout.split()) if p.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+    if p.returncode != 0:
+        return None, (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+    return set(p.stdout.split()), ""
 
 
 def point_labels(job_overrides: Sequence[Sequence[str]]) -> list[str]:
@@ -86,19 +88,30 @@ class SlurmLauncher(PluginSlurmLauncher):
         return [j.results()[0] for j in jobs]
 
     def wait(self, jobs: Sequence[Any]) -> list[int]:
-        """Until every job has its result file or is lost; returns the indices of the lost jobs."""
+        """Until every job has its result file or is lost; returns the indices of the lost jobs. A squeue that
+        fails for `lost_job_timeout_s` ends the sweep too: without it nothing tells a lost job from a running one."""
         gone_since: dict[int, float] = {}
+        squeue_failing_since = None
         lost: list[int] = []
         while True:
             waiting = [i for i, j in enumerate(jobs) if i not in lost and not j.paths.result_pickle.exists()]
             if not waiting:
                 return lost
-            queued = queued_job_ids()
+            queued, problem = queued_job_ids()
             now = time.time()
-            for i in waiting:
-                if queued is not None and jobs[i].job_id in queued:
-                    gone_since.pop(i, None)
-                elif now - gone_since.setdefault(i, now) >= self.lost_job_timeout_s:
-                    if not jobs[i].paths.result_pickle.exists():  # it may have finished since the first look
-                        lost.append(i)
+            if queued is None:
+                squeue_failing_since = squeue_failing_since or now
+                if now - squeue_failing_since >= self.lost_job_timeout_s:
+                    ids = ", ".join(str(jobs[i].job_id) for i in waiting)
+                    print(f"error: squeue has failed for {self.lost_job_timeout_s:.0f}s ({problem}); SLURM jobs "
+                          f"without a result: {ids}", file=sys.stderr)
+                    sys.exit(1)
+            else:
+                squeue_failing_since = None
+                for i in waiting:
+                    if jobs[i].job_id in queued:
+                        gone_since.pop(i, None)
+                    elif now - gone_since.setdefault(i, now) >= self.lost_job_timeout_s:
+                        if not jobs[i].paths.result_pickle.exists():  # it may have finished since the first look
+                            lost.append(i)
             time.sleep(min(self.poll_s, max(1.0, self.lost_job_timeout_s / 4)))
