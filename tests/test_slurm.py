@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slurm
 POINTS = ["-m", "prior=ar,absorbing", "T=2", "experiment=smoke", "logger=none", "train.steps=300",
           "train.val_every=25", "train.ckpt_every=50"]
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=2",
-         "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=3"]
+         "hydra.launcher.timeout_min=10"]
 TRAINING = re.compile(r"ar:model step \d+/300: val")
 
 
