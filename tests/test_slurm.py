@@ -33,6 +33,13 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launch
 TRAINING = re.compile(r"ar:model step \d+/300: val")
 
 
+def skip_or_fail(problem: str) -> None:
+    message = f"{problem}; bring a cluster up with: sudo bash .ci/slurm-up"
+    if os.environ.get("PRIORBENCH_REQUIRE_SLURM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")  # before the session's smoke cache is built: a skip costs no work
 def cluster():
     """The partition `debug` is up, or the test is skipped (failed where a cluster is required)."""
@@ -48,10 +55,7 @@ def cluster():
         except subprocess.TimeoutExpired:
             problem = "no SLURM controller answered sinfo within 5 s"
     if problem:
-        message = f"{problem}; bring a cluster up with: sudo bash .ci/slurm-up"
-        if os.environ.get("PRIORBENCH_REQUIRE_SLURM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(problem)
 
 
 def start_sweep(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
@@ -146,10 +150,11 @@ def test_cancelled_job_ends_the_sweep_with_one_line_naming_it(cluster, copy_toke
     assert waited < 240, waited
 
 
-@pytest.mark.skipif(shutil.which("squeue") is None, reason="no SLURM client (squeue not found)")
 def test_an_unreachable_controller_ends_the_wait_with_one_line(tmp_path, monkeypatch, capsys):
     # The real squeue against a controller that is not there: nothing tells a lost job from a running one, so the
     # wait is bounded by lost_job_timeout_s here too (squeue itself tries the controller for about 10 s a call).
+    if shutil.which("squeue") is None:
+        skip_or_fail("no SLURM client (squeue not found)")
     import submitit
     from hydra_plugins.priorbench_slurm.slurm_launcher import SlurmLauncher
 
