@@ -1,0 +1,1 @@
+"""priorbench's Hydra launcher plugin: hydra/launcher=slurm (Hydra loads launchers only from hydra_plugins)."""
