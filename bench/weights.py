@@ -14,7 +14,6 @@ download), written atomically, and reused afterwards. Anything that goes wrong i
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.error
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from bench.cache import file_sha256
 from bench.errors import ConfigError
 
 DOWNLOAD = "download"
@@ -49,14 +49,6 @@ def sha256_prefix(name: str) -> str | None:
     """The sha256 prefix a weights file name carries (`vgg16-397923af.pth` -> 397923af), or None."""
     m = torch.hub.HASH_REGEX.search(os.path.basename(name))
     return m.group(1) if m and len(m.group(1)) >= 8 else None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_url(value: str) -> bool:
