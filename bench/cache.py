@@ -52,6 +52,14 @@ def check_folder(path: Path, option: str, value: Any) -> None:
         raise ConfigError(f"{option}={value}: cannot write into {existing} (permission denied)")
 
 
+def move_aside(path: Path) -> Path:
+    """Rename a resumable file that cannot be read to `<name>.unreadable` (kept for inspection, out of the way of
+    the rerun that recomputes it); returns the new path."""
+    aside = path.with_name(f"{path.name}.unreadable")
+    os.replace(path, aside)
+    return aside
+
+
 def with_path(e: BaseException, path: Path) -> BaseException:
     """A write error that names no file (a full disk: errno 28, a quota) as one that names `path`; others as
     they are. Without it the job's one-line error would not say which disk is full."""

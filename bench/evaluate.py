@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from bench import device as D
 from bench import metrics as M
 from bench import stats as S
-from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key
+from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key, move_aside
 from bench.data import ImageData
 from bench.results import BASELINE_KEYS
 from bench.tokens import TokenSet, decode_tokens
@@ -302,8 +302,7 @@ def resumable_part(work: Path | None, name: str, compute: Callable[[], dict[str,
             log.info("eval: %s resumed from %s", name, path)
             return data
         except Exception as e:  # noqa: BLE001 - a damaged part is recomputed, whatever torch raises
-            aside = path.with_name(f"{path.name}.unreadable")
-            path.replace(aside)
+            aside = move_aside(path)
             log.warning("eval: %s cannot be read (%s); moved aside to %s, computing %s again", path,
                         type(e).__name__, aside, name)
     data = compute()

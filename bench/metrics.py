@@ -51,7 +51,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from tqdm import tqdm
 
 from bench.errors import ConfigError
-from bench.weights import DOWNLOAD, Weights, is_url, resolve
+from bench.weights import DOWNLOAD, Weights, hub_checkpoints, is_url, resolve
 
 # Result keys: the names results.json uses (DESIGN.md section 4).
 KEY_FID = "fid"
@@ -86,7 +86,6 @@ DEFAULT_FEATURE_BATCH_SIZE = 64
 # Small batches keep each layer's activations in cache. On CUDA, batches go through whole.
 CPU_CHUNK = 8
 
-TORCH_FIDELITY_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
 INCEPTION_WEIGHTS = Weights(WEIGHTS_OPTION, URL_INCEPTION_V3, "a torch-fidelity InceptionV3 state dict")
 
 
@@ -322,7 +321,7 @@ def fid_helper_weights_path() -> Path:
 
 def torch_fidelity_cached_weights_path() -> Path:
     """Where torch-fidelity's own download lands (torch hub cache); it may not exist."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS_NAME
+    return hub_checkpoints() / INCEPTION_WEIGHTS.file_name
 
 
 def load_feature_extractor(weights: str | os.PathLike | None = None, device: str = "cpu") -> FeatureExtractor:
@@ -342,7 +341,7 @@ def load_feature_extractor(weights: str | os.PathLike | None = None, device: str
         if not path.is_file():
             raise InceptionWeightsNotFound(
                 2, f"{WEIGHTS_OPTION}={weights}: no such file (a torch-fidelity InceptionV3 state dict, "
-                   f"e.g. {TORCH_FIDELITY_WEIGHTS_NAME} from {URL_INCEPTION_V3})", str(weights),
+                   f"e.g. {INCEPTION_WEIGHTS.file_name} from {URL_INCEPTION_V3})", str(weights),
             )
         return TorchFidelityInception(path, device)
     cached = torch_fidelity_cached_weights_path()

@@ -264,7 +264,7 @@ def plan(job: Job) -> list[str]:
     """One line per stage: cached or to run, with the work it stands for (printed before any work)."""
     cfg, s = job.cfg, job.settings
     cache = job.cache
-    _, _, train_files, val_files = data_key(cfg.data, s.files)
+    _, train_files, val_files = s.files
     keys = stage_keys(job)
     dkey, tkey, rkey, bkey, trkey, ekey = (keys[k] for k in ("data", "tokens", "reference", "baselines", "train",
                                                              "eval"))
@@ -305,7 +305,7 @@ def cost_plan(job: Job) -> C.Cost:
     codes (the effective codebook is at most that); the job's device peak measured in a fraction of a second."""
     cfg, s = job.cfg, job.settings
     prior = build_prior_checked(cfg, s.n_embed, s.grid, device="meta")  # shapes only
-    _, _, train_files, val_files = data_key(cfg.data, s.files)
+    _, train_files, val_files = s.files
     n_train, n_val = len(train_files), len(val_files)
     counts = {"n_train": n_train, "n_val": n_val,
               "n_reference": min(cfg.eval.num_reference or n_train, n_train),

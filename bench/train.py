@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from bench.cache import atomic_torch_save
+from bench.cache import atomic_torch_save, move_aside
 from bench.device import autocast
 from bench.errors import ConfigError, Preempted
 from priors.base import Prior, eval_mode
@@ -136,8 +136,7 @@ def read_resumable(path: Path, unit: str, arch: dict[str, Any]) -> dict[str, Any
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever torch raises on a damaged file, the remedy is the same
-        aside = path.with_name(f"{path.name}.unreadable")
-        os.replace(path, aside)
+        aside = move_aside(path)
         reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         log.warning("%s: resumable checkpoint %s cannot be read (%s: %s); moved aside to %s, training from scratch",
                     unit, path, type(e).__name__, reason, aside)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from bench.train import lr_factor
 from bench.vqgan import VQModel, images_to_unit
-from bench.weights import Weights, place_in_hub, resolve
+from bench.weights import Weights, hub_checkpoints, place_in_hub, resolve
 
 # torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads
 VGG16_WEIGHTS = Weights("tokenizer.train.vgg16_weights", VGG16_Weights.IMAGENET1K_V1.url,
@@ -84,7 +84,7 @@ class VQGANTrainConfig:
 # ---- LPIPS availability ----------------------------------------------------------------------
 
 def vgg16_weights_path() -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+    return str(hub_checkpoints() / VGG16_FILE)
 
 
 def provide_vgg16(value: str | None) -> None:

@@ -18,11 +18,17 @@ SMOKE = ["experiment=smoke", "logger=none"]
 TRAIN = SMOKE + ["prior=ar", "stage=train"]
 
 
-def test_a_truncated_resumable_checkpoint_is_moved_aside_and_training_restarts(copy_token_cache, tmp_path):
+def uninterrupted(args: list[str], copy_token_cache, tmp_path: Path) -> tuple[Path, dict]:
+    """The run a faulted one must reproduce: its cache (tmp_path/whole) and results."""
     whole = copy_token_cache(tmp_path / "whole")
-    p = run_cli(TRAIN + [f"paths.cache={whole}", f"hydra.run.dir={tmp_path / 'out_whole'}"], cwd=tmp_path)
+    p = run_cli(args + [f"paths.cache={whole}", f"hydra.run.dir={tmp_path / 'out_whole'}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     [r] = job_results(tmp_path / "out_whole")
+    return whole, r
+
+
+def test_a_truncated_resumable_checkpoint_is_moved_aside_and_training_restarts(copy_token_cache, tmp_path):
+    whole, r = uninterrupted(TRAIN, copy_token_cache, tmp_path)
 
     # What `truncate -s 50%` or a full disk leaves of a checkpoint: the first half of a torch.save file.
     broken = copy_token_cache(tmp_path / "broken")
@@ -50,10 +56,7 @@ EVAL = SMOKE + ["prior=ar", "eval.num_samples=64"]  # eight sampling batches: ti
 
 
 def test_sigterm_during_evaluation_keeps_the_finished_parts_and_the_rerun_resumes(copy_token_cache, tmp_path):
-    whole = copy_token_cache(tmp_path / "whole")
-    p = run_cli(EVAL + [f"paths.cache={whole}", f"hydra.run.dir={tmp_path / 'out_whole'}"], cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    [r_whole] = job_results(tmp_path / "out_whole")
+    whole, r_whole = uninterrupted(EVAL, copy_token_cache, tmp_path)
 
     cache = copy_token_cache(tmp_path / "cache")
     shutil.copytree(whole / "train", cache / "train")  # the same trained model: only the evaluation runs
