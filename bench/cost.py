@@ -123,28 +123,6 @@ def training_flops(prior: Any, batch_size: int, steps: int, val_every: int, val_
 
 
 _INCEPTION_FLOPS: dict[str, float] = {}
-_VQGAN_FLOPS: dict[str, tuple[float, float]] = {}
-
-
-def vqgan_flops(model_cfg: Any) -> tuple[float, float]:
-    """(encoder, decoder) FLOPs of one image through a VQGAN of this config (quant convs included), counted on
-    the meta device: no weights, no arithmetic."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.vqgan import VQModel
-
-    key = repr(model_cfg)
-    if key not in _VQGAN_FLOPS:
-        with torch.device("meta"):
-            model = VQModel(model_cfg)
-            x = torch.zeros(1, 3, model_cfg.resolution, model_cfg.resolution)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            h = model.quant_conv(model.encoder(x))
-        encode = float(counter.get_total_flops())
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.decode(h)
-        _VQGAN_FLOPS[key] = (encode, float(counter.get_total_flops()))
-    return _VQGAN_FLOPS[key]
 
 
 def inception_flops_per_image(extractor: Any) -> float:

@@ -46,12 +46,11 @@ from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evalua
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.options import check_groups
 from bench.results import KEYS, empty_results
-from bench.tokens import (TokenSet, build_tokens, hflip_train, load_tokenizer, tokenizer_key, tokens_key,
-                          validate_tokenizer, vqgan_configs)
+from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokens_key, validate_tokenizer
 from bench.train import StopFlag, resolve_unit_workers, train_units
-from bench.vqgan import config_from_taming_yaml
 from priors import Prior, build_prior, prior_class
 from priors.flops import matmul_peak_flops
+from tokenizers import Tokenizer, TokensOptions
 
 log = logging.getLogger("priorbench")
 
@@ -92,18 +91,6 @@ def check_int(value: Any, option: str, minimum: int | None = None, maximum: int 
     return value
 
 
-def expected_grid(cfg: DictConfig) -> tuple[int, int, int]:
-    """(h, w, n_embed) of the tokenizer from its config alone, for validation before any work."""
-    tok = cfg.tokenizer
-    if tok.kind == "taming":
-        proj = OmegaConf.load(str(Path(str(tok.config)).expanduser()))
-        params = proj.model.params
-        f = 2 ** (len(params.ddconfig.ch_mult) - 1)
-        return int(cfg.data.resolution) // f, int(cfg.data.resolution) // f, int(params.n_embed)
-    f = 2 ** (len(tok.model.ch_mult) - 1)
-    return int(tok.model.resolution) // f, int(tok.model.resolution) // f, int(tok.model.n_embed)
-
-
 def build_prior_checked(cfg: DictConfig, vocab_size: int, grid: tuple[int, int],
                         device: str | torch.device = "cpu") -> Prior:
     """Build the job's prior, turning any bad option into a one-line ConfigError."""
@@ -128,9 +115,9 @@ class Settings:
     precision: str
     threads: int
     prior_cls: type[Prior]
-    grid: tuple[int, int]
-    n_embed: int
-    params: int  # trainable parameters at n_embed codes (the effective codebook is at most that)
+    tokenizer: Tokenizer  # as configured (its grid and codebook size are known before any work)
+    tokens_options: TokensOptions
+    params: int  # trainable parameters at the tokenizer's codebook size (the effective codebook is at most that)
     units: list[str]  # the prior's independently trained models
     unit_workers: int  # how many of them train at once (CPU)
     files: Files  # the data's root, train and val files, listed once per job
@@ -161,11 +148,10 @@ def validate(cfg: DictConfig) -> Settings:
     check_int(e.nll_batches, "eval.nll_batches", minimum=1, optional=True)
     check_int(e.get("match_samples"), "eval.match_samples", minimum=1, optional=True)
     resolve_compile(e.get("compile", "auto"), device)
-    validate_tokenizer(cfg.tokenizer)
+    tokenizer, tokens_options = validate_tokenizer(cfg)
     files = resolve_files(cfg.data)
-    h, w, n_embed = expected_grid(cfg)
-    # The effective codebook is at most n_embed: checking the budget at that size catches a budget too small.
-    prior = build_prior_checked(cfg, n_embed, (h, w), device="meta")
+    # The effective codebook is at most the codebook: checking the budget at that size catches a budget too small.
+    prior = build_prior_checked(cfg, tokenizer.codebook_size, tokenizer.grid, device="meta")
     params = prior.num_params()
     units = list(prior.units())
     workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
@@ -173,8 +159,8 @@ def validate(cfg: DictConfig) -> Settings:
     problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
     if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
-    return Settings(device, precision, threads, type(prior), (h, w), n_embed, params, units, workers, files, peak,
-                    problem)
+    return Settings(device, precision, threads, type(prior), tokenizer, tokens_options, params, units, workers, files,
+                    peak, problem)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -253,7 +239,7 @@ def stage_keys(job: Job) -> dict[str, str]:
     """The cache keys of the job's stages, from its configuration and file list alone."""
     cfg, s = job.cfg, job.settings
     dkey, _, _, _ = data_key(cfg.data, s.files)
-    tkey = tokens_key(tokenizer_key(cfg.tokenizer, dkey), cfg.tokenizer)
+    tkey = tokens_key(s.tokenizer.content_key(dkey), s.tokens_options)
     rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
     trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
     return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, cfg.eval),
@@ -271,8 +257,8 @@ def plan(job: Job) -> list[str]:
     n_ref = cfg.eval.num_reference or len(train_files)
     rows = [
         ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
-        ("tokens", "tokens", tkey, f"tokenizer ({cfg.tokenizer.kind}) and tokens of {len(train_files) + len(val_files)} images"
-         + (f" (+ {len(train_files)} train images mirrored)" if hflip_train(cfg.tokenizer) else "")),
+        ("tokens", "tokens", tkey, f"tokenizer ({s.tokenizer.name}) and tokens of {len(train_files) + len(val_files)} images"
+         + (f" (+ {len(train_files)} train images mirrored)" if s.tokens_options.hflip_train else "")),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
         ("baselines", "baselines", bkey, "real val images and reconstructions at each column's N"),
         ("train", "train", trkey, f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
@@ -304,23 +290,18 @@ def cost_plan(job: Job) -> C.Cost:
     """The job's cost (bench/cost.py) from its configuration and file counts alone, the prior built at n_embed
     codes (the effective codebook is at most that); the job's device peak measured in a fraction of a second."""
     cfg, s = job.cfg, job.settings
-    prior = build_prior_checked(cfg, s.n_embed, s.grid, device="meta")  # shapes only
+    prior = build_prior_checked(cfg, s.tokenizer.codebook_size, s.tokenizer.grid, device="meta")  # shapes only
     _, train_files, val_files = s.files
     n_train, n_val = len(train_files), len(val_files)
     counts = {"n_train": n_train, "n_val": n_val,
               "n_reference": min(cfg.eval.num_reference or n_train, n_train),
               "n_completions": min(cfg.eval.completion_samples or n_val, n_val)}
-    counts["n_encoded"] = n_train * (2 if hflip_train(cfg.tokenizer) else 1) + n_val
+    counts["n_encoded"] = n_train * (2 if s.tokens_options.hflip_train else 1) + n_val
     own = (torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "this CPU",
            matmul_peak_flops(s.device, seconds=0.2))
-    if cfg.tokenizer.kind == "taming":
-        model_cfg, vq_training = config_from_taming_yaml(str(Path(str(cfg.tokenizer.config)).expanduser())), None
-    else:
-        model_cfg, vq_train_cfg = vqgan_configs(cfg.tokenizer)
-        vq_training = (vq_train_cfg.steps, vq_train_cfg.batch_size)
     return C.estimate(prior, s.params, cfg, counts, int(cfg.data.resolution),
-                      C.inception_flops_per_image(job.extractor), own, codec=C.vqgan_flops(model_cfg),
-                      tokenizer_training=vq_training)
+                      C.inception_flops_per_image(job.extractor), own, codec=s.tokenizer.flops(),
+                      tokenizer_training=s.tokenizer.training_work())
 
 
 def plan_warnings(cfg: DictConfig, settings: Settings) -> list[str]:
@@ -351,7 +332,7 @@ def data_stage(job: Job) -> ImageData:
 
 def tokens_stage(job: Job, data: ImageData) -> TokenSet:
     t0 = time.time()
-    tokens = build_tokens(job.cfg.tokenizer, data, job.cache, str(job.device))
+    tokens = build_tokens(job.settings.tokenizer, job.settings.tokens_options, data, job.cache, str(job.device))
     job.results["tokens_key"] = tokens.key
     job.results["tokenizer"] = {k: tokens.meta.get(k) for k in
                                 ("vocab_size", "n_embed", "grid", "recon_psnr", "codebook_usage",
@@ -448,7 +429,7 @@ def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: s
 
     def build(tmp: Path) -> dict[str, Any]:
         ref_feats, ref_stats = load_reference(ref.directory)
-        tok_model = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, cfg.tokenizer, str(job.device))
+        tok_model = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, tokens.tokenizer, str(job.device))
         t1 = time.time()
         work.mkdir(parents=True, exist_ok=True)
         with StopFlag() as stop:

@@ -5,7 +5,6 @@ its class as `class: package.module:ClassName`.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ from priors.absorbing import AbsorbingPrior
 from priors.ar import ARPrior
 from priors.base import NLL, Prior
 from priors.imagebart import ImageBARTPrior
+from priors.options import import_class
 
 # name -> class; this order is the order error messages and sweeps list them in
 PRIORS: dict[str, type[Prior]] = {"ar": ARPrior, "absorbing": AbsorbingPrior, "imagebart": ImageBARTPrior}
@@ -23,14 +23,7 @@ def prior_class(name: str, cfg: Mapping[str, Any] | None = None) -> type[Prior]:
     """The class of prior `name`: the registry's, or the one its config names under `class`."""
     target = (cfg or {}).get(CLASS_KEY)
     if target:
-        module, _, attr = str(target).partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ValueError(f"prior.{CLASS_KEY}={target}: cannot import it ({e})") from None
-        if not (isinstance(cls, type) and issubclass(cls, Prior)):
-            raise ValueError(f"prior.{CLASS_KEY}={target} is not a priors.base.Prior subclass")
-        return cls
+        return import_class(target, Prior, f"prior.{CLASS_KEY}")
     if name not in PRIORS:
         raise ValueError(f"prior={name} is not one of: {', '.join(PRIORS)}")
     return PRIORS[name]

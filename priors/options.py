@@ -11,6 +11,7 @@ prior built directly (tests, a checkpoint) is checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -119,3 +120,16 @@ class LogitSampling:
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+def import_class(target: Any, base: type, option: str) -> type:
+    """The class a config names as "package.module:ClassName" (option: how the config spells it, for messages);
+    it must subclass `base`. A one-line ValueError otherwise."""
+    module, _, attr = str(target).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{option}={target}: cannot import it ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{option}={target} is not a {base.__module__}.{base.__name__} subclass")
+    return cls

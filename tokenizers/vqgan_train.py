@@ -43,7 +43,7 @@ from torchvision.models import VGG16_Weights
 from tqdm import tqdm
 
 from bench.train import lr_factor
-from bench.vqgan import VQModel, images_to_unit
+from tokenizers.vqmodel import VQModel, images_to_unit
 from bench.weights import Weights, hub_checkpoints, place_in_hub, resolve
 
 # torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads
