@@ -26,7 +26,7 @@ from omegaconf import open_dict  # noqa: E402
 from bench import metrics as M  # noqa: E402
 from bench.data import load_data  # noqa: E402
 from bench.evaluate import build_reference, load_reference  # noqa: E402
-from bench.tokens import build_tokens, decode_tokens, load_tokenizer  # noqa: E402
+from bench.tokens import build_tokens, decode_tokens, job_tokenizer, load_tokenizer  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -38,7 +38,7 @@ def main(overrides: list[str]) -> None:
         cfg.paths.cache = str(Path(cfg.paths.cache).resolve())
     cache = Path(cfg.paths.cache)
     data = load_data(cfg.data, cache)
-    tokens = build_tokens(cfg.tokenizer, data, cache)
+    tokens = build_tokens(*job_tokenizer(cfg), data, cache)
     extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"))
     ref_dir, _ = build_reference(data, extractor, cfg.eval, cache)
     _, ref_stats = load_reference(ref_dir)
@@ -49,7 +49,7 @@ def main(overrides: list[str]) -> None:
     val_feats = M.images_to_features(val, extractor, batch_size=bs)
     throughput = len(val) / (time.perf_counter() - t0)
 
-    model = load_tokenizer(cache / "tokenizer" / tokens.tokenizer_key, cfg.tokenizer)
+    model = load_tokenizer(cache / "tokenizer" / tokens.tokenizer_key, tokens.tokenizer)
     recon = decode_tokens(model, tokens.val, tokens.inverse, tokens.grid)
     g = torch.Generator().manual_seed(0)
     random_tokens = torch.randint(tokens.vocab_size, tokens.val.shape, generator=g)

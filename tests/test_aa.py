@@ -66,7 +66,7 @@ def build_models(cache: Path, overrides: list[str]) -> Models:
         trained[name], _ = P.train_stage(job, tokens)
     torch.manual_seed(123)
     untrained = P.build_prior_checked(job.cfg, tokens.vocab_size, tokens.grid)
-    tokenizer = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, job.cfg.tokenizer)
+    tokenizer = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, tokens.tokenizer)
     feats, stats = load_reference(ref.directory)
     return Models(trained["ar"], trained["imagebart"], untrained, tokens, tokenizer, ref.extractor, feats, stats,
                   job.cfg.eval)

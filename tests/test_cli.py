@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -69,9 +70,9 @@ def test_baselines_beyond_the_val_split_are_unavailable_with_the_reason(shared_c
 def test_mirrored_train_tokens_are_the_mirrored_images_codes(shared_cache, tmp_path):
     import numpy as np
     import torch
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
-    from bench.tokens import encode_images, load_tokenizer
+    from bench.tokens import encode_images, job_tokenizer, load_tokenizer
 
     sets = {}
     for flip in (True, False):
@@ -87,8 +88,10 @@ def test_mirrored_train_tokens_are_the_mirrored_images_codes(shared_cache, tmp_p
     [data_dir] = [d for d in (shared_cache / "data").iterdir() if d.is_dir()]
     images = np.load(data_dir / "train.npy")
     [tok_dir] = [d for d in (shared_cache / "tokenizer").iterdir() if d.is_dir()]
-    model = load_tokenizer(tok_dir, OmegaConf.create({"kind": "vqgan"}))
-    plain, mirrored = (encode_images(model, x, 64, "cpu", "test") for x in (images, images[..., ::-1].copy()))
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        tokenizer, _ = job_tokenizer(compose("config", overrides=["experiment=smoke"]))
+    model = load_tokenizer(tok_dir, tokenizer)
+    plain, mirrored = (encode_images(model, x, 64, "test") for x in (images, images[..., ::-1].copy()))
     n = len(images)
     flipped, unflipped = sets[True][1], sets[False][1]
     assert len(unflipped["train"]) == n and torch.equal(unflipped["train"], plain)

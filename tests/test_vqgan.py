@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.vqgan import VQGANConfig, VQModel, VectorQuantizer, load_taming_vqgan
-from bench.vqgan_train import (NLayerDiscriminator, VQGANTrainConfig, calculate_adaptive_weight, encoder_outputs,
-                               hinge_d_loss, kmeans_codebook, learning_rate, lpips_available, nearest_code,
-                               restart_dead_codes, train_vqgan)
+from tokenizers.taming import load_taming_vqgan
+from tokenizers.vqgan_train import (NLayerDiscriminator, VQGANTrainConfig, calculate_adaptive_weight,
+                                    encoder_outputs, hinge_d_loss, kmeans_codebook, learning_rate, lpips_available,
+                                    nearest_code, restart_dead_codes, train_vqgan)
+from tokenizers.vqmodel import VQGANConfig, VQModel, VectorQuantizer
 from tests import tolerance as T
 
 # taming-transformers' f16 VQGAN with 1024 codes (vqgan_imagenet_f16_1024, faceshq_vqgan.yaml)
@@ -483,7 +484,7 @@ def test_tokenizer_yamls_build_the_dataclasses():
     conf = Path(__file__).resolve().parents[1] / "conf" / "tokenizer"
     root = OmegaConf.create({"data": {"resolution": 32}, "tokenizer": OmegaConf.load(conf / "vqgan_tiny.yaml")})
     tok = OmegaConf.to_container(root, resolve=True)["tokenizer"]
-    assert tok["kind"] == "vqgan"
+    assert tok["name"] == "vqgan"
     with torch.device("meta"):
         model = VQModel(VQGANConfig(**tok["model"]))
     assert model.grid == (8, 8) and model.cfg.n_embed == 256 and model.vocab_size == 256
@@ -498,4 +499,4 @@ def test_tokenizer_yamls_build_the_dataclasses():
     smoke_train = VQGANTrainConfig(**OmegaConf.to_container(smoke.train, resolve=True))
     assert 0 < smoke_train.disc_start < smoke_train.steps
     taming = OmegaConf.load(conf / "taming.yaml")
-    assert taming.kind == "taming" and OmegaConf.is_missing(taming, "ckpt") and OmegaConf.is_missing(taming, "config")
+    assert taming.name == "taming" and OmegaConf.is_missing(taming, "ckpt") and OmegaConf.is_missing(taming, "config")

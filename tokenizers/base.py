@@ -72,7 +72,8 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def content_key(self, data_key: str) -> str:
-        """The tokenizer stage's cache key: everything its weights depend on (the data among them)."""
+        """The tokenizer stage's cache key: everything its weights depend on, and data_key always (the tokens
+        stage's key is derived from this one, and the tokens depend on the data)."""
 
     def check(self) -> None:
         """Checks that read files (a release's checkpoint); ValueError naming the option. Default: none."""
