@@ -36,41 +36,6 @@ def finite_in(option: str, value: float, low: float, high: float, *, low_open: b
 
 
 @dataclass
-class TrainOptions:
-    """conf/train/default.yaml: the training loop every model (ImageBART: every scale) runs."""
-    steps: int = 500  # optimizer steps per model
-    batch_size: int = 64  # sequences per step
-    lr: float = 3.0e-3  # peak AdamW learning rate
-    weight_decay: float = 0.01  # AdamW weight decay of the matrices
-    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
-    warmup_steps: int = 30  # linear warm-up, then cosine decay
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # global gradient-norm clip
-    ema_decay: float = 0.99  # EMA of the weights (the evaluated ones)
-    val_every: int = 100  # validation NLL every N steps
-    val_batches: int = 4  # validation batches per check
-    ckpt_every: int = 100  # resumable checkpoint every N steps
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "val_batches", "ckpt_every"):
-            at_least(f"train.{name}", getattr(self, name), 1)
-        at_least("train.warmup_steps", self.warmup_steps, 0)
-        finite_in("train.lr", self.lr, 0, math.inf, low_open=True, high_open=True)
-        finite_in("train.weight_decay", self.weight_decay, 0, math.inf, high_open=True)
-        finite_in("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
-        finite_in("train.grad_clip", self.grad_clip, 0, math.inf, low_open=True, high_open=True)
-        # 1 would freeze the EMA at the initial weights; above 1 it diverges (the evaluated weights explode).
-        finite_in("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
-        betas = self.betas
-        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
-                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
-            raise ValueError(f"train.betas={betas!r}: expected two numbers [beta1, beta2]")
-        for b in betas:
-            if not (math.isfinite(b) and 0 <= b < 1):
-                raise ValueError(f"train.betas={list(betas)}: each beta must lie in [0, 1)")
-
-
-@dataclass
 class EvalOptions:
     """conf/eval/default.yaml: the evaluation protocol (sizes, seeds, metric settings)."""
     num_samples: int = 250  # generated samples for FID / KID / IS / PRDC
@@ -139,6 +104,54 @@ class WandbOptions:
     tags: list = field(default_factory=list)
 
 
+# ---- train: the TrainConfig every job builds once (bench.pipeline.validate) and the training loop reads ----
+
+@dataclass
+class TrainConfig:
+    """conf/train/default.yaml: the training loop every model (ImageBART: every scale) runs. The yaml holds the
+    values (the one place they are set); a config without one of them is refused by options_from."""
+    steps: int  # optimizer steps per model
+    batch_size: int  # sequences per step
+    lr: float  # peak AdamW learning rate
+    weight_decay: float  # AdamW weight decay of the matrices
+    betas: list  # AdamW (beta1, beta2)
+    warmup_steps: int  # linear warm-up, then cosine decay
+    min_lr_ratio: float  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float  # global gradient-norm clip
+    ema_decay: float  # EMA of the weights (the evaluated ones)
+    val_every: int  # validation NLL every N steps
+    val_batches: int  # validation batches per check
+    ckpt_every: int  # resumable checkpoint every N steps
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "val_batches", "ckpt_every"):
+            at_least(f"train.{name}", getattr(self, name), 1)
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        finite_in("train.lr", self.lr, 0, math.inf, low_open=True, high_open=True)
+        finite_in("train.weight_decay", self.weight_decay, 0, math.inf, high_open=True)
+        finite_in("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        finite_in("train.grad_clip", self.grad_clip, 0, math.inf, low_open=True, high_open=True)
+        # 1 would freeze the EMA at the initial weights; above 1 it diverges (the evaluated weights explode).
+        finite_in("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
+        betas = self.betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+            raise ValueError(f"train.betas={betas!r}: expected two numbers [beta1, beta2]")
+        for b in betas:
+            if not (math.isfinite(b) and 0 <= b < 1):
+                raise ValueError(f"train.betas={list(betas)}: each beta must lie in [0, 1)")
+        self.betas = [float(b) for b in betas]
+
+
+def train_config(cfg: Any) -> TrainConfig:
+    """The job's TrainConfig from its `train` group; a missing, unknown, mistyped or out-of-range option is a
+    one-line ConfigError naming it."""
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in cfg]
+    if missing:
+        raise ConfigError(f"train.{missing[0]} is required (conf/train/default.yaml sets it)")
+    return group_options(TrainConfig, cfg, "train")
+
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # Keys of the composed config that are not in config.yaml itself: the config groups and the W&B block.
 GROUP_KEYS = ("prior", "data", "tokenizer", "train", "eval", "logger", "wandb")
@@ -190,8 +203,8 @@ def group_options(cls: type, cfg: Any, group: str) -> Any:
         raise ConfigError(f"{msg}; did you mean {group}.{near[0]}?" if near else msg) from None
 
 
-def check_groups(cfg: DictConfig) -> tuple[TrainOptions, EvalOptions, DataOptions]:
+def check_groups(cfg: DictConfig) -> tuple[TrainConfig, EvalOptions, DataOptions]:
     """train, eval and data: unknown keys, types and ranges; unknown keys elsewhere; before any work."""
     check_top_level(cfg)
-    return (group_options(TrainOptions, cfg.train, "train"), group_options(EvalOptions, cfg.eval, "eval"),
+    return (train_config(cfg.train), group_options(EvalOptions, cfg.eval, "eval"),
             group_options(DataOptions, cfg.data, "data"))

@@ -44,7 +44,7 @@ from bench.errors import ConfigError, Preempted
 from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evaluate_prior, load_reference,
                             read_baselines, reference_key, resolve_compile)
 from bench.logger import NullLogger, make_logger, validate_logger
-from bench.options import check_groups
+from bench.options import TrainConfig, check_groups
 from bench.results import KEYS, empty_results
 from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokens_key, validate_tokenizer
 from bench.train import StopFlag, resolve_unit_workers, train_units
@@ -121,6 +121,7 @@ class Settings:
     units: list[str]  # the prior's independently trained models
     unit_workers: int  # how many of them train at once (CPU)
     files: Files  # the data's root, train and val files, listed once per job
+    train: TrainConfig  # the training loop's options, checked
     peak: memory.Peak | None = None  # the least memory of each phase (bench/memory.py)
     memory_problem: str | None = None  # why the job cannot fit this machine (stage=plan reports it, others stop)
 
@@ -134,7 +135,7 @@ def validate(cfg: DictConfig) -> Settings:
     device = D.resolve_device(cfg.get("device", "auto"))
     precision = D.resolve_precision(cfg.get("precision", "auto"), device)
     validate_logger(cfg)
-    check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
+    train, _, _ = check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
     check_folder(Path(str(cfg.paths.cache)), "paths.cache", cfg.paths.cache)
     e = cfg.eval
     cap = check_int(e.get("max_samples", 1_000_000), "eval.max_samples", minimum=2)
@@ -160,7 +161,7 @@ def validate(cfg: DictConfig) -> Settings:
     if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
     return Settings(device, precision, threads, type(prior), tokenizer, tokens_options, params, units, workers, files,
-                    peak, problem)
+                    train, peak, problem)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -400,13 +401,13 @@ def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
                      r["best_step"])
 
         t1 = time.time()
-        train_units(prior, tokens.train, tokens.val, cfg.train, int(cfg.seed), work, job.device, s.precision,
+        train_units(prior, tokens.train, tokens.val, s.train, int(cfg.seed), work, job.device, s.precision,
                     workers=s.unit_workers, threads=s.threads, log_fn=job.logger.log, on_done=save)
         units = {u: units[u] for u in prior.units()}  # the prior's order, whichever finished first
         return {"prior": prior.name, "params": prior.num_params(), "units": units,
                 "train_seconds": sum(u["seconds"] for u in units.values()),
                 "train_wall_seconds": time.time() - t1, "unit_workers": s.unit_workers,
-                "train_steps": int(cfg.train.steps)}
+                "train_steps": s.train.steps}
 
     d = cached_stage(job.cache, "train", key, build, what=f"train {prior.name}")
     shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ sequences, so every model sees the same compute (DESIGN.md section 3).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import logging
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from bench.cache import atomic_torch_save, move_aside
 from bench.device import autocast
 from bench.errors import ConfigError, Preempted
+from bench.options import TrainConfig
 from priors.base import Prior, eval_mode
 
 log = logging.getLogger(__name__)
@@ -113,23 +115,93 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
     return total / max(1, n)
 
 
-RESUMABLE_KEYS = ("arch", "unit", "model", "optimizer", "scheduler", "ema", "step", "best_val", "best_step",
-                  "best_state", "seconds", "data_gen", "noise_gen", "torch_rng")
+# ---- the loop -------------------------------------------------------------------
+
+class Steps(abc.ABC):
+    """What run_steps drives: one optimizer step at a time, and everything needed to resume between two."""
+    what: str  # how logs and errors name the run ("ar:model", "tokenizer")
+    owner: str = "prior"  # what its checkpoint's identity belongs to, for messages ("prior", "tokenizer")
+
+    @abc.abstractmethod
+    def step(self, step: int) -> tuple[dict[str, float], dict[str, str]]:
+        """Step `step` (0-based): (the record for log_fn, empty on steps that log nothing; the progress bar's
+        postfix). A non-finite loss raises TrainingError before any update."""
+
+    @abc.abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Everything besides the step count and the global RNG that a resumed run needs (tensors and containers,
+        readable with weights_only=True)."""
+
+    @abc.abstractmethod
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a state() of an interrupted run."""
 
 
-def read_resumable(path: Path, unit: str, arch: dict[str, Any]) -> dict[str, Any] | None:
-    """A unit's resumable checkpoint, or None when it cannot be read (truncated by a full disk or a copy,
-    damaged): it is moved aside with a warning and the unit trains from scratch, which gives the same weights as
-    an uninterrupted run. Without this every rerun would fail on the same file until it was deleted by hand.
-    A readable checkpoint of another configuration is the user's to resolve (one-line ConfigError)."""
+def run_steps(task: Steps, steps: int, ckpt_path: Path, identity: dict[str, Any], *, ckpt_every: int,
+              log_fn: Callable[[dict[str, float], int], None] | None = None, stop_after: int | None = None,
+              progress: bool = True) -> int:
+    """Run `task` to `steps` steps, resuming from ckpt_path if it holds a checkpoint of the same identity ("arch",
+    "unit"). A resumable checkpoint (the task's state, the step, the global RNG) is written atomically every
+    ckpt_every steps, at the end, on a preemption signal (then Preempted is raised) and at stop_after (then the
+    run ends early: tests of resume). Returns the steps done."""
+    keys = tuple(identity) + ("step", "torch_rng") + tuple(task.state())
+    state = read_resumable(ckpt_path, identity, keys, task.owner) if ckpt_path.is_file() else None
+    step = 0
+    if state is not None:
+        task.load_state(state)
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("%s: resumed from %s at step %d/%d", task.what, ckpt_path, step, steps)
+
+    def save() -> None:
+        atomic_torch_save({"version": CKPT_VERSION, **identity, **task.state(), "step": step,
+                           "torch_rng": torch.get_rng_state()}, ckpt_path)
+
+    bar = tqdm(total=steps, initial=step, desc=f"train {task.what}", unit="step", leave=False,
+               **({} if progress else {"disable": True}))
+    try:
+        with StopFlag() as stop:
+            while step < steps:
+                try:
+                    record, postfix = task.step(step)
+                except TrainingError as e:
+                    raise TrainingError(f"{e}; last good checkpoint kept at {ckpt_path}") from None
+                step += 1
+                bar.update(1)
+                bar.set_postfix(postfix, refresh=False)
+                if log_fn is not None and record:
+                    log_fn(record, step)
+                if step % ckpt_every == 0 or step == steps:
+                    save()
+                if stop.signum is not None:
+                    save()
+                    name = signal.Signals(stop.signum).name
+                    log.warning("%s at step %d of %s: checkpoint written to %s; the rerun resumes from it",
+                                name, step, task.what, ckpt_path)
+                    raise Preempted(f"{name} at step {step} of {task.what}; checkpoint written to {ckpt_path}",
+                                    stop.signum, stop.previous(stop.signum))
+                if stop_after is not None and stop_after <= step < steps:
+                    save()
+                    break
+    finally:
+        bar.close()
+    return step
+
+
+def read_resumable(path: Path, identity: dict[str, Any], keys: tuple[str, ...], owner: str = "prior"
+                   ) -> dict[str, Any] | None:
+    """A resumable checkpoint, or None when it cannot be read (truncated by a full disk or a copy, damaged): it is
+    moved aside with a warning and the run starts from scratch, which gives the same weights as an uninterrupted
+    run. Without this every rerun would fail on the same file until it was deleted by hand. A readable checkpoint
+    of another configuration (another `identity`) is the user's to resolve (one-line ConfigError)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"a {type(state).__name__}, not a checkpoint")
-        if state.get("arch") != arch or state.get("unit") != unit:
-            raise ConfigError(f"checkpoint {path} was written by a different prior configuration "
+        if any(state.get(k) != v for k, v in identity.items()):
+            raise ConfigError(f"checkpoint {path} was written by a different {owner} configuration "
                               f"({state.get('unit')}: {state.get('arch')}); remove it or use another paths.cache")
-        missing = [k for k in RESUMABLE_KEYS if k not in state]
+        missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"no {missing[0]}")
         return state
@@ -139,126 +211,117 @@ def read_resumable(path: Path, unit: str, arch: dict[str, Any]) -> dict[str, Any
         aside = move_aside(path)
         reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         log.warning("%s: resumable checkpoint %s cannot be read (%s: %s); moved aside to %s, training from scratch",
-                    unit, path, type(e).__name__, reason, aside)
+                    identity.get("unit"), path, type(e).__name__, reason, aside)
         return None
 
 
-def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int,
+# ---- one unit of a prior --------------------------------------------------------
+
+class UnitTraining(Steps):
+    """One unit of a prior: AdamW (no decay on vectors), warm-up + cosine, gradient clipping, EMA weights, and
+    the validation NLL of the EMA weights every val_every steps with the best ones kept."""
+
+    def __init__(self, prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: TrainConfig, seed: int,
+                 device: torch.device, precision: str):
+        self.prior, self.unit, self.train_tokens, self.val_tokens = prior, unit, train, val
+        self.cfg, self.seed, self.device, self.precision = cfg, seed, device, precision
+        self.what = f"{prior.name}:{unit}"
+        self.module = prior.units()[unit]
+        decay_params = [p for n, p in self.module.named_parameters() if p.dim() >= 2]
+        other_params = [p for n, p in self.module.named_parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": cfg.weight_decay},
+                                      {"params": other_params, "weight_decay": 0.0}],
+                                     lr=cfg.lr, betas=tuple(cfg.betas))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.ema = {k: v.detach().clone().float() if v.dtype.is_floating_point else v.detach().clone()
+                    for k, v in self.module.state_dict().items()}
+        # One generator draws the batches (the data-loader position), one the noise of the losses.
+        self.data_gen = torch.Generator().manual_seed(seed * 1000 + 1)
+        self.noise_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 2)
+        self.best_val, self.best_step, self.best_state, self.seconds = float("inf"), -1, None, 0.0
+        self.module.train()
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "ema": self.ema, "best_val": self.best_val,
+                "best_step": self.best_step, "best_state": self.best_state, "seconds": self.seconds,
+                "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state().cpu()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.ema = state["ema"]
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        self.best_state, self.seconds = state["best_state"], state["seconds"]
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"].to(self.noise_gen.get_state().device))
+
+    def step(self, step: int) -> tuple[dict[str, float], dict[str, str]]:
+        t0 = time.perf_counter()
+        idx = torch.randint(len(self.train_tokens), (self.cfg.batch_size,), generator=self.data_gen)
+        x = self.train_tokens[idx].to(self.device, non_blocking=True)
+        with autocast(self.device, self.precision):
+            loss, logs = self.prior.unit_loss(self.unit, x, generator=self.noise_gen)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1} of {self.what}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        ema_update(self.ema, self.module, self.cfg.ema_decay)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        tokens_per_s = x.numel() / max(dt, 1e-9)
+        u = self.unit
+        record = {f"train/{u}/loss": loss_value, f"train/{u}/lr": self.sched.get_last_lr()[0],
+                  f"train/{u}/grad_norm": float(grad_norm), f"train/{u}/tokens_per_s": tokens_per_s}
+        record.update({f"train/{u}/{k}": v for k, v in logs.items()})
+        done = step + 1
+        if done % self.cfg.val_every == 0 or done == self.cfg.steps:
+            record[f"val/{u}/bits_per_token"] = self.validate(done)
+            log.info("%s step %d/%d: val %.4f bits/token, loss %.4f", self.what, done, self.cfg.steps,
+                     record[f"val/{u}/bits_per_token"], loss_value)
+        return record, {"loss": f"{loss_value:.3f}", "tok_s": f"{tokens_per_s:.0f}"}
+
+    def validate(self, step: int) -> float:
+        """The EMA weights' validation bits per token; the best EMA weights so far are kept."""
+        live = {k: v.clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict(self.ema)
+        v = validation_bits(self.prior, self.unit, self.val_tokens, self.cfg.batch_size, self.cfg.val_batches,
+                            self.seed, self.device, self.precision)
+        self.module.load_state_dict(live)
+        if v < self.best_val:
+            self.best_val, self.best_step = v, step
+            self.best_state = {k: t.clone() for k, t in self.ema.items()}
+        return v
+
+    def result(self, steps: int) -> dict[str, Any]:
+        """{"state_dict": the best EMA weights so far (the EMA ones before any validation), "best_val",
+        "best_step", "seconds", "steps": steps done}."""
+        best = self.best_state if self.best_state is not None else copy.deepcopy(self.ema)
+        return {"state_dict": best, "best_val": self.best_val, "best_step": self.best_step, "seconds": self.seconds,
+                "steps": steps}
+
+
+def train_unit(prior: Prior, unit: str, train: torch.Tensor, val: torch.Tensor, cfg: TrainConfig, seed: int,
                work_dir: Path, device: torch.device, precision: str = "fp32",
                log_fn: Callable[[dict[str, float], int], None] | None = None,
                stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train one unit to `cfg.steps`, resuming from `work_dir/<unit>.ckpt` if present.
+    """Train one unit to `cfg.steps`, resuming from `work_dir/<unit>.ckpt` if present; UnitTraining.result.
 
-    Returns {"state_dict": best EMA weights, "best_val": ..., "best_step": ..., "seconds": ...}.
-    `stop_after` ends the run early after that many steps (tests of resume).
+    `stop_after` ends the run early after that many steps (tests of resume): "steps" then says where.
     """
     # The global RNG (dropout) starts from the unit's seed: a unit's run does not depend on which units trained
     # before it in the same process, so units can train one after another or at once (train_units).
     torch.manual_seed(seed)
-    module = prior.units()[unit]
-    ckpt_path = Path(work_dir) / f"{unit}.ckpt"
-    steps, bs = int(cfg.steps), int(cfg.batch_size)
-    decay_params = [p for n, p in module.named_parameters() if p.dim() >= 2]
-    other_params = [p for n, p in module.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": float(cfg.weight_decay)},
-                             {"params": other_params, "weight_decay": 0.0}],
-                            lr=float(cfg.lr), betas=tuple(cfg.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, int(cfg.warmup_steps), steps, float(cfg.min_lr_ratio)))
-    ema = {k: v.detach().clone().float() if v.dtype.is_floating_point else v.detach().clone()
-           for k, v in module.state_dict().items()}
-    # One generator draws the batches (the data-loader position), one the noise of the losses.
-    data_gen = torch.Generator().manual_seed(seed * 1000 + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 2)
-    step, best_val, best_step, best_state, seconds = 0, float("inf"), -1, None, 0.0
-
-    state = read_resumable(ckpt_path, unit, prior.arch_config()) if ckpt_path.is_file() else None
-    if state is not None:
-        module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema = state["ema"]
-        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        best_state, seconds = state["best_state"], state["seconds"]
-        data_gen.set_state(state["data_gen"])
-        noise_gen.set_state(state["noise_gen"].to(noise_gen.get_state().device))
-        torch.set_rng_state(state["torch_rng"])
-        log.info("%s: resumed from %s at step %d/%d", unit, ckpt_path, step, steps)
-
-    def save() -> None:
-        atomic_torch_save({
-            "version": CKPT_VERSION, "arch": prior.arch_config(), "unit": unit,
-            "model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "ema": ema, "step": step, "best_val": best_val, "best_step": best_step, "best_state": best_state,
-            "seconds": seconds, "data_gen": data_gen.get_state(), "noise_gen": noise_gen.get_state().cpu(),
-            "torch_rng": torch.get_rng_state(),
-        }, ckpt_path)
-
-    def validate() -> float:
-        nonlocal best_val, best_step, best_state
-        live = {k: v.clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(ema)
-        v = validation_bits(prior, unit, val, bs, int(cfg.val_batches), seed, device, precision)
-        module.load_state_dict(live)
-        if v < best_val:
-            best_val, best_step = v, step
-            best_state = {k: t.clone() for k, t in ema.items()}
-        return v
-
-    module.train()
-    bar = tqdm(total=steps, initial=step, desc=f"train {prior.name}:{unit}", unit="step", leave=False,
-               **({} if progress else {"disable": True}))
-    with StopFlag() as stop:
-        while step < steps:
-            t0 = time.perf_counter()
-            idx = torch.randint(len(train), (bs,), generator=data_gen)
-            x = train[idx].to(device, non_blocking=True)
-            with autocast(device, precision):
-                loss, logs = prior.unit_loss(unit, x, generator=noise_gen)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1} of {prior.name}:{unit}; "
-                                    f"last good checkpoint kept at {ckpt_path}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), float(cfg.grad_clip))
-            opt.step()
-            sched.step()
-            ema_update(ema, module, float(cfg.ema_decay))
-            step += 1
-            dt = time.perf_counter() - t0
-            seconds += dt
-            tokens_per_s = x.numel() / max(dt, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            record = {f"train/{unit}/loss": loss_value, f"train/{unit}/lr": sched.get_last_lr()[0],
-                      f"train/{unit}/grad_norm": float(grad_norm), f"train/{unit}/tokens_per_s": tokens_per_s}
-            record.update({f"train/{unit}/{k}": v for k, v in logs.items()})
-            if step % int(cfg.val_every) == 0 or step == steps:
-                record[f"val/{unit}/bits_per_token"] = validate()
-                log.info("%s:%s step %d/%d: val %.4f bits/token, loss %.4f", prior.name, unit, step, steps,
-                         record[f"val/{unit}/bits_per_token"], loss_value)
-            if log_fn is not None:
-                log_fn(record, step)
-            if step % int(cfg.ckpt_every) == 0 or step == steps:
-                save()
-            if stop.signum is not None:
-                save()
-                bar.close()
-                name = signal.Signals(stop.signum).name
-                log.warning("%s at step %d of %s:%s: checkpoint written to %s; the rerun resumes from it",
-                            name, step, prior.name, unit, ckpt_path)
-                raise Preempted(f"{name} at step {step} of {prior.name}:{unit}; checkpoint written to {ckpt_path}",
-                                stop.signum, stop.previous(stop.signum))
-            if stop_after is not None and step >= stop_after and step < steps:
-                save()
-                bar.close()
-                return {"stopped_at": step}
-    bar.close()
-    if best_state is None:  # steps == 0
-        best_state = copy.deepcopy(ema)
-    return {"state_dict": best_state, "best_val": best_val, "best_step": best_step, "seconds": seconds,
-            "steps": step}
+    task = UnitTraining(prior, unit, train, val, cfg, seed, device, precision)
+    steps = run_steps(task, cfg.steps, Path(work_dir) / f"{unit}.ckpt", {"arch": prior.arch_config(), "unit": unit},
+                      ckpt_every=cfg.ckpt_every, log_fn=log_fn, stop_after=stop_after, progress=progress)
+    return task.result(steps)
 
 
 # ---- units at once ---------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_resume_equals_uninterrupted(tmp_path, name):
     part = make(name)
     stopped = train_unit(part, unit, train, val, cfg(), seed=3, work_dir=tmp_path / "b", device=torch.device("cpu"),
                          stop_after=5)
-    assert stopped == {"stopped_at": 5}
+    assert stopped["steps"] == 5 and stopped["best_step"] == 4  # stopped after step 5; validated at step 4
     resumed = make(name)  # a fresh process would rebuild the prior from scratch
     r_res = train_unit(resumed, unit, train, val, cfg(), seed=3, work_dir=tmp_path / "b", device=torch.device("cpu"))
     assert r_res["best_val"] == r_full["best_val"] and r_res["best_step"] == r_full["best_step"]
