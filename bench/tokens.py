@@ -9,6 +9,7 @@ twice the priors' training sequences; validation is never mirrored.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,10 @@ def tokenizer_stage(tokenizer: Tokenizer, data: ImageData, cache_root: Path, dev
     """The tokenizer stage's folder and key, built (trained, or the release recorded) when not cached."""
     tokenizer.prepare()  # before the key: what it puts in place can change the key
     key = tokenizer.content_key(data.key)
+    work = Path(cache_root) / "tokenizer" / f"{key}.work"  # resumable state of an interrupted build
     d = cached_stage(cache_root, "tokenizer", key,
-                     lambda tmp: tokenizer.build(torch.from_numpy(data.train), tmp, device), what="tokenizer")
+                     lambda tmp: tokenizer.build(torch.from_numpy(data.train), tmp, work, device), what="tokenizer")
+    shutil.rmtree(work, ignore_errors=True)
     return d, key
 
 

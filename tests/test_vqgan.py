@@ -385,7 +385,7 @@ def test_training_lowers_reconstruction_and_is_deterministic():
     assert {k: v for k, v in o1.items() if k != "seconds"} == {k: v for k, v in o2.items() if k != "seconds"}
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
-    assert [s for s, _ in logged[: len(logged) // 2]] == [0, 10, 20, 29]
+    assert [s for s, _ in logged[: len(logged) // 2]] == [1, 11, 21, 30]  # steps done when logged
 
 
 def train_cfg(**over) -> VQGANTrainConfig:
@@ -500,3 +500,37 @@ def test_tokenizer_yamls_build_the_dataclasses():
     assert 0 < smoke_train.disc_start < smoke_train.steps
     taming = OmegaConf.load(conf / "taming.yaml")
     assert taming.name == "taming" and OmegaConf.is_missing(taming, "ckpt") and OmegaConf.is_missing(taming, "config")
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    """Stopped after 5 of 12 steps and resumed from its checkpoint (k-means init, dead-code restarts, the GAN
+    switching on mid-run): the same weights, discriminator and returned losses as one uninterrupted run."""
+    data = images(48, 16, seed=5)
+    cfg = train_cfg(steps=12, disc_start=6, codebook_init="kmeans", kmeans_images=48, dead_code_every=4,
+                    lr_schedule="cosine", ckpt_every=3)
+    full = tiny_model(seed=0, n_embed=128)  # more codes than k-means keeps in use: some restart
+    o_full = train_vqgan(full, data, cfg, progress=False, work_dir=tmp_path / "a")
+    part = tiny_model(seed=0, n_embed=128)
+    train_vqgan(part, data, cfg, progress=False, work_dir=tmp_path / "b", stop_after=5)
+    assert (tmp_path / "b" / "tokenizer.ckpt").is_file()
+    resumed = tiny_model(seed=1, n_embed=128)  # a rerun's fresh model: every weight comes from the checkpoint
+    o_res = train_vqgan(resumed, data, cfg, progress=False, work_dir=tmp_path / "b")
+    assert {k: v for k, v in o_full.items() if k != "seconds"} == {k: v for k, v in o_res.items() if k != "seconds"}
+    assert o_full["restarted_codes"] > 0 and o_full["disc_loss"] > 0  # the aids and the GAN did run
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_interval_is_not_part_of_the_tokenizer_key():
+    from omegaconf import OmegaConf
+
+    from bench.tokens import job_tokenizer
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "tokenizer"
+    keys = []
+    for over in ({}, {"ckpt_every": 7}, {"steps": 7}):
+        tok = OmegaConf.load(conf / "vqgan_tiny.yaml")
+        tok.train = OmegaConf.merge(tok.train, over)
+        tokenizer, _ = job_tokenizer(OmegaConf.create({"data": {"resolution": 32}, "tokenizer": tok}))
+        keys.append(tokenizer.content_key("data"))
+    assert keys[0] == keys[1] != keys[2]

@@ -53,7 +53,7 @@ class ToyTokenizer(Tokenizer):
         pixels = float(CHANNELS * self.resolution ** 2)
         return pixels, pixels
 
-    def build(self, images, directory: Path, device: str, log_fn=None) -> dict[str, Any]:
+    def build(self, images, directory: Path, work: Path, device: str, log_fn=None) -> dict[str, Any]:
         return {"name": self.name}
 
     def load(self, directory: Path, device: str) -> None:

@@ -91,10 +91,11 @@ class Tokenizer(abc.ABC):
 
     # ---- the tokenizer stage -----------------------------------------------------------------
     @abc.abstractmethod
-    def build(self, images: torch.Tensor, directory: Path, device: str,
+    def build(self, images: torch.Tensor, directory: Path, work: Path, device: str,
               log_fn: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
         """Make the tokenizer from the uint8 train images (N, C, H, W): train it and write its weights into
         `directory` (the stage's folder, written atomically by the cache), or record which release it is.
+        `work` is kept between interrupted runs (resumable checkpoints) and removed once the stage is built.
         Returns the stage's metadata (JSON)."""
 
     @abc.abstractmethod

@@ -64,7 +64,7 @@ class TamingTokenizer(VQModelTokenizer):
         # Path, size and mtime stand in for the content of a multi-GB checkpoint.
         return content_key("tokenizer-taming-v1", data_key, str(ckpt), st.st_size, st.st_mtime_ns, conf.read_text())
 
-    def build(self, images: torch.Tensor, directory: Path, device: str,
+    def build(self, images: torch.Tensor, directory: Path, work: Path, device: str,
               log_fn: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
         return {"name": self.name, "ckpt": self.options.ckpt, "config": self.options.config}
 

@@ -23,6 +23,9 @@ from tokenizers.vqmodel import VQGANConfig, VQModel, VQModelTokenizer
 
 log = logging.getLogger(__name__)
 
+# Options of `train:` that do not change the weights: where LPIPS's weights come from is not what they are
+# (lpips_on and the file's fixed hash are), and how often a resumable checkpoint is written.
+NOT_IN_KEY = ("vgg16_weights", "ckpt_every")
 WEIGHTS_FILE = "model.pt"  # in the tokenizer stage's folder: {"config": asdict(VQGANConfig), "state_dict": ...}
 
 
@@ -71,17 +74,16 @@ class VQGANTokenizer(VQModelTokenizer):
         # Whether LPIPS can run changes the trained weights, so it is part of the key.
         lpips_on = self.options.train.perceptual_weight > 0 and lpips_available()
         # The yaml as given, under the key's first layout (when `name` was spelled `kind`), so that tokenizers
-        # trained before stay cached; where LPIPS's weights come from is not what they are (lpips_on and the
-        # file's fixed hash are).
+        # trained before stay cached.
         options = {"kind": self.name, **{k: v for k, v in self.config.items() if k not in TOKENS_ONLY_OPTIONS}}
         if isinstance(options.get("train"), dict):
-            options["train"] = {k: v for k, v in options["train"].items() if k != "vgg16_weights"}
+            options["train"] = {k: v for k, v in options["train"].items() if k not in NOT_IN_KEY}
         return content_key("tokenizer-vqgan-v1", data_key, options, lpips_on)
 
     def training_work(self) -> tuple[int, int]:
         return self.options.train.steps, self.options.train.batch_size
 
-    def build(self, images: torch.Tensor, directory: Path, device: str,
+    def build(self, images: torch.Tensor, directory: Path, work: Path, device: str,
               log_fn: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
         self.check()
         train_cfg = self.options.train
@@ -96,7 +98,7 @@ class VQGANTokenizer(VQModelTokenizer):
         else:
             log.info("tokenizer: LPIPS perceptual term off (tokenizer.train.perceptual_weight=0)")
         t0 = time.time()
-        stats = train_vqgan(model, images, train_cfg, device=device, log=log_fn)
+        stats = train_vqgan(model, images, train_cfg, device=device, log=log_fn, work_dir=work)
         seconds = time.time() - t0
         atomic_torch_save({"config": asdict(self.options.model),
                            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, directory / WEIGHTS_FILE)

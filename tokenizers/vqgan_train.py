@@ -30,19 +30,21 @@ model or its forward pass, so the weights stay a taming VQModel):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG16_Weights
-from tqdm import tqdm
 
-from bench.train import lr_factor
+from bench.train import Steps, TrainingError, lr_factor, run_steps
 from tokenizers.vqmodel import VQModel, images_to_unit
 from bench.weights import Weights, hub_checkpoints, place_in_hub, resolve
 
@@ -73,12 +75,15 @@ class VQGANTrainConfig:
     lr_schedule: str = "constant"  # "constant" (taming) | "cosine" (half-cosine decay over `steps`)
     lr_min_ratio: float = 0.0  # with "cosine": the final lr as a fraction of `lr`
     vgg16_weights: str | None = None  # LPIPS's backbone: null (hub cache only) | download | URL | PATH
+    ckpt_every: int = 100  # resumable checkpoint every N steps (how often, not what is trained: not in the key)
 
     def __post_init__(self) -> None:
         if self.codebook_init not in ("random", "kmeans"):
             raise ValueError(f"codebook_init={self.codebook_init!r} is not 'random' or 'kmeans'")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not 'constant' or 'cosine'")
+        if self.ckpt_every < 1:
+            raise ValueError(f"tokenizer.train.ckpt_every={self.ckpt_every} must be at least 1")
 
 
 # ---- LPIPS availability ----------------------------------------------------------------------
@@ -284,94 +289,147 @@ def learning_rate(cfg: VQGANTrainConfig, step: int) -> float:
     return cfg.lr * lr_factor(step, 0, cfg.steps - 1, cfg.lr_min_ratio)  # no warm-up; the last step at the floor
 
 
+class VQGANTraining(Steps):
+    """taming's two-optimizer VQGAN training (autoencoder, then discriminator once the GAN is on) as steps of the
+    shared loop (bench.train.run_steps), with the training aids (k-means init at step 0, dead-code restarts)."""
+    what = "tokenizer"
+    owner = "tokenizer"
+
+    def __init__(self, model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, device: str):
+        self.model, self.images, self.cfg, self.device = model, images, cfg, device
+        with torch.random.fork_rng(devices=[]):  # seeded D init without disturbing the caller's RNG
+            torch.manual_seed(cfg.seed)
+            self.loss_fn = VQLPIPSWithDiscriminator(cfg, model.cfg.in_channels)
+        model.to(device).train()
+        self.loss_fn.to(device).train()
+        if self.loss_fn.perceptual_loss is not None:
+            self.loss_fn.perceptual_loss.eval()
+        self.disc = self.loss_fn.discriminator
+        self.opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        self.opt_disc = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        self.last_layer = model.decoder.conv_out.weight  # taming's get_last_layer()
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        # the init and restarts draw from their own stream, so the batch order is the same with or without them
+        self.g_codes = torch.Generator().manual_seed(cfg.seed + 1)
+        self.usage = torch.zeros(model.cfg.n_embed, dtype=torch.long, device=device)
+        self.restarted = 0
+        self.order, self.pos = torch.randperm(len(images), generator=self.g), 0
+        self.tail = max(1, cfg.steps // 10)  # the returned losses average the last tenth of training
+        self.sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        self.seconds = 0.0
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "discriminator": self.disc.state_dict(),
+                "opt_ae": self.opt_ae.state_dict(), "opt_disc": self.opt_disc.state_dict(),
+                "batch_gen": self.g.get_state(), "code_gen": self.g_codes.get_state(), "order": self.order,
+                "pos": self.pos, "usage": self.usage.cpu(), "restarted": self.restarted, "sums": dict(self.sums),
+                "seconds": self.seconds}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.disc.load_state_dict(state["discriminator"])
+        self.opt_ae.load_state_dict(state["opt_ae"])
+        self.opt_disc.load_state_dict(state["opt_disc"])
+        self.g.set_state(state["batch_gen"])
+        self.g_codes.set_state(state["code_gen"])
+        self.order, self.pos, self.restarted = state["order"], state["pos"], state["restarted"]
+        self.usage = state["usage"].to(self.device)
+        self.sums, self.seconds = dict(state["sums"]), state["seconds"]
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch of epoch-wise permutations, in [-1, 1] on the device: (B, 3, H, W)."""
+        n, bs = len(self.images), self.cfg.batch_size
+        if self.pos + bs > n:  # new epoch; the incomplete remainder is dropped
+            self.order, self.pos = torch.randperm(n, generator=self.g), 0
+        idx = self.order[self.pos:self.pos + bs]
+        self.pos += bs
+        return images_to_unit(self.images[idx]).to(self.device)
+
+    def autoencoder_step(self, x: torch.Tensor, step: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One autoencoder update: (encoder outputs h (B, D, h, w), codes (B, h, w), x_rec, stats)."""
+        # D's parameters are frozen so that the GAN term trains only the generator
+        self.disc.requires_grad_(False)
+        h = self.model.quant_conv(self.model.encoder(x))  # (B, D, h, w): model(x) written out to see z and the codes
+        z_q, qloss, codes = self.model.quantize(h)
+        x_rec = self.model.decode(z_q)  # (B, 3, H, W)
+        ae_loss, stats = self.loss_fn.generator_loss(qloss, x, x_rec, step, self.last_layer)
+        for group in self.opt_ae.param_groups:
+            group["lr"] = learning_rate(self.cfg, step)
+        self.opt_ae.zero_grad(set_to_none=True)
+        ae_loss.backward()
+        self.opt_ae.step()
+        self.disc.requires_grad_(True)
+        return h, codes, x_rec, stats
+
+    def count_and_restart(self, step: int, h: torch.Tensor, codes: torch.Tensor) -> None:
+        """Code usage since the last restart; every dead_code_every steps the unused codes restart."""
+        n_embed = self.model.cfg.n_embed
+        self.usage += torch.bincount(codes.flatten(), minlength=n_embed)
+        if (step + 1) % self.cfg.dead_code_every == 0 and step + 1 < self.cfg.steps:
+            z = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*L, D)
+            self.restarted += restart_dead_codes(self.model, self.usage, z, self.opt_ae, self.g_codes)
+            self.usage.zero_()
+
+    def discriminator_step(self, x: torch.Tensor, x_rec: torch.Tensor, step: int, stats: dict[str, float]) -> None:
+        """One discriminator update once the GAN is on (before, taming's factor 0 makes it a no-op)."""
+        stats.update(disc_loss=0.0, logits_real=0.0, logits_fake=0.0)
+        if adopt_weight(self.cfg.disc_factor, step, self.cfg.disc_start) > 0:
+            d_loss, d_stats = self.loss_fn.discriminator_loss(x, x_rec, step)
+            self.opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_disc.step()
+            stats.update(d_stats)
+
+    def step(self, step: int) -> tuple[dict[str, float], dict[str, str]]:
+        t0 = time.time()
+        if step == 0 and self.cfg.codebook_init == "kmeans":
+            kmeans_codebook(self.model, self.images, self.cfg, self.g_codes, self.device)
+        x = self.next_batch()
+        h, codes, x_rec, stats = self.autoencoder_step(x, step)
+        if self.cfg.dead_code_every > 0:
+            self.count_and_restart(step, h, codes)
+        self.discriminator_step(x, x_rec, step, stats)
+        if not all(math.isfinite(stats[k]) for k in LOSS_KEYS):
+            raise TrainingError(f"VQGAN training diverged at step {step + 1}: {stats}")
+        if step >= self.cfg.steps - self.tail:
+            for k in LOSS_KEYS:
+                self.sums[k] += stats[k]
+        self.seconds += time.time() - t0
+        logged = step % self.cfg.log_every == 0 or step == self.cfg.steps - 1
+        record = {f"tokenizer/{k}": float(v) for k, v in stats.items()} if logged else {}
+        return record, {"rec": f"{stats['rec_loss']:.4f}", "q": f"{stats['quant_loss']:.4f}",
+                        "g": f"{stats['g_loss']:.3f}", "d": f"{stats['disc_loss']:.3f}"}
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.tail for k in LOSS_KEYS}
+        out["lpips"] = 1.0 if self.loss_fn.uses_lpips else 0.0
+        out["restarted_codes"] = float(self.restarted)
+        out["seconds"] = self.seconds
+        return out
+
+
 def train_vqgan(model: VQModel, images: torch.Tensor, cfg: VQGANTrainConfig, device: str = "cpu",
-                log: Callable[[dict[str, float], int], None] | None = None, progress: bool = True
-                ) -> dict[str, float]:
+                log: Callable[[dict[str, float], int], None] | None = None, progress: bool = True,
+                work_dir: Path | None = None, stop_after: int | None = None) -> dict[str, float]:
     """Train `model` in place on uint8 images (N, 3, H, W); returns the losses averaged over the
     last tenth of the steps, plus {"lpips": 1.0 if the perceptual term was on else 0.0}.
 
     Batches are drawn from epoch-wise permutations of a torch.Generator seeded with cfg.seed, and
     the discriminator is initialised under the same seed, so a CPU run is deterministic given the
-    model's initial weights. The model ends in eval mode."""
+    model's initial weights. A resumable checkpoint goes to work_dir/tokenizer.ckpt every cfg.ckpt_every
+    steps (a temporary folder when work_dir is None) and a rerun resumes from it, equal to an uninterrupted
+    run; stop_after ends the run early after that many steps (tests of resume). The model ends in eval mode."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != model.cfg.in_channels:
         raise ValueError(f"train_vqgan expects uint8 (N, {model.cfg.in_channels}, H, W) images, "
                          f"got {images.dtype} {tuple(images.shape)}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"tokenizer.train: steps={cfg.steps} and batch_size={cfg.batch_size} must be >= 1")
-    with torch.random.fork_rng(devices=[]):  # seeded D init without disturbing the caller's RNG
-        torch.manual_seed(cfg.seed)
-        loss_fn = VQLPIPSWithDiscriminator(cfg, model.cfg.in_channels)
-    model.to(device).train()
-    loss_fn.to(device).train()
-    if loss_fn.perceptual_loss is not None:
-        loss_fn.perceptual_loss.eval()
-    disc = loss_fn.discriminator
-    opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    last_layer = model.decoder.conv_out.weight  # taming's get_last_layer()
-
-    g = torch.Generator().manual_seed(cfg.seed)
-    n = len(images)
-    # the init and restarts draw from their own stream, so the batch order is the same with or without them
-    g_codes = torch.Generator().manual_seed(cfg.seed + 1)
-    if cfg.codebook_init == "kmeans":
-        kmeans_codebook(model, images, cfg, g_codes, device)
-    usage = torch.zeros(model.cfg.n_embed, dtype=torch.long, device=device)
-    restarted = 0
-    order, pos = torch.randperm(n, generator=g), 0
-    tail = max(1, cfg.steps // 10)  # the returned losses average the last tenth of training
-    sums = dict.fromkeys(LOSS_KEYS, 0.0)
-    t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="vqgan", unit="step", disable=not progress or None, leave=False)
-    for step in bar:
-        if pos + cfg.batch_size > n:  # new epoch; the incomplete remainder is dropped
-            order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        x = images_to_unit(images[idx]).to(device)  # (B, 3, H, W)
-
-        # autoencoder step; D's parameters are frozen so the GAN term trains only the generator
-        disc.requires_grad_(False)
-        h = model.quant_conv(model.encoder(x))  # (B, D, h, w): model(x) written out to see z and the codes
-        z_q, qloss, idx = model.quantize(h)
-        x_rec = model.decode(z_q)  # (B, 3, H, W)
-        ae_loss, stats = loss_fn.generator_loss(qloss, x, x_rec, step, last_layer)
-        for group in opt_ae.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        opt_ae.zero_grad(set_to_none=True)
-        ae_loss.backward()
-        opt_ae.step()
-        disc.requires_grad_(True)
-        if cfg.dead_code_every > 0:
-            usage += torch.bincount(idx.flatten(), minlength=model.cfg.n_embed)
-            if (step + 1) % cfg.dead_code_every == 0 and step + 1 < cfg.steps:
-                restarted += restart_dead_codes(model, usage, h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]),
-                                                opt_ae, g_codes)
-                usage.zero_()
-
-        # discriminator step, only once the GAN is on (before, taming's factor 0 makes it a no-op)
-        stats.update(disc_loss=0.0, logits_real=0.0, logits_fake=0.0)
-        if adopt_weight(cfg.disc_factor, step, cfg.disc_start) > 0:
-            d_loss, d_stats = loss_fn.discriminator_loss(x, x_rec, step)
-            opt_disc.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_disc.step()
-            stats.update(d_stats)
-
-        if not all(math.isfinite(stats[k]) for k in LOSS_KEYS):
-            raise FloatingPointError(f"VQGAN training diverged at step {step}: {stats}")
-        if step >= cfg.steps - tail:
-            for k in LOSS_KEYS:
-                sums[k] += stats[k]
-        if progress:
-            bar.set_postfix(rec=f"{stats['rec_loss']:.4f}", q=f"{stats['quant_loss']:.4f}",
-                            g=f"{stats['g_loss']:.3f}", d=f"{stats['disc_loss']:.3f}", refresh=False)
-        if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            log({f"tokenizer/{k}": float(v) for k, v in stats.items()}, step)
-    bar.close()
+    task = VQGANTraining(model, images, cfg, device)
+    with contextlib.ExitStack() as stack:
+        folder = Path(work_dir) if work_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        run_steps(task, cfg.steps, folder / "tokenizer.ckpt", {"arch": asdict(model.cfg), "unit": task.what},
+                  ckpt_every=cfg.ckpt_every, log_fn=log, stop_after=stop_after, progress=progress)
     model.eval()
-    out = {k: sums[k] / tail for k in LOSS_KEYS}
-    out["lpips"] = 1.0 if loss_fn.uses_lpips else 0.0
-    out["restarted_codes"] = float(restarted)
-    out["seconds"] = time.time() - t0
-    return out
+    return task.result()
