@@ -342,7 +342,7 @@ def resolve_unit_workers(want: Any, n_units: int, device: torch.device, threads:
     return max(1, min(want, n_units))
 
 
-def _unit_worker(conn, prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, work_dir: str,
+def _unit_worker(conn, prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: TrainConfig, work_dir: str,
                  precision: str, threads: int, level: int) -> None:
     """A process that trains the units the job sends it, one at a time (train_units). Each result goes to
     `<unit>.result.pt` in the work folder; the pipe carries the unit's logger records back, or what stopped it.
@@ -421,7 +421,7 @@ def _signal(process: Any, signum: int) -> None:
             os.kill(process.pid, signum)
 
 
-def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, seed: int, work_dir: Path,
+def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: TrainConfig, seed: int, work_dir: Path,
                 device: torch.device, precision: str = "fp32", workers: int = 1, threads: int = 1,
                 log_fn: Callable[[dict[str, float], int], None] | None = None,
                 on_done: Callable[[str, dict[str, Any]], None] | None = None) -> None:
@@ -438,79 +438,107 @@ def train_units(prior: Prior, train: torch.Tensor, val: torch.Tensor, cfg: Any, 
         return
     if device.type != "cpu":
         raise ConfigError(f"unit_workers={workers}: units train at once only on CPU (device={device.type})")
-    ctx = multiprocessing.get_context("spawn")  # fork would copy the job's OpenMP pool and logging handlers
-    per_worker = max(1, threads // workers)
-    level = logging.getLogger().getEffectiveLevel()
-    pending = [(u, seeds[u]) for u in units]
-    procs: list[tuple[Any, Any]] = []  # (process, its end of the pipe) of the live workers
-    unit_of: dict[int, str] = {}  # process id -> the unit it trains now
-    failure: tuple[str, str] | None = None  # (exception name, message) of the first unit that failed
-    preempted: tuple[str, int] | None = None
+    log.info("train %s: %d units, %d at once (%d thread(s) each)", prior.name, len(units), workers,
+             max(1, threads // workers))
+    _UnitPool(prior, (train, val, cfg, str(work_dir), precision), [(u, seeds[u]) for u in units], workers,
+              threads, log_fn, done).run()
 
-    def assign(proc: Any, conn: Any) -> None:
+
+class _UnitPool:
+    """train_units with units at once: spawned workers, each sent the next pending unit when it finishes one. A
+    failing unit stops the others (they checkpoint: nothing is lost) and its error is raised in the job; a
+    preemption signal is passed on to the workers and raised as Preempted once they have checkpointed."""
+
+    def __init__(self, prior: Prior, job: tuple[Any, ...], pending: list[tuple[str, int]], workers: int,
+                 threads: int, log_fn: Callable[[dict[str, float], int], None] | None,
+                 done: Callable[[str, dict[str, Any]], None]):
+        self.prior, self.job, self.pending, self.workers = prior, job, pending, workers
+        self.per_worker = max(1, threads // workers)
+        self.log_fn, self.done = log_fn, done
+        self.work_dir = Path(job[3])
+        self.procs: list[tuple[Any, Any]] = []  # (process, its end of the pipe) of the live workers
+        self.unit_of: dict[int, str] = {}  # process id -> the unit it trains now
+        self.failure: tuple[str, str] | None = None  # (exception name, message) of the first unit that failed
+        self.preempted: tuple[str, int] | None = None
+
+    def assign(self, proc: Any, conn: Any) -> None:
         """Send the next pending unit to a worker and remember which unit it trains."""
-        unit, unit_seed = pending.pop(0)
-        unit_of[proc.pid] = unit
+        unit, unit_seed = self.pending.pop(0)
+        self.unit_of[proc.pid] = unit
         conn.send((unit, unit_seed))
 
-    log.info("train %s: %d units, %d at once (%d thread(s) each)", prior.name, len(units), workers, per_worker)
-    bar = tqdm(total=len(units), desc=f"train {prior.name} ({workers} at once)", unit="unit", leave=False)
-    with _ForwardingStopFlag(lambda: [p for p, _ in procs]) as stop:
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # fork would copy the job's OpenMP pool and logging handlers
+        level = logging.getLogger().getEffectiveLevel()
+        train, val, cfg, work_dir, precision = self.job
+        for _ in range(self.workers):
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_unit_worker, name=f"train-{self.prior.name}", daemon=True,
+                               args=(child, self.prior, train, val, cfg, work_dir, precision, self.per_worker, level))
+            proc.start()
+            child.close()
+            self.assign(proc, conn)
+            self.procs.append((proc, conn))
+
+    def run(self) -> None:
+        bar = tqdm(total=len(self.pending), desc=f"train {self.prior.name} ({self.workers} at once)", unit="unit",
+                   leave=False)
+        with _ForwardingStopFlag(lambda: [p for p, _ in self.procs]) as stop:
+            try:
+                self.start()
+                while self.procs:
+                    ready = mp_connection.wait([c for _, c in self.procs])
+                    for proc, conn in [pc for pc in self.procs if pc[1] in ready]:
+                        self.receive(proc, conn, stop, bar)
+            finally:
+                for p, c in self.procs:
+                    p.terminate()
+                    p.join()
+                    c.close()
+                bar.close()
+        self.raise_outcome(stop)
+
+    def receive(self, proc: Any, conn: Any, stop: StopFlag, bar: Any) -> None:
+        """One message of a worker: a log line, a finished unit (then its next one), or what stopped it."""
         try:
-            for _ in range(workers):
-                conn, child = ctx.Pipe()
-                proc = ctx.Process(target=_unit_worker, name=f"train-{prior.name}", daemon=True,
-                                   args=(child, prior, train, val, cfg, str(work_dir), precision, per_worker, level))
-                proc.start()
-                child.close()
-                assign(proc, conn)
-                procs.append((proc, conn))
-            while procs:
-                ready = mp_connection.wait([c for _, c in procs])
-                for proc, conn in [pc for pc in procs if pc[1] in ready]:
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):  # the process died (killed, out of memory): EOF or a reset
-                        proc.join()
-                        msg = ("error", unit_of[proc.pid], "RuntimeError",
-                               f"its process exited with code {proc.exitcode}")
-                    if msg[0] == "log":  # a line the unit logged: into the job's log, as its own
-                        logging.getLogger(msg[1]).log(msg[2], msg[3])
-                        continue
-                    if msg[0] == "ok":
-                        for record, step in msg[2]:
-                            if log_fn is not None:
-                                log_fn(record, step)
-                        done(msg[1], torch.load(Path(work_dir) / f"{msg[1]}.result.pt", map_location="cpu",
-                                                weights_only=True))
-                        bar.update(1)
-                        if pending and failure is None and preempted is None and stop.signum is None:
-                            assign(proc, conn)
-                            continue
-                        conn.send(None)
-                    elif msg[0] == "preempted" or stop.signum is not None:
-                        preempted = preempted or ((msg[2], int(msg[3])) if msg[0] == "preempted" else
-                                                  (f"{signal.Signals(stop.signum).name} while training "
-                                                   f"{prior.name}", stop.signum))
-                    elif failure is None:
-                        failure = (msg[2], f"{prior.name}:{msg[1]}: {msg[3]}")
-                        for p, _ in procs:  # the others checkpoint and stop: nothing is lost
-                            if p is not proc:
-                                _signal(p, signal.SIGTERM)
-                    procs.remove((proc, conn))
-                    proc.join()
-                    conn.close()
-        finally:
-            for p, c in procs:
-                p.terminate()
-                p.join()
-                c.close()
-            bar.close()
-    if failure is not None:
-        kind, message = failure
-        raise {"TrainingError": TrainingError, "ConfigError": ConfigError}.get(kind, RuntimeError)(
-            message if kind in ("TrainingError", "ConfigError") else f"training {message} ({kind})")
-    if preempted is not None or stop.signum is not None:
-        message, signum = preempted or (f"{signal.Signals(stop.signum).name} while training {prior.name}",
-                                        stop.signum)
-        raise Preempted(message, signum, stop.previous(signum))
+            msg = conn.recv()
+        except (EOFError, OSError):  # the process died (killed, out of memory): EOF or a reset
+            proc.join()
+            msg = ("error", self.unit_of[proc.pid], "RuntimeError", f"its process exited with code {proc.exitcode}")
+        if msg[0] == "log":  # a line the unit logged: into the job's log, as its own
+            logging.getLogger(msg[1]).log(msg[2], msg[3])
+            return
+        if msg[0] == "ok":
+            for record, step in msg[2]:
+                if self.log_fn is not None:
+                    self.log_fn(record, step)
+            self.done(msg[1], torch.load(self.work_dir / f"{msg[1]}.result.pt", map_location="cpu",
+                                         weights_only=True))
+            bar.update(1)
+            if self.pending and self.failure is None and self.preempted is None and stop.signum is None:
+                self.assign(proc, conn)
+                return
+            conn.send(None)
+        elif msg[0] == "preempted" or stop.signum is not None:
+            self.preempted = self.preempted or ((msg[2], int(msg[3])) if msg[0] == "preempted" else
+                                                (f"{signal.Signals(stop.signum).name} while training "
+                                                 f"{self.prior.name}", stop.signum))
+        elif self.failure is None:
+            self.failure = (msg[2], f"{self.prior.name}:{msg[1]}: {msg[3]}")
+            for p, _ in self.procs:  # the others checkpoint and stop: nothing is lost
+                if p is not proc:
+                    _signal(p, signal.SIGTERM)
+        self.procs.remove((proc, conn))
+        proc.join()
+        conn.close()
+
+    def raise_outcome(self, stop: StopFlag) -> None:
+        """The first failure, else the preemption, as the job's exception; nothing when every unit finished."""
+        if self.failure is not None:
+            kind, message = self.failure
+            raise {"TrainingError": TrainingError, "ConfigError": ConfigError}.get(kind, RuntimeError)(
+                message if kind in ("TrainingError", "ConfigError") else f"training {message} ({kind})")
+        if self.preempted is not None or stop.signum is not None:
+            message, signum = self.preempted or (f"{signal.Signals(stop.signum).name} while training "
+                                                 f"{self.prior.name}", stop.signum)
+            raise Preempted(message, signum, stop.previous(signum))
