@@ -1,7 +1,10 @@
-"""The training loop shared by every prior: AdamW, warm-up + cosine, gradient
-clipping, EMA weights, validation NLL with the best checkpoint kept, and
-resumable checkpoints (model, EMA, optimizer, scheduler, step, RNG and data
-position) written atomically.
+"""The training loop shared by every prior and by a tokenizer trained here.
+
+`run_steps` drives a `Steps` task one optimizer step at a time and owns what every training needs the same way:
+resumable checkpoints written atomically (the task's state, the step and the RNG), resume from them, preemption
+signals turned into a checkpoint and a clean exit, the progress bar and the logger records. Its tasks: a prior's
+unit here (`UnitTraining`: AdamW, warm-up + cosine, gradient clipping, EMA weights, validation NLL with the best
+checkpoint kept) and the VQGAN tokenizer (tokenizers.vqgan_train.VQGANTraining).
 
 A prior is trained unit by unit (`Prior.units()`): AR and absorbing have one,
 ImageBART one per scale. Each unit gets `train.steps` steps of `train.batch_size`
