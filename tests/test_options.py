@@ -91,3 +91,24 @@ def test_arch_config_survives_a_checkpoint_round_trip(name):
     assert prior.arch_config()["n_layer"] == 2 and prior.arch_config()["vocab_size"] == 64
     assert prior.arch_config()["grid"] == [4, 4]  # a list, as checkpoints store it (they compare with ==)
     assert "sample" not in prior.arch_config()
+
+
+def test_train_config_takes_every_value_from_the_yaml():
+    """TrainConfig has no defaults of its own: conf/train/default.yaml is the one place its values are set, and a
+    config without one of them is refused by name."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from bench.errors import ConfigError
+    from bench.options import TrainConfig, train_config
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "train" / "default.yaml")
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(TrainConfig))
+    built = train_config(yaml)
+    assert dataclasses.asdict(built) == OmegaConf.to_container(yaml)
+    del yaml["val_every"]
+    with pytest.raises(ConfigError, match=r"^train\.val_every is required"):
+        train_config(yaml)
