@@ -151,8 +151,7 @@ def inception_flops_per_image(extractor: Any) -> float:
     """FLOPs of one 299 x 299 forward of the extractor's network (torch's FlopCounterMode, once per network)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.metrics import INCEPTION_SIZE
-
+    from bench.features import INCEPTION_SIZE
     key = extractor.name
     if key not in _INCEPTION_FLOPS:
         image = torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, dtype=torch.uint8)

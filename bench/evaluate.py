@@ -27,6 +27,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from bench import device as D
+from bench import features as FE
 from bench import metrics as M
 from bench import stats as S
 from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key, move_aside
@@ -56,14 +57,14 @@ def reference_key(data_key: str, weights_sha256: str, cfg: Any) -> str:
                        int(cfg.get("split_seed", 0)))
 
 
-def build_reference(data: ImageData, extractor: M.FeatureExtractor, cfg: Any, cache_root: Path
+def build_reference(data: ImageData, extractor: FE.FeatureExtractor, cfg: Any, cache_root: Path
                     ) -> tuple[Path, str]:
     key = reference_key(data.key, extractor.weights_sha256, cfg)
 
     def build(tmp: Path) -> dict[str, Any]:
         rows = M.sample_rows(len(data.train), cfg.get("num_reference"), int(cfg.get("split_seed", 0)) + REFERENCE_DRAW)
         t0 = time.time()
-        feats = M.images_to_features(torch.from_numpy(data.train[rows]), extractor,
+        feats = FE.images_to_features(torch.from_numpy(data.train[rows]), extractor,
                                      batch_size=int(cfg.feature_batch_size), progress=True)
         seconds = time.time() - t0
         torch.save({k: v.cpu() for k, v in feats.items()}, tmp / "features.pt")
@@ -98,7 +99,7 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
     Point values come from bench.metrics (torch-fidelity, prdc); PRDC uses as many reference rows as there are
     samples (seeded subsample). Intervals: eval.bootstrap resamples of the samples, the reference fixed (PRDC:
     delete-d jackknife subsets, bench.stats)."""
-    n = len(fake[M.FEATURE_POOL])
+    n = len(fake[FE.FEATURE_POOL])
     resamples = int(cfg.bootstrap)
     real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, int(cfg.get("split_seed", 0)) + PRDC_DRAW)
     resamplers: dict[str, Any] = {}
@@ -106,7 +107,7 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
                                         prdc_k=int(cfg.prdc_k), prdc_samples=int(cfg.prdc_samples),
                                         isc_splits=int(cfg.isc_splits), seed=seed, resamplers=resamplers)
     out: dict[str, Any] = dict(values)
-    pool = fake[M.FEATURE_POOL].double().numpy()
+    pool = fake[FE.FEATURE_POOL].double().numpy()
     if values.get("fid") is not None:
         out.update(fid_with_interval(ref_stats, pool, resamples, seed, value=values["fid"]).as_results("fid"))
     if values.get("kid_mean") is not None:
@@ -117,7 +118,7 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
         for name, est in S.prdc_estimates(real_prdc, pool, int(cfg.prdc_k), values, resamples, seed + 2).items():
             out.update(est.as_results(name))
     if values.get("is_mean") is not None:
-        logits = fake[M.FEATURE_LOGITS]
+        logits = fake[FE.FEATURE_LOGITS]
         reps = S.bootstrap(lambda idx: M.logits_to_isc(logits[torch.from_numpy(idx)], splits=int(cfg.isc_splits),
                                                        seed=seed)[0], n, resamples, seed + 3)
         out.update(S.bootstrap_estimate(values["is_mean"], reps, "is_mean").as_results("is_mean"))
@@ -169,7 +170,7 @@ def train_match_metrics(samples: torch.Tensor, train: torch.Tensor, device: torc
 
 # ---- baselines ------------------------------------------------------------
 
-def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: M.FeatureExtractor,
+def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: FE.FeatureExtractor,
                     cfg: Any, cache_root: Path) -> Path:
     """Two baseline rows at each column's N: real val images (the best a prior can reach at that N) and the
     tokenizer's reconstructions of the same images (what a perfect prior over these tokens would reach)."""
@@ -196,14 +197,14 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
         for name, images in rows.items():
             row: dict[str, Any] = {}
             if sample_idx is not None:
-                feats = M.images_to_features(torch.from_numpy(images[sample_idx]), extractor,
+                feats = FE.images_to_features(torch.from_numpy(images[sample_idx]), extractor,
                                              batch_size=int(cfg.feature_batch_size), progress=True)
                 values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
                 row.update(values)
                 out["unavailable"].update(missing)
                 row.update(match)
             if len(comp) >= 2:
-                pool = M.images_to_features(torch.from_numpy(images[comp]), extractor,
+                pool = FE.images_to_features(torch.from_numpy(images[comp]), extractor,
                                             batch_size=int(cfg.feature_batch_size))["pool"].double().numpy()
                 row.update(fid_with_interval(ref_stats, pool, int(cfg.bootstrap), seed).as_results("completion_fid"))
             out[name] = row
@@ -312,7 +313,7 @@ def resumable_part(work: Path | None, name: str, compute: Callable[[], dict[str,
     return data
 
 
-def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.FeatureExtractor,
+def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: FE.FeatureExtractor,
                    ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], cfg: Any, seed: int,
                    device: torch.device, out_dir: Path, precision: str = "fp32", work: Path | None = None,
                    check_stop: Callable[[str], None] = lambda part: None
@@ -394,13 +395,13 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
                 "generator": g.get_state()}
 
     def metrics() -> dict[str, Any]:
-        feats = M.images_to_features(drawn["images"], extractor, batch_size=int(cfg.feature_batch_size))
+        feats = FE.images_to_features(drawn["images"], extractor, batch_size=int(cfg.feature_batch_size))
         results, unavailable = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
         sample_tokens = drawn["tokens"]
         results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), cfg)], tokens.train,
                                            device))
         return {"results": results, "unavailable": unavailable,
-                "features": feats[M.FEATURE_POOL].float().cpu()}
+                "features": feats[FE.FEATURE_POOL].float().cpu()}
 
     def completions() -> dict[str, Any]:
         # Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: keep the lower half.
@@ -424,7 +425,7 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.Featu
         done = torch.cat(done)
         results["completion_nfe"] = prior.completion_nfe(upper_half_keep_mask(1, tokens.grid, device))
         comp_images = decode_tokens(tokenizer, done, tokens.inverse, tokens.grid, bs, str(device))
-        comp_pool = M.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))["pool"]
+        comp_pool = FE.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))["pool"]
         results.update(fid_with_interval(ref_stats, comp_pool.double().numpy(), int(cfg.bootstrap), seed + 4)
                        .as_results("completion_fid"))
         results["n_completions"] = n_comp

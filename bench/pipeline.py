@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import cost as C
 from bench import device as D
 from bench import memory
-from bench import metrics as M
+from bench import features as FE
 from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, check_folder, content_key,
                          read_meta)
 from bench.data import Files, ImageData, data_key, load_data, resolve_files
@@ -217,7 +217,7 @@ class Job:
     dir: Path
     settings: Settings
     results: dict[str, Any]
-    extractor: M.FeatureExtractor
+    extractor: FE.FeatureExtractor
     logger: Any = field(default_factory=NullLogger)
 
     @property
@@ -364,7 +364,7 @@ def tokens_stage(job: Job, data: ImageData) -> TokenSet:
 class Reference:
     directory: Path
     key: str
-    extractor: M.FeatureExtractor
+    extractor: FE.FeatureExtractor
 
 
 def reference_stage(job: Job, data: ImageData) -> Reference:
@@ -508,7 +508,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
                        unit_workers=settings.unit_workers,
                        T_applies=settings.prior_cls.T_applies,
                        prior_label=settings.prior_cls.label or settings.prior_cls.name)
-        extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(settings.device))
+        extractor = FE.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(settings.device))
         job = Job(cfg, job_dir, settings, results, extractor)
         for line in plan(job):
             log.info(line)
