@@ -101,7 +101,7 @@ RECALL = Key("recall", "Rec.", "", 3, False, interval=True, column=True)
 DENSITY = Key("density", "Dens.", "", 3, False, interval=True, column=True)
 COVERAGE = Key("coverage", "Cov.", "", 3, False, interval=True, column=True)
 COMPLETION_FID = Key("completion_fid", "Compl. FID", "", 2, True, interval=True, column=True,
-    doc="upper-half completion FID (ImageBART Tab. 3 right)")
+    doc="upper-half completion FID: the lower half of the token grid kept, the upper half generated")
 TRAIN_MATCH = Key("train_match", "Train match", "", 3, None, interval=True, column=True,
     doc="mean over samples of the largest share of token positions shared with one training grid (1: a copy); "
         "the real val row gives the level of unseen images")

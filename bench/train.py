@@ -87,13 +87,6 @@ def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: flo
             ema[k].copy_(v)
 
 
-def bits_per_token(loss: torch.Tensor, logs: dict[str, float]) -> float:
-    """The unit's likelihood term in bits per token: what a prior logs as `*bits_per_token` (absorbing: its Eq. 6
-    ELBO, not the reweighted training loss), else the loss in nats converted to bits."""
-    keys = sorted((k for k in logs if k.endswith("bits_per_token")), key=lambda k: not k.startswith("elbo"))
-    return float(logs[keys[0]]) if keys else float(loss) / math.log(2)
-
-
 @torch.no_grad()
 def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int, batches: int,
                     seed: int, device: torch.device, precision: str) -> float:
@@ -108,7 +101,7 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
                 break
             with autocast(device, precision):
                 loss, logs = prior.unit_loss(unit, x.to(device), generator=g)
-            total += bits_per_token(loss, logs) * len(x)
+            total += prior.validation_bits(loss, logs) * len(x)
             n += len(x)
     return total / max(1, n)
 

@@ -112,6 +112,9 @@ class AbsorbingPrior(Prior):
     label = "Absorbing (Unleashing)"  # how reports name it
     T_applies = "sampling"  # T only sets the number of sampling steps
     eval_only_options = ("sample", "nll_samples")  # nll_samples: Monte Carlo draws of the NLL bounds
+    extra_bounds = {"elbo_eq6": "Eq. 6 ELBO"}  # Unleashing's Eq. 6: what the paper reports and `elbo` trains
+    validation_keys = ("elbo_bits_per_token",)  # Eq. 6, not the reweighted training loss
+    validation_note = "its Eq. 6 ELBO (not the reweighted training loss)"
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
                  dropout: float = 0.0, loss: str = "reweighted_elbo", nll_samples: int = 4,

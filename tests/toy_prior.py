@@ -18,6 +18,8 @@ from priors.base import NLL, Prior
 class ToyPrior(Prior):
     name = "toy"
     T_applies = "none"
+    validation_keys = ("bits_per_token",)
+    validation_note = "its exact NLL on the validation batches"
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], temperature: float = 1.0):
         super().__init__(vocab_size, grid)
