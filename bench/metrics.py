@@ -189,6 +189,9 @@ def compute_metrics(
     resamples the same kernel matrices instead of building them again (n x n each, n up to prdc_samples).
     Returns (metrics, unavailable): every METRIC_KEYS entry, None where it cannot be computed, and for each None a
     one-line reason in unavailable.
+
+    One function on purpose: each metric's block is the rule for when it can be computed beside the call that
+    computes it, four short blocks in a row; the KID block also hands its resampler to the intervals.
     """
     metrics: dict[str, float | None] = {k: None for k in METRIC_KEYS}
     unavailable: dict[str, str] = {}

@@ -478,6 +478,24 @@ def start_results(cfg: DictConfig) -> dict[str, Any]:
     return r
 
 
+def plan_stage(job: Job) -> None:
+    """Print the plan (stages cached or to run, warnings, cost, memory) and record the cost in the results."""
+    settings = job.settings
+    for line in plan(job):
+        log.info(line)
+    for line in plan_warnings(job.cfg, settings):
+        log.warning("plan: warning: %s", line)
+    cost = cost_plan(job)
+    for line in cost.lines():
+        log.info("plan: %s", line)
+    if settings.peak is not None:
+        log.info("plan: %s", memory_line(settings.peak))
+        job.results[K.PLAN_MEMORY_BYTES] = settings.peak.worst()[1]
+    if settings.memory_problem:
+        log.warning("plan: warning: %s (this machine cannot run it)", settings.memory_problem)
+    job.results.update(cost.as_results())
+
+
 def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     """Run one job to `cfg.stage`; always returns the results dict, written to job_dir/results.json.
 
@@ -498,19 +516,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
                         K.PRIOR_LABEL: settings.prior_cls.label or settings.prior_cls.name})
         extractor = FE.load_feature_extractor(settings.eval.inception_weights, device=str(settings.device))
         job = Job(cfg, job_dir, settings, results, extractor)
-        for line in plan(job):
-            log.info(line)
-        for line in plan_warnings(cfg, settings):
-            log.warning("plan: warning: %s", line)
-        cost = cost_plan(job)
-        for line in cost.lines():
-            log.info("plan: %s", line)
-        if settings.peak is not None:
-            log.info("plan: %s", memory_line(settings.peak))
-            results[K.PLAN_MEMORY_BYTES] = settings.peak.worst()[1]
-        if settings.memory_problem:
-            log.warning("plan: warning: %s (this machine cannot run it)", settings.memory_problem)
-        results.update(cost.as_results())
+        plan_stage(job)
         if cfg.stage == "plan":
             log.info("stage=plan: stopping before any stage")
             return finish(job, t_job)

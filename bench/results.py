@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from bench import keys as K
-from bench.keys import BASELINE_KEYS, COLUMN_KEYS, INTERVAL_KEYS, KEYS, SCHEMA, Key  # noqa: F401 - re-exported
+from bench.keys import INTERVAL_KEYS, SCHEMA
 
 SWEEP_MANIFEST = "sweep.json"  # written by the sweep callback at launch: the sweep's id, so stale jobs are known
 POINT_EXCLUDED = (K.SEED, "name")  # overrides that do not define a point (docs/design.md)

@@ -5,7 +5,7 @@ position) written atomically.
 
 A prior is trained unit by unit (`Prior.units()`): AR and absorbing have one,
 ImageBART one per scale. Each unit gets `train.steps` steps of `train.batch_size`
-sequences, so every model sees the same compute (DESIGN.md section 3).
+sequences, so every model sees the same compute (docs/design.md, "Training").
 """
 from __future__ import annotations
 

@@ -279,12 +279,10 @@ class AbsorbingPrior(Prior):
 
         Estimator: the mean over `nll_samples` orders of the bracket, each a teacher-forced pass along the
         sampler's own trajectory (S = T network calls per order, the orders batched together). Every token is
-        scored exactly once per order, so how hard each token is cancels out of its variance. Measured on a
-        tiny trained model (V = 8, L = 16; variance of one draw per sequence): 0.0018 at T = 16 against 0.013
-        for S one-step draws (weighted by S, all masked tokens scored with weight g_s / r_s, steps uniform or
-        stratified) at the same 16 calls, and 0.056 for 4 such draws; at T = 2, 0.0029 against 0.023. The
-        one-step estimator saves calls at large T but needs ~8x more of them for the same variance, and Monte
-        Carlo noise is what remains in the harness's paired per-sequence differences.
+        scored exactly once per order, so how hard each token is cancels out of its variance; an estimator of
+        one-step draws (all masked tokens of a random step scored) saves calls at large T but needs several times
+        more of them for the same variance (docs/design-differences.md, "Absorbing NLL", has the measurement),
+        and Monte Carlo noise is what remains in the harness's paired per-sequence differences.
         """
         B, L = x.shape
         K = self.nll_samples

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bench.results import INTERVAL_KEYS, SCHEMA
+from bench.keys import INTERVAL_KEYS, SCHEMA
 from tests.clitools import job_results, popen_cli, run_cli
 
 SMOKE = ["experiment=smoke", "logger=none"]
