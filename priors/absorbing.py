@@ -114,6 +114,7 @@ class AbsorbingPrior(Prior):
     eval_only_options = ("sample", "nll_samples")  # nll_samples: Monte Carlo draws of the NLL bounds
     extra_bounds = {"elbo_eq6": "Eq. 6 ELBO"}  # Unleashing's Eq. 6: what the paper reports and `elbo` trains
     validation_keys = ("elbo_bits_per_token",)  # Eq. 6, not the reweighted training loss
+    size_options = ("n_layer", "n_head")
     validation_note = "its Eq. 6 ELBO (not the reweighted training loss)"
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,

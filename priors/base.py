@@ -42,6 +42,9 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 NLL_KINDS = ("exact", "elbo", "order_bound")  # what NLL.per_sequence is (see NLL)
+# Size options that experiment presets (conf/experiment/*.yaml) set under `prior:` whatever the prior; a prior
+# receives those it declares in Prior.size_options.
+PRESET_SIZE_OPTIONS = ("n_layer", "n_head")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class NLL:
     per_sequence: torch.Tensor | None  # (B,) float64 on CPU: bits per token of each sequence: exact -log2 p(x)/L, or an unbiased Monte Carlo estimate of an upper bound; None when no bound is tractable
     kind: str | None                   # "exact" | "elbo" | "order_bound"; None when per_sequence is None
     reason: str | None = None          # one line: why per_sequence is None
-    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other per-sequence bounds (B,) by name, e.g. {"elbo_eq6": ...}
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other per-sequence bounds (B,), by the names Prior.extra_bounds declares
 
 
 class Prior(nn.Module, abc.ABC):
@@ -84,6 +87,9 @@ class Prior(nn.Module, abc.ABC):
     validation_keys: ClassVar[tuple[str, ...]] = ()
     # One sentence for reports: what a unit's validation value is, and what the sum over the units means.
     validation_note: ClassVar[str] = ""
+    # Which of PRESET_SIZE_OPTIONS this prior has. An experiment preset sets those for whatever prior runs;
+    # build_prior passes a prior only the ones it declares here.
+    size_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, vocab_size: int, grid: tuple[int, int]):
         super().__init__()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from priors import PRIORS, build_prior
-from priors.base import NLL, NLL_KINDS, Prior
+from priors.base import NLL, NLL_KINDS, PRESET_SIZE_OPTIONS, Prior
 from priors.flops import sample_flops_per_image
 from tests import tolerance as T
 from tests.priortools import count_network_calls
@@ -172,7 +172,7 @@ def test_every_unit_logs_its_declared_validation_value(name):
         assert prior.validation_bits(loss, logs) == logs[present[0]]
 
 
-def test_validation_bits_without_declared_keys_is_the_loss_in_bits():
+def test_validation_bits_is_the_first_declared_key_else_the_loss_in_bits():
     from tests.toy_prior import ToyPrior
 
     toy = ToyPrior(V, GRID)
@@ -204,6 +204,17 @@ def test_construction_from_a_budget_is_part_of_the_interface():
 
     with pytest.raises(TypeError, match="from_budget"):
         NoBudget(V, GRID)
+
+
+def test_preset_size_options_reach_only_the_priors_that_have_them():
+    from tests.toy_prior import ToyPrior
+
+    preset = {"n_layer": 3, "n_head": 2}  # what an experiment preset sets under prior: for every prior
+    toy = build_prior("toy", V, GRID, T=2, budget=1000, cfg={"class": "tests.toy_prior:ToyPrior", **preset})
+    assert isinstance(toy, ToyPrior) and not ToyPrior.size_options
+    for name in NAMES:
+        assert set(PRIORS[name].size_options) == set(PRESET_SIZE_OPTIONS)
+    assert build_prior("ar", V, GRID, T=2, budget=40000, cfg=preset).arch_config()["n_layer"] == 3
 
 
 def test_bench_prose_names_no_prior():

@@ -29,8 +29,8 @@ class ToyPrior(Prior):
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None,
-                    sample: Mapping[str, Any] | None = None, n_layer: int | None = None) -> "ToyPrior":
-        """n_layer is accepted because presets (experiment=smoke) set it for every prior; this one has none."""
+                    sample: Mapping[str, Any] | None = None) -> "ToyPrior":
+        """No size options (Prior.size_options is empty): the preset's n_layer never reaches it."""
         return cls(vocab_size, grid, **dict(sample or {}))
 
     def units(self) -> dict[str, nn.Module]:
