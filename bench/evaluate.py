@@ -313,8 +313,11 @@ def resumable_part(work: Path | None, name: str, compute: Callable[[], dict[str,
                         type(e).__name__, aside, name)
     data = compute()
     if path is not None:
-        atomic_torch_save({**data, RESULTS: json.dumps(data[RESULTS], default=_plain),
-                           K.UNAVAILABLE: json.dumps(data[K.UNAVAILABLE], default=_plain)}, path)
+        # Plain str keys: weights_only loading accepts no other class, bench.keys.Key included.
+        saved = {str(k): v for k, v in data.items()}
+        saved.update({RESULTS: json.dumps(data[RESULTS], default=_plain),
+                      str(K.UNAVAILABLE): json.dumps(data[K.UNAVAILABLE], default=_plain)})
+        atomic_torch_save(saved, path)
     return data
 
 

@@ -108,3 +108,22 @@ def test_empty_results_hold_every_schema_key_and_interval():
 @pytest.mark.parametrize("key", K.TABLE, ids=str)
 def test_each_key_has_a_source_and_a_title(key):
     assert key.source in ("job", "tokenizer", "train", "eval", "speed", "plan", "env") and key.title
+
+
+def test_an_evaluation_part_written_with_key_constants_resumes_without_recomputing(tmp_path):
+    """Parts are torch files loaded with weights_only=True, which refuses any class but the builtins: the Key
+    constants in a part must be written as plain strings."""
+    import torch
+
+    from bench.evaluate import part, resumable_part
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return part({K.FID: 1.5}, {K.IS_MEAN: "no logits"}, per_sequence=torch.arange(3.0))
+
+    first, again = resumable_part(tmp_path, "nll", compute), resumable_part(tmp_path, "nll", compute)
+    assert len(calls) == 1
+    assert again["results"] == {"fid": 1.5} and again[K.UNAVAILABLE] == {"is_mean": "no logits"}
+    assert torch.equal(again["per_sequence"], first["per_sequence"])
