@@ -1,4 +1,4 @@
-"""Content-keyed, atomic, lock-guarded stage caches (DESIGN.md section 1).
+"""Content-keyed, atomic, lock-guarded stage caches (docs/design.md, "Stages and caches").
 
 Every stage writes into `<paths.cache>/<stage>/<key>/`. A stage directory is
 built under a temporary name and renamed into place only once every file is

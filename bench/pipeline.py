@@ -35,17 +35,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import cost as C
 from bench import device as D
+from bench import features as FE
+from bench import keys as K
 from bench import memory
-from bench import metrics as M
 from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, check_folder, content_key,
                          read_meta)
 from bench.data import Files, ImageData, data_key, load_data, resolve_files
 from bench.errors import ConfigError, Preempted
 from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evaluate_prior, load_reference,
-                            read_baselines, reference_key, resolve_compile)
+                            read_baselines, reference_key)
 from bench.logger import NullLogger, make_logger, validate_logger
-from bench.options import TrainConfig, check_groups
-from bench.results import KEYS, empty_results
+from bench.keys import KEYS
+from bench.options import EvalConfig, TrainConfig, check_groups
+from bench.results import empty_results
 from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokens_key, validate_tokenizer
 from bench.train import StopFlag, resolve_unit_workers, train_units
 from priors import Prior, build_prior, prior_class
@@ -122,6 +124,7 @@ class Settings:
     unit_workers: int  # how many of them train at once (CPU)
     files: Files  # the data's root, train and val files, listed once per job
     train: TrainConfig  # the training loop's options, checked
+    eval: EvalConfig  # the evaluation protocol, checked
     peak: memory.Peak | None = None  # the least memory of each phase (bench/memory.py)
     memory_problem: str | None = None  # why the job cannot fit this machine (stage=plan reports it, others stop)
 
@@ -131,37 +134,25 @@ def validate(cfg: DictConfig) -> Settings:
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage} is not one of: {', '.join(STAGES)}")
     check_int(cfg.seed, "seed", minimum=0)
-    threads = D.resolve_threads(cfg.get("threads", "auto"))
-    device = D.resolve_device(cfg.get("device", "auto"))
-    precision = D.resolve_precision(cfg.get("precision", "auto"), device)
+    threads = D.resolve_threads(cfg.threads)
+    device = D.resolve_device(cfg.device)
+    precision = D.resolve_precision(cfg.precision, device)
     validate_logger(cfg)
-    train, _, _ = check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
+    train, eval_cfg, _ = check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
     check_folder(Path(str(cfg.paths.cache)), "paths.cache", cfg.paths.cache)
-    e = cfg.eval
-    cap = check_int(e.get("max_samples", 1_000_000), "eval.max_samples", minimum=2)
-    check_int(e.num_samples, "eval.num_samples", minimum=2, maximum=cap)
-    check_int(e.batch_size, "eval.batch_size", minimum=1)
-    check_int(e.feature_batch_size, "eval.feature_batch_size", minimum=1)
-    check_int(e.completion_samples, "eval.completion_samples", minimum=2, maximum=cap, optional=True)
-    check_int(e.num_reference, "eval.num_reference", minimum=2, optional=True)
-    check_int(e.bootstrap, "eval.bootstrap", minimum=2)
-    check_int(e.prdc_k, "eval.prdc_k", minimum=1)
-    check_int(e.nll_batches, "eval.nll_batches", minimum=1, optional=True)
-    check_int(e.get("match_samples"), "eval.match_samples", minimum=1, optional=True)
-    resolve_compile(e.get("compile", "auto"), device)
     tokenizer, tokens_options = validate_tokenizer(cfg)
     files = resolve_files(cfg.data)
     # The effective codebook is at most the codebook: checking the budget at that size catches a budget too small.
     prior = build_prior_checked(cfg, tokenizer.codebook_size, tokenizer.grid, device="meta")
     params = prior.num_params()
     units = list(prior.units())
-    workers = resolve_unit_workers(cfg.get("unit_workers", "auto"), len(units), device, threads)
-    peak = memory.estimate(prior, params, cfg.train, cfg.eval, workers if device.type == "cpu" else 1)
+    workers = resolve_unit_workers(cfg.unit_workers, len(units), device, threads)
+    peak = memory.estimate(prior, params, cfg.train, eval_cfg, workers if device.type == "cpu" else 1)
     problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
     if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
     return Settings(device, precision, threads, type(prior), tokenizer, tokens_options, params, units, workers, files,
-                    train, peak, problem)
+                    train, eval_cfg, peak, problem)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -189,11 +180,9 @@ def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, p
                        *_precision_part(precision))
 
 
-def baselines_key(tokens_key: str, ref_key: str, cfg_eval: Any) -> str:
-    e = cfg_eval
-    return content_key("baselines-v4", tokens_key, ref_key, int(e.num_samples), e.completion_samples,
-                       e.get("match_samples"), int(e.bootstrap), int(e.prdc_k), int(e.prdc_samples), int(e.isc_splits),
-                       int(e.get("split_seed", 0)))
+def baselines_key(tokens_key: str, ref_key: str, e: EvalConfig) -> str:
+    return content_key("baselines-v4", tokens_key, ref_key, e.num_samples, e.completion_samples, e.match_samples,
+                       e.bootstrap, e.prdc_k, e.prdc_samples, e.isc_splits, e.split_seed)
 
 
 # ---- the job ------------------------------------------------------------------
@@ -204,7 +193,7 @@ class Job:
     dir: Path
     settings: Settings
     results: dict[str, Any]
-    extractor: M.FeatureExtractor
+    extractor: FE.FeatureExtractor
     logger: Any = field(default_factory=NullLogger)
 
     @property
@@ -216,7 +205,7 @@ class Job:
         return self.settings.device
 
     def timed(self, stage: str, t0: float) -> None:
-        self.results["stage_seconds"][stage] = time.time() - t0
+        self.results[K.STAGE_SECONDS][stage] = time.time() - t0
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
@@ -225,11 +214,10 @@ def env_info(device: torch.device) -> dict[str, Any]:
                                 cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "commit": commit,
-    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()})"
+    return {K.DEVICE: name, K.TORCH: torch.__version__, K.CUDA: torch.version.cuda if torch.cuda.is_available() else None,
+            K.PYTHON: platform.python_version(), K.COMMIT: commit}
 
 
 def _cached(cache: Path, stage: str, key: str) -> bool:
@@ -241,9 +229,9 @@ def stage_keys(job: Job) -> dict[str, str]:
     cfg, s = job.cfg, job.settings
     dkey, _, _, _ = data_key(cfg.data, s.files)
     tkey = tokens_key(s.tokenizer.content_key(dkey), s.tokens_options)
-    rkey = reference_key(dkey, job.extractor.weights_sha256, cfg.eval)
+    rkey = reference_key(dkey, job.extractor.weights_sha256, s.eval)
     trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
-    return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, cfg.eval),
+    return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, s.eval),
             "train": trkey, "eval": eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)}
 
 
@@ -255,7 +243,8 @@ def plan(job: Job) -> list[str]:
     keys = stage_keys(job)
     dkey, tkey, rkey, bkey, trkey, ekey = (keys[k] for k in ("data", "tokens", "reference", "baselines", "train",
                                                              "eval"))
-    n_ref = cfg.eval.num_reference or len(train_files)
+    e = s.eval
+    n_ref = e.num_reference or len(train_files)
     rows = [
         ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
         ("tokens", "tokens", tkey, f"tokenizer ({s.tokenizer.name}) and tokens of {len(train_files) + len(val_files)} images"
@@ -265,8 +254,8 @@ def plan(job: Job) -> list[str]:
         ("train", "train", trkey, f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
                                   f" ({s.params:,} parameters)"
          + (f", {s.unit_workers} at once" if s.unit_workers > 1 else "")),
-        ("eval", "eval", ekey, f"{cfg.eval.num_samples} samples, {cfg.eval.completion_samples or len(val_files)} "
-                               f"completions, NLL of {len(val_files)} val sequences, {cfg.eval.bootstrap} "
+        ("eval", "eval", ekey, f"{e.num_samples} samples, {e.completion_samples or len(val_files)} "
+                               f"completions, NLL of {len(val_files)} val sequences, {e.bootstrap} "
                                "bootstrap resamples"),
     ]
     last = {"plan": "eval", "tokens": "baselines", "train": "train", "all": "eval"}[cfg.stage]
@@ -294,9 +283,8 @@ def cost_plan(job: Job) -> C.Cost:
     prior = build_prior_checked(cfg, s.tokenizer.codebook_size, s.tokenizer.grid, device="meta")  # shapes only
     _, train_files, val_files = s.files
     n_train, n_val = len(train_files), len(val_files)
-    counts = {"n_train": n_train, "n_val": n_val,
-              "n_reference": min(cfg.eval.num_reference or n_train, n_train),
-              "n_completions": min(cfg.eval.completion_samples or n_val, n_val)}
+    counts = {"n_train": n_train, K.N_VAL: n_val, K.N_REFERENCE: min(s.eval.num_reference or n_train, n_train),
+              K.N_COMPLETIONS: min(s.eval.completion_samples or n_val, n_val)}
     counts["n_encoded"] = n_train * (2 if s.tokens_options.hflip_train else 1) + n_val
     own = (torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "this CPU",
            matmul_peak_flops(s.device, seconds=0.2))
@@ -308,17 +296,17 @@ def cost_plan(job: Job) -> C.Cost:
 def plan_warnings(cfg: DictConfig, settings: Settings) -> list[str]:
     """Legal but suspicious settings, one line each in the plan: usually a preset shrunk or grown in one
     option but not in the options tied to it."""
-    t, e = cfg.train, cfg.eval
+    t, e = cfg.train, settings.eval
     _, train_files, val_files = settings.files
     lines = []
     if 0 < int(t.warmup_steps) and int(t.warmup_steps) >= int(t.steps):
         lines.append(f"train.warmup_steps={t.warmup_steps} is not shorter than train.steps={t.steps}: the learning "
                      f"rate never reaches train.lr={t.lr} (set train.warmup_steps below the steps)")
-    if e.completion_samples is not None and int(e.completion_samples) > len(val_files):
+    if e.completion_samples is not None and e.completion_samples > len(val_files):
         lines.append(f"eval.completion_samples={e.completion_samples} exceeds the {len(val_files)} val images: "
                      f"completion FID uses {len(val_files)}")
-    n_ref = min(int(e.num_reference or len(train_files)), len(train_files))
-    if int(e.num_samples) > n_ref:
+    n_ref = min(e.num_reference or len(train_files), len(train_files))
+    if e.num_samples > n_ref:
         lines.append(f"eval.num_samples={e.num_samples} exceeds the reference's {n_ref} train images: FID and KID "
                      f"compare {e.num_samples} samples with {n_ref} real images")
     return lines
@@ -334,8 +322,8 @@ def data_stage(job: Job) -> ImageData:
 def tokens_stage(job: Job, data: ImageData) -> TokenSet:
     t0 = time.time()
     tokens = build_tokens(job.settings.tokenizer, job.settings.tokens_options, data, job.cache, str(job.device))
-    job.results["tokens_key"] = tokens.key
-    job.results["tokenizer"] = {k: tokens.meta.get(k) for k in
+    job.results[K.TOKENS_KEY] = tokens.key
+    job.results[K.TOKENIZER] = {k: tokens.meta.get(k) for k in
                                 ("vocab_size", "n_embed", "grid", "recon_psnr", "codebook_usage",
                                  "codebook_perplexity")}
     job.timed("tokens", t0)
@@ -346,13 +334,13 @@ def tokens_stage(job: Job, data: ImageData) -> TokenSet:
 class Reference:
     directory: Path
     key: str
-    extractor: M.FeatureExtractor
+    extractor: FE.FeatureExtractor
 
 
 def reference_stage(job: Job, data: ImageData) -> Reference:
     t0 = time.time()
-    ref_dir, ref_key = build_reference(data, job.extractor, job.cfg.eval, job.cache)
-    job.results["n_reference"] = read_meta(ref_dir)["n"]
+    ref_dir, ref_key = build_reference(data, job.extractor, job.settings.eval, job.cache)
+    job.results[K.N_REFERENCE] = read_meta(ref_dir)["n"]
     job.timed("reference", t0)
     return Reference(ref_dir, ref_key, job.extractor)
 
@@ -360,13 +348,13 @@ def reference_stage(job: Job, data: ImageData) -> Reference:
 def baselines_stage(job: Job, data: ImageData, tokens: TokenSet, ref: Reference) -> dict[str, Any]:
     """The table's two baseline rows at each column's N (cached once per tokens + reference + eval sizes)."""
     t0 = time.time()
-    key = baselines_key(tokens.key, ref.key, job.cfg.eval)
-    d = build_baselines(key, data, tokens, ref.directory, ref.extractor, job.cfg.eval, job.cache)
+    key = baselines_key(tokens.key, ref.key, job.settings.eval)
+    d = build_baselines(key, data, tokens, ref.directory, ref.extractor, job.settings.eval, job.cache)
     baselines = read_baselines(d)
-    job.results["baselines"] = baselines
-    job.results["tokenizer"]["recon_fid"] = baselines["reconstruction"].get("fid")
-    job.results["tokenizer"]["recon_fid_n"] = baselines["n_samples"]
-    job.logger.summary({f"tokenizer/{k}": v for k, v in job.results["tokenizer"].items()})
+    job.results[K.BASELINES] = baselines
+    job.results[K.TOKENIZER][K.RECON_FID] = baselines[K.RECONSTRUCTION].get(K.FID)
+    job.results[K.TOKENIZER][K.RECON_FID_N] = baselines[K.N_SAMPLES]
+    job.logger.summary({f"{K.TOKENIZER}/{k}": v for k, v in job.results[K.TOKENIZER].items()})
     job.timed("baselines", t0)
     return baselines
 
@@ -404,18 +392,18 @@ def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
         train_units(prior, tokens.train, tokens.val, s.train, int(cfg.seed), work, job.device, s.precision,
                     workers=s.unit_workers, threads=s.threads, log_fn=job.logger.log, on_done=save)
         units = {u: units[u] for u in prior.units()}  # the prior's order, whichever finished first
-        return {"prior": prior.name, "params": prior.num_params(), "units": units,
-                "train_seconds": sum(u["seconds"] for u in units.values()),
-                "train_wall_seconds": time.time() - t1, "unit_workers": s.unit_workers,
-                "train_steps": s.train.steps}
+        return {K.PRIOR: prior.name, K.PARAMS: prior.num_params(), "units": units,
+                K.TRAIN_SECONDS: sum(u["seconds"] for u in units.values()),
+                K.TRAIN_WALL_SECONDS: time.time() - t1, K.UNIT_WORKERS: s.unit_workers,
+                K.TRAIN_STEPS: s.train.steps}
 
     d = cached_stage(job.cache, "train", key, build, what=f"train {prior.name}")
     shutil.rmtree(work, ignore_errors=True)
     load_trained(prior, d)
     meta = read_meta(d)
-    job.results.update(params=prior.num_params(), train_key=key, train_steps=meta["train_steps"],
-                       train_seconds=meta["train_seconds"], train_wall_seconds=meta.get("train_wall_seconds"),
-                       train_units=meta["units"])
+    job.results.update({K.PARAMS: prior.num_params(), K.TRAIN_KEY: key, K.TRAIN_STEPS: meta[K.TRAIN_STEPS],
+                        K.TRAIN_SECONDS: meta[K.TRAIN_SECONDS], K.TRAIN_WALL_SECONDS: meta.get(K.TRAIN_WALL_SECONDS),
+                        K.TRAIN_UNITS: meta["units"], K.VALIDATION_NOTE: prior.validation_note})
     job.logger.best_validation({u: v["best_val"] for u, v in meta["units"].items()})
     job.timed("train", t0)
     return prior, key
@@ -445,18 +433,18 @@ def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: s
                 raise Preempted(f"{name} during the evaluation of {prior.name} ({part}): {what}", stop.signum,
                                 stop.previous(stop.signum))
 
-            values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, cfg.eval,
+            values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, s.eval,
                                              int(cfg.seed), job.device, tmp, precision=s.precision, work=work,
                                              check_stop=check_stop)
-        atomic_write_json(tmp / "metrics.json", {"values": values, "unavailable": missing})
+        atomic_write_json(tmp / "metrics.json", {"values": values, K.UNAVAILABLE: missing})
         return {"eval_seconds": time.time() - t1}
 
     eval_dir = cached_stage(job.cache, "eval", ekey, build, what=f"eval {prior.name} T={cfg.T}")
     shutil.rmtree(work, ignore_errors=True)
     ev = json.loads((eval_dir / "metrics.json").read_text())
     job.results.update(ev["values"])
-    job.results["unavailable"].update(ev["unavailable"])
-    job.results["eval_dir"] = str(eval_dir)
+    job.results[K.UNAVAILABLE].update(ev[K.UNAVAILABLE])
+    job.results[K.EVAL_DIR] = str(eval_dir)
     # Small per-job copies: the report rebuilds significance from the job folder, with or without the cache.
     for name in ("samples_grid.png", "completion_grid.png", "nll_per_sequence.npy"):
         if (eval_dir / name).is_file():
@@ -468,8 +456,26 @@ def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: s
 
 def start_results(cfg: DictConfig) -> dict[str, Any]:
     r = empty_results()
-    r.update(prior=cfg.prior.name, T=cfg.T, seed=cfg.seed, sweep_id=cfg.get("sweep_id"))
+    r.update({K.PRIOR: cfg.prior.name, K.T: cfg.T, K.SEED: cfg.seed, K.SWEEP_ID: cfg.sweep_id})
     return r
+
+
+def plan_stage(job: Job) -> None:
+    """Print the plan (stages cached or to run, warnings, cost, memory) and record the cost in the results."""
+    settings = job.settings
+    for line in plan(job):
+        log.info(line)
+    for line in plan_warnings(job.cfg, settings):
+        log.warning("plan: warning: %s", line)
+    cost = cost_plan(job)
+    for line in cost.lines():
+        log.info("plan: %s", line)
+    if settings.peak is not None:
+        log.info("plan: %s", memory_line(settings.peak))
+        job.results[K.PLAN_MEMORY_BYTES] = settings.peak.worst()[1]
+    if settings.memory_problem:
+        log.warning("plan: warning: %s (this machine cannot run it)", settings.memory_problem)
+    job.results.update(cost.as_results())
 
 
 def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
@@ -486,25 +492,13 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     try:
         settings = validate(cfg)
         D.set_threads(settings.threads)
-        results.update(env_info(settings.device), compute_precision=settings.precision, threads=settings.threads,
-                       unit_workers=settings.unit_workers,
-                       T_applies=settings.prior_cls.T_applies,
-                       prior_label=settings.prior_cls.label or settings.prior_cls.name)
-        extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"), device=str(settings.device))
+        results.update(env_info(settings.device))
+        results.update({K.COMPUTE_PRECISION: settings.precision, K.THREADS: settings.threads,
+                        K.UNIT_WORKERS: settings.unit_workers, K.T_APPLIES: settings.prior_cls.T_applies,
+                        K.PRIOR_LABEL: settings.prior_cls.label or settings.prior_cls.name})
+        extractor = FE.load_feature_extractor(settings.eval.inception_weights, device=str(settings.device))
         job = Job(cfg, job_dir, settings, results, extractor)
-        for line in plan(job):
-            log.info(line)
-        for line in plan_warnings(cfg, settings):
-            log.warning("plan: warning: %s", line)
-        cost = cost_plan(job)
-        for line in cost.lines():
-            log.info("plan: %s", line)
-        if settings.peak is not None:
-            log.info("plan: %s", memory_line(settings.peak))
-            results["plan_memory_bytes"] = settings.peak.worst()[1]
-        if settings.memory_problem:
-            log.warning("plan: warning: %s (this machine cannot run it)", settings.memory_problem)
-        results.update(cost.as_results())
+        plan_stage(job)
         if cfg.stage == "plan":
             log.info("stage=plan: stopping before any stage")
             return finish(job, t_job)
@@ -529,13 +523,14 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             job.logger.finish(exit_code=1)
         raise
     except ConfigError as e:
-        results.update(status="failed", error=str(e).splitlines()[0] if str(e) else "invalid configuration",
-                       error_kind="config")
+        results.update({K.STATUS: "failed", K.ERROR: str(e).splitlines()[0] if str(e) else "invalid configuration",
+                        K.ERROR_KIND: "config"})
         return finish(job, t_job, results, job_dir)
     except Exception as e:  # noqa: BLE001 - one failed job must not take the sweep down
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        results.update(status="failed", error=msg, error_kind="runtime", traceback=traceback.format_exc())
-        log.error("job failed: %s\n%s", msg, results["traceback"])
+        results.update({K.STATUS: "failed", K.ERROR: msg, K.ERROR_KIND: "runtime",
+                        K.TRACEBACK: traceback.format_exc()})
+        log.error("job failed: %s\n%s", msg, results[K.TRACEBACK])
         return finish(job, t_job, results, job_dir)
 
 
@@ -548,11 +543,11 @@ def summary_line(r: dict[str, Any], path: Path) -> str:
         digits = KEYS[key].digits if key in KEYS else 3
         return f"{v:.{digits}f}"
 
-    head = f"job done: prior={r.get('prior')} T={r.get('T')} seed={r.get('seed')} status={r.get('status')}"
-    if r.get("status") != "ok":
-        return f"{head} error={r.get('error')} results={path}"
-    return (f"{head} FID={show('fid')} KID={show('kid_mean')} NLL={show('nll_bits_per_token')} "
-            f"({r.get('nll_kind') or 'n/a'}) compl.FID={show('completion_fid')} s/img={show('sample_seconds_per_image')} "
+    head = f"job done: prior={r.get(K.PRIOR)} T={r.get(K.T)} seed={r.get(K.SEED)} status={r.get(K.STATUS)}"
+    if r.get(K.STATUS) != "ok":
+        return f"{head} error={r.get(K.ERROR)} results={path}"
+    return (f"{head} FID={show(K.FID)} KID={show(K.KID_MEAN)} NLL={show(K.NLL_BITS_PER_TOKEN)} "
+            f"({r.get(K.NLL_KIND) or 'n/a'}) compl.FID={show(K.COMPLETION_FID)} s/img={show(K.SAMPLE_SECONDS_PER_IMAGE)} "
             f"results={path}")
 
 
@@ -560,7 +555,7 @@ def finish(job: Job | None, t_job: float, results: dict[str, Any] | None = None,
            job_dir: Path | None = None) -> dict[str, Any]:
     results = job.results if results is None else results
     job_dir = job.dir if job_dir is None else job_dir
-    results["job_seconds"] = time.time() - t_job
+    results[K.JOB_SECONDS] = time.time() - t_job
     path = job_dir / "results.json"
     atomic_write_json(path, results)
     log.info(summary_line(results, path))
@@ -568,5 +563,5 @@ def finish(job: Job | None, t_job: float, results: dict[str, Any] | None = None,
         try:
             job.logger.finish_job(results, path)
         finally:
-            job.logger.finish(exit_code=0 if results["status"] == "ok" else 1)
+            job.logger.finish(exit_code=0 if results[K.STATUS] == "ok" else 1)
     return results

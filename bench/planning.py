@@ -48,13 +48,13 @@ def sweep_job_configs(config: DictConfig) -> list[DictConfig]:
 def job_cost(cfg: DictConfig, extractors: dict[Any, Any]) -> tuple[C.Cost, dict[str, str]]:
     """One job's cost, as its own plan computes it (the Inception extractor loaded once per weights option), and
     its stages' cache keys."""
-    from bench import metrics as M
+    from bench import features as FE
     from bench.pipeline import Job, cost_plan, stage_keys, validate
 
     settings = validate(cfg)
     weights = cfg.eval.get("inception_weights")
     if weights not in extractors:
-        extractors[weights] = M.load_feature_extractor(weights)
+        extractors[weights] = FE.load_feature_extractor(weights)
     job = Job(cfg, None, settings, {}, extractors[weights])
     return cost_plan(job), stage_keys(job)
 

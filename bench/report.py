@@ -1,11 +1,12 @@
-"""Build `reports/<name>/` from finished sweep folders (DESIGN.md section 6).
+"""Build `reports/<name>/` from finished sweep folders (docs/design.md, "Results and the report").
 
     python bench/report.py multirun/NAME [more sweep dirs...] [--out reports/NAME]
 
 Needs no torch: every table is a groupby of `bench.results.load_results(...)`. A point is every override
 except seed and name; seeds are aggregated within a point (mean and 95% t-interval), a single seed shows its
 bootstrap interval. Each point is tested against the `compare_to` prior's row (bench/stats.py), with Holm's
-correction over the table.
+correction over the table. Prose that depends on a prior (what its NLL and validation values are, its
+extra bounds) comes from what the prior declared and its jobs recorded, never from its name.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import keys as K
 from bench import stats as S
-from bench.results import BASELINE_KEYS, COLUMN_KEYS, KEYS, ResultsError, drop_stale, finite, load_results
+from bench.keys import BASELINE_KEYS, COLUMN_KEYS, KEYS
+from bench.results import ResultsError, drop_stale, finite, load_results
 
 ReportError = ResultsError
-BASELINE_LABEL = {"real_val": "real val images", "reconstruction": "tokenizer reconstructions"}
 TESTED = tuple(k for k in COLUMN_KEYS if KEYS[k].interval)  # columns tested against the compare_to row
 
 
@@ -58,7 +60,7 @@ class Point:
 
 def row_estimate(row: Any, key: str) -> S.Estimate:
     """One evaluation's value with its `<key>_se` and `<key>_ci` (a results row, a baseline row)."""
-    ci, se = row.get(f"{key}_ci"), row.get(f"{key}_se")
+    ci, se = row.get(f"{key}{K.CI_SUFFIX}"), row.get(f"{key}{K.SE_SUFFIX}")
     return S.Estimate(float(row[key]), se if finite(se) else None,
                       tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None)
 
@@ -75,26 +77,36 @@ def estimate(jobs: pd.DataFrame, key: str) -> S.Estimate:
 
 def prior_ranks(df: pd.DataFrame) -> dict[str, int]:
     """Each prior's first job number in the grid: priors are shown in the order the sweep named them."""
-    return {prior: i for i, prior in reversed(list(enumerate(df["prior"])))}
+    return {prior: i for i, prior in reversed(list(enumerate(df[K.PRIOR])))}
 
 
 def label_of(row: Any) -> str:
-    return row.get("prior_label") if isinstance(row.get("prior_label"), str) else row["prior"]
+    return row.get(K.PRIOR_LABEL) if isinstance(row.get(K.PRIOR_LABEL), str) else row[K.PRIOR]
+
+
+def declared(df: pd.DataFrame, key: str) -> dict[str, Any]:
+    """The union of a map the jobs recorded from their priors' declarations (e.g. K.EXTRA_BOUNDS), job order."""
+    out: dict[str, Any] = {}
+    for m in df.get(key, []):
+        if isinstance(m, dict):
+            out.update(m)
+    return out
 
 
 def points_of(df: pd.DataFrame) -> list[Point]:
-    ok = df[df["status"] == "ok"]
+    ok = df[df[K.STATUS] == "ok"]
     # A prior whose T does not apply shares one evaluation over its T values: one job per (point, seed).
-    ok = ok.drop_duplicates(subset=["point", "seed"], keep="first")
+    ok = ok.drop_duplicates(subset=["point", K.SEED], keep="first")
+    estimated = COLUMN_KEYS + tuple(declared(ok, K.EXTRA_BOUNDS))
     points = []
     ranks = prior_ranks(df)
     for key, jobs in ok.groupby("point", sort=False):
         j = jobs.iloc[0]
-        settings = {k: v for k, v in key if k not in ("prior", "T")}
-        T = None if j.get("T_applies") == "none" else j.get("T")
-        pt = Point(key, j["prior"], label_of(j), T, settings, jobs.sort_values("seed"), rank=ranks[j["prior"]])
-        for k in COLUMN_KEYS + ("elbo_eq6_bits_per_token",):
-            pt.est[k] = estimate(pt.jobs, k)
+        settings = {k: v for k, v in key if k not in (K.PRIOR, K.T)}
+        T = None if j.get(K.T_APPLIES) == "none" else j.get(K.T)
+        pt = Point(key, j[K.PRIOR], label_of(j), T, settings, jobs.sort_values(K.SEED), rank=ranks[j[K.PRIOR]])
+        for k in estimated:
+            pt.est[k] = estimate(pt.jobs, k) if k in pt.jobs else S.Estimate(float("nan"), None, None)
         points.append(pt)
     return sorted(points, key=Point.order)
 
@@ -114,7 +126,7 @@ def compare(pt: Point, ref: Point, key: str) -> float | None:
     """p-value of pt == ref on one metric."""
     if pt.n_seeds >= 2 and ref.n_seeds >= 2:
         return S.welch_test([v for v in pt.jobs[key] if finite(v)], [v for v in ref.jobs[key] if finite(v)])
-    if key == "nll_bits_per_token":
+    if key == K.NLL_BITS_PER_TOKEN:
         a, b = nll_values(pt.jobs.iloc[0]), nll_values(ref.jobs.iloc[0])
         if a is not None and b is not None and a.shape == b.shape:
             return S.paired_test(a, b)[2]
@@ -144,7 +156,7 @@ T_MEANING = {"none": "does not apply to", "training": "changes the trained model
 def t_meaning(df: pd.DataFrame) -> str:
     """What T means per prior, from each prior's own declaration (`T_applies`)."""
     parts = [f"{T_MEANING.get(applies, applies)} {lab}"
-             for (lab, applies), _ in df.groupby(["prior_label", "T_applies"], sort=False, dropna=True)]
+             for (lab, applies), _ in df.groupby([K.PRIOR_LABEL, K.T_APPLIES], sort=False, dropna=True)]
     return "T " + "; it ".join(parts) + "." if parts else ""
 
 
@@ -173,7 +185,7 @@ def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point
     head = ["Prior", "T", *extra, "seeds", *(KEYS[k].title for k in COLUMN_KEYS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if baselines:
-        for name in ("real_val", "reconstruction"):
+        for name in K.BASELINE_ROWS:
             row = baselines.get(name) or {}
             cells = []
             for k in COLUMN_KEYS:
@@ -181,13 +193,13 @@ def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point
                     cells.append(fmt_estimate(row_estimate(row, k), KEYS[k].digits))
                 else:
                     cells.append("–")
-            lines.append(f"| *{BASELINE_LABEL[name]}* | – | " + "– | " * len(extra) + "– | " + " | ".join(cells) + " |")
+            lines.append(f"| *{name.title}* | – | " + "– | " * len(extra) + "– | " + " | ".join(cells) + " |")
     for pt in points:
         cells = []
         for k in COLUMN_KEYS:
             cell = fmt_estimate(pt.est[k], KEYS[k].digits)
-            if k == "nll_bits_per_token" and cell != "n/a":
-                kind = pt.jobs.iloc[0].get("nll_kind")
+            if k == K.NLL_BITS_PER_TOKEN and cell != "n/a":
+                kind = pt.jobs.iloc[0].get(K.NLL_KIND)
                 cell += {"exact": " (exact)", "elbo": " (≤, ELBO)", "order_bound": " (≤, sampler bound)"}.get(kind, "")
             if pt.significant.get(k):
                 cell += " *"
@@ -210,7 +222,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
                f"table's {n_tests} comparisons ({n_sig} marked). Without the correction {n_raw} would be marked, "
                f"of which about {0.05 * n_tests:.1f} are expected by chance alone when nothing differs.")
     widths = []
-    for k in ("fid", "kid_mean", "completion_fid", "nll_bits_per_token"):
+    for k in (K.FID, K.KID_MEAN, K.COMPLETION_FID, K.NLL_BITS_PER_TOKEN):
         half = [(e.ci[1] - e.ci[0]) / 2 for pt in points if (e := pt.est[k]).ci is not None]
         if half:
             # Two independent estimates with half-width h differ significantly (unadjusted) at about sqrt(2) h.
@@ -225,7 +237,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
         other = nll_values(pt.jobs.iloc[0])
         # The same weights through another prior's code: equal per-sequence NLL up to float rounding.
         if other is not None and other.shape == ref_nll.shape and np.allclose(other, ref_nll, rtol=1e-6, atol=1e-9):
-            tested = {k: v for k, v in pt.significant.items() if v is not None and k != "nll_bits_per_token"}
+            tested = {k: v for k, v in pt.significant.items() if v is not None and k != K.NLL_BITS_PER_TOKEN}
             sig = [KEYS[k].title for k, v in tested.items() if v]
             out.append(f"A/A check: {pt.name} is the same model as the {ref.label} row (identical "
                        f"per-sequence NLL), sampled with other random streams; {len(sig)} of its {len(tested)} "
@@ -236,14 +248,14 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
 
 def copies_text(points: list[Point]) -> list[str]:
     """What the Train match column means, and how many samples were exact copies of a training grid."""
-    if not any(finite(pt.est["train_match"].value) for pt in points):
+    if not any(finite(pt.est[K.TRAIN_MATCH].value) for pt in points):
         return []
 
     def values(pt: Point, key: str) -> list[float]:
         return [v for v in pt.jobs.get(key, []) if finite(v)]
 
-    n = [v for pt in points for v in values(pt, "n_match_samples")]
-    worst = max(((max(vs), pt) for pt in points if (vs := values(pt, "train_copies"))), key=lambda c: c[0],
+    n = [v for pt in points for v in values(pt, K.N_MATCH_SAMPLES)]
+    worst = max(((max(vs), pt) for pt in points if (vs := values(pt, K.TRAIN_COPIES))), key=lambda c: c[0],
                 default=None)
     return ["Train match: per sample, the largest share of token positions its grid shares with one training grid "
             "(1 = a copy), averaged" + (f" over {fmt_value(max(n), 0)} samples" if n else "")
@@ -258,18 +270,18 @@ def training_table(df: pd.DataFrame) -> str:
     """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
     lines = []
     ranks = prior_ranks(df)
-    ok = df[(df["status"] == "ok") & df["train_key"].notna()].drop_duplicates(subset=["train_key"])
+    ok = df[(df[K.STATUS] == "ok") & df[K.TRAIN_KEY].notna()].drop_duplicates(subset=[K.TRAIN_KEY])
     for _, r in ok.iterrows():
-        units = r.get("train_units") or {}
+        units = r.get(K.TRAIN_UNITS) or {}
         if not isinstance(units, dict) or not units:
             continue
         cells = "; ".join(f"{u} {v['best_val']:.3f} ({v['best_step']})" for u, v in units.items())
         total = sum(v["best_val"] for v in units.values())
         minutes = [f"{r.get(k) / 60:.1f}" if finite(r.get(k)) else "n/a"
-                   for k in ("train_seconds", "train_wall_seconds")]
-        T = r.get("T") if r.get("T_applies") == "training" else "–"
-        lines.append(((ranks[r["prior"]], T if T != "–" else 0, r.get("seed") or 0),
-                      f"| {label_of(r)} | {T} | {r.get('seed')} | {cells} | {total:.3f} | {' | '.join(minutes)} |"))
+                   for k in (K.TRAIN_SECONDS, K.TRAIN_WALL_SECONDS)]
+        T = r.get(K.T) if r.get(K.T_APPLIES) == "training" else "–"
+        lines.append(((ranks[r[K.PRIOR]], T if T != "–" else 0, r.get(K.SEED) or 0),
+                      f"| {label_of(r)} | {T} | {r.get(K.SEED)} | {cells} | {total:.3f} | {' | '.join(minutes)} |"))
     if not lines:
         return ""
     return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min (summed) | wall min |",
@@ -278,19 +290,19 @@ def training_table(df: pd.DataFrame) -> str:
 
 def cost_table(df: pd.DataFrame) -> str:
     """Per job: the plan's estimated minutes on each device beside the measured job minutes."""
-    if "plan_hours" not in df.columns:
+    if K.PLAN_HOURS not in df.columns:
         return ""
-    rows = df[df["plan_hours"].apply(lambda h: isinstance(h, dict) and bool(h))]
+    rows = df[df[K.PLAN_HOURS].apply(lambda h: isinstance(h, dict) and bool(h))]
     if rows.empty:
         return ""
-    devices = list(dict.fromkeys(name for h in rows["plan_hours"] for name in h))
+    devices = list(dict.fromkeys(name for h in rows[K.PLAN_HOURS] for name in h))
     ranks = prior_ranks(df)
     lines = []
     for _, r in rows.iterrows():
-        planned = [f"{60 * r['plan_hours'][d]:.3g}" if d in r["plan_hours"] else "n/a" for d in devices]
-        measured = f"{r['job_seconds'] / 60:.2f}" if finite(r.get("job_seconds")) else "n/a"
-        lines.append(((ranks[r["prior"]], r.get("T") or 0, r.get("seed") or 0),
-                      f"| {label_of(r)} | {r.get('T')} | {r.get('seed')} | {' | '.join(planned)} | {measured} |"))
+        planned = [f"{60 * r[K.PLAN_HOURS][d]:.3g}" if d in r[K.PLAN_HOURS] else "n/a" for d in devices]
+        measured = f"{r[K.JOB_SECONDS] / 60:.2f}" if finite(r.get(K.JOB_SECONDS)) else "n/a"
+        lines.append(((ranks[r[K.PRIOR]], r.get(K.T) or 0, r.get(K.SEED) or 0),
+                      f"| {label_of(r)} | {r.get(K.T)} | {r.get(K.SEED)} | {' | '.join(planned)} | {measured} |"))
     head = " | ".join(f"planned min, {d}" for d in devices)
     return "\n".join([f"| Prior | T | seed | {head} | measured job min |", "|---" * (len(devices) + 4) + "|",
                       *[ln for _, ln in sorted(lines)]])
@@ -298,77 +310,90 @@ def cost_table(df: pd.DataFrame) -> str:
 
 # ---- figures ---------------------------------------------------------------
 
-def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
-    import matplotlib
+@dataclass
+class Figures:
+    """The figures of one report: shared colours per prior, one line per (prior, settings) group."""
+    points: list[Point]
+    out: Path
+    made: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to the report)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+    def __post_init__(self) -> None:
+        import matplotlib
 
-    out.mkdir(parents=True, exist_ok=True)
-    made = []
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {prior: palette[i % len(palette)] for i, prior in enumerate(dict.fromkeys(pt.prior for pt in points))}
-    labels = {pt.prior: pt.label for pt in points}
-    groups: dict[tuple, list[Point]] = {}
-    for pt in points:
-        groups.setdefault((pt.prior, tuple(sorted(pt.settings.items()))), []).append(pt)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    def name_of(prior: str, settings: tuple) -> str:
-        return labels[prior] + ("" if not settings else " (" + ", ".join(f"{k}={v}" for k, v in settings) + ")")
+        self.plt = plt
+        self.out.mkdir(parents=True, exist_ok=True)
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        priors = dict.fromkeys(pt.prior for pt in self.points)
+        self.colors = {prior: palette[i % len(palette)] for i, prior in enumerate(priors)}
+        self.labels = {pt.prior: pt.label for pt in self.points}
+        self.groups: dict[tuple, list[Point]] = {}
+        for pt in self.points:
+            self.groups.setdefault((pt.prior, tuple(sorted(pt.settings.items()))), []).append(pt)
 
-    def save(fig, fname: str, title: str) -> None:
+    def name_of(self, prior: str, settings: tuple) -> str:
+        return self.labels[prior] + ("" if not settings else " (" + ", ".join(f"{k}={v}" for k, v in settings) + ")")
+
+    def save(self, fig: Any, fname: str, title: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / f"{fname}.png", dpi=120)
-        fig.savefig(out / f"{fname}.pdf", metadata={"CreationDate": None})  # the same figure, the same bytes
-        plt.close(fig)
-        made.append((title, f"figures/{fname}.png"))
+        fig.savefig(self.out / f"{fname}.png", dpi=120)
+        fig.savefig(self.out / f"{fname}.pdf", metadata={"CreationDate": None})  # the same figure, the same bytes
+        self.plt.close(fig)
+        self.made.append((title, f"figures/{fname}.png"))
 
-    def vs_T(key: str, ylabel: str, fname: str, title: str) -> None:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+    def finish(self, fig: Any, ax: Any, xlabel: str, ylabel: str, fname: str, title: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=8 if len(title) > 45 else None)  # a long title stays inside the figure
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        self.save(fig, fname, title)
+
+    def vs_T(self, key: str, ylabel: str, fname: str, title: str) -> None:
+        """One line per group over T (95% error bars); a prior T does not apply to as a band."""
+        fig, ax = self.plt.subplots(figsize=(5, 3.5))
         drawn = False
-        for (prior, settings), pts in groups.items():
+        for (prior, settings), pts in self.groups.items():
             pts = [p for p in pts if finite(p.est[key].value)]
             if not pts:
                 continue
             drawn = True
-            color = colors.get(prior)
+            color = self.colors.get(prior)
             if pts[0].T is None:  # T does not apply: a horizontal line with its interval
                 e = pts[0].est[key]
-                ax.axhline(e.value, color=color, ls="--", label=name_of(prior, settings))
+                ax.axhline(e.value, color=color, ls="--", label=self.name_of(prior, settings))
                 if e.ci:
                     ax.axhspan(e.ci[0], e.ci[1], color=color, alpha=0.15)
                 continue
             pts.sort(key=lambda p: p.T)
-            ts = [p.T for p in pts]
             ms = [p.est[key].value for p in pts]
             err = np.array([[m - (p.est[key].ci or (m, m))[0], (p.est[key].ci or (m, m))[1] - m]
                             for p, m in zip(pts, ms)]).T
-            ax.errorbar(ts, ms, yerr=err, marker="o", capsize=3, color=color, label=name_of(prior, settings))
+            ax.errorbar([p.T for p in pts], ms, yerr=err, marker="o", capsize=3, color=color,
+                        label=self.name_of(prior, settings))
         if not drawn:
-            plt.close(fig)
+            self.plt.close(fig)
             return
-        ax.set_xlabel("T (chain length / sampling steps)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, fname, title)
+        self.finish(fig, ax, "T (chain length / sampling steps)", ylabel, fname, title)
 
-    vs_T("fid", "FID ↓ (95% interval)", "fid_vs_T", "FID vs T")
-    vs_T("nll_bits_per_token", "bits per token ↓", "nll_vs_T", "NLL vs T (AR exact; others upper bounds)")
-    vs_T("completion_fid", "completion FID ↓", "completion_fid_vs_T", "Upper-half completion FID vs T")
+    def fid_vs_speed(self) -> None:
+        """FID against seconds per image, log scale; T annotated where it applies."""
+        from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
 
-    pts = [p for p in points if finite(p.est["fid"].value) and finite(p.est["sample_seconds_per_image"].value)]
-    if pts:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for (prior, settings), group in groups.items():
-            rs = sorted((p for p in group if p in pts), key=lambda p: p.est["sample_seconds_per_image"].value)
+        speed = K.SAMPLE_SECONDS_PER_IMAGE
+        pts = [p for p in self.points if finite(p.est[K.FID].value) and finite(p.est[speed].value)]
+        if not pts:
+            return
+        fig, ax = self.plt.subplots(figsize=(5, 3.5))
+        for (prior, settings), group in self.groups.items():
+            rs = sorted((p for p in group if p in pts), key=lambda p: p.est[speed].value)
             if not rs:
                 continue
-            xs = [p.est["sample_seconds_per_image"].value for p in rs]
-            ys = [p.est["fid"].value for p in rs]
-            ax.plot(xs, ys, marker="o", color=colors.get(prior), label=name_of(prior, settings),
+            xs = [p.est[speed].value for p in rs]
+            ys = [p.est[K.FID].value for p in rs]
+            ax.plot(xs, ys, marker="o", color=self.colors.get(prior), label=self.name_of(prior, settings),
                     ls="none" if rs[0].T is None else "-")
             for p, x, y in zip(rs, xs, ys):
                 if p.T is not None:
@@ -376,14 +401,33 @@ def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(LogFormatterSciNotation())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        batch = pts[0].jobs.iloc[0].get("batch_size")
-        ax.set_xlabel("seconds per image (token generation" + (f", batch {batch})" if finite(batch) else ")"))
-        ax.set_ylabel("FID ↓")
-        ax.set_title("Quality vs sampling speed")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "fid_vs_speed", "Quality vs sampling speed")
-    return made
+        batch = pts[0].jobs.iloc[0].get(K.BATCH_SIZE)
+        self.finish(fig, ax, "seconds per image (token generation" + (f", batch {batch})" if finite(batch) else ")"),
+                    "FID ↓", "fid_vs_speed", "Quality vs sampling speed")
+
+
+NLL_KIND_WORDS = {"exact": "exact", "elbo": "ELBO", "order_bound": "sampler bound"}
+
+
+def nll_kinds_text(points: list[Point]) -> str:
+    """What each prior's NLL is, from the kinds its jobs recorded: "AR (Taming) exact; ImageBART ELBO"."""
+    kinds: dict[str, list[str]] = {}
+    for pt in points:
+        kind = pt.jobs.iloc[0].get(K.NLL_KIND)
+        if isinstance(kind, str) and kind not in kinds.setdefault(pt.label, []):
+            kinds[pt.label].append(kind)
+    return "; ".join(f"{label} {', '.join(NLL_KIND_WORDS.get(k, k) for k in ks)}" for label, ks in kinds.items() if ks)
+
+
+def figures(points: list[Point], out: Path) -> list[tuple[str, str]]:
+    """The report's figures as (caption, relative path): FID, NLL and completion FID over T, FID vs speed."""
+    f = Figures(points, out)
+    f.vs_T(K.FID, "FID ↓ (95% interval)", "fid_vs_T", "FID vs T")
+    kinds = nll_kinds_text(points)
+    f.vs_T(K.NLL_BITS_PER_TOKEN, "bits per token ↓", "nll_vs_T", "NLL vs T" + (f" ({kinds})" if kinds else ""))
+    f.vs_T(K.COMPLETION_FID, "completion FID ↓", "completion_fid_vs_T", "Upper-half completion FID vs T")
+    f.fid_vs_speed()
+    return f.made
 
 
 # ---- machine-readable outputs ----------------------------------------------
@@ -392,7 +436,7 @@ def summary_frame(points: list[Point], ref: Point | None) -> pd.DataFrame:
     """One row per point: mean, standard error, 95% interval, p-value against the reference, significance."""
     rows = []
     for pt in points:
-        row: dict[str, Any] = {"prior": pt.prior, "T": pt.T, **pt.settings, "n_seeds": pt.n_seeds,
+        row: dict[str, Any] = {K.PRIOR: pt.prior, K.T: pt.T, **pt.settings, "n_seeds": pt.n_seeds,
                                "is_reference": pt is ref}
         for k, e in pt.est.items():
             row[k] = e.value if finite(e.value) else None
@@ -440,100 +484,152 @@ def shown_path(path: Path) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
-def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
-                 ) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
-    """Write report.md, results.csv, summary.csv, table.tex and the figures to `out`.
-    Returns (report.md's path, the jobs, the summary table with its intervals)."""
+@dataclass
+class Sweep:
+    """What every section of the report reads: the jobs, their points and the test against the reference row."""
+    sweep_dirs: list[Path]
+    out: Path
+    df: pd.DataFrame  # the fresh jobs
+    stale: pd.DataFrame  # job folders of an earlier launch, ignored
+    points: list[Point]
+    ref: Point | None
+    n_tests: int
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.df[self.df[K.STATUS] == "ok"]
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.df[self.df[K.STATUS] != "ok"]
+
+    @property
+    def first(self) -> pd.Series | None:
+        return self.ok.iloc[0] if len(self.ok) else None
+
+
+def load_sweep(sweep_dirs: list[Path], out: Path) -> Sweep:
     all_jobs = load_results(*sweep_dirs, include_stale=True)
-    stale = all_jobs[all_jobs["stale"]]
     df = drop_stale(all_jobs, sweep_dirs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ok = df[df["status"] == "ok"]
-    failed = df[df["status"] != "ok"]
     points = points_of(df)
     compare_to = next((v for v in df.get("cfg.compare_to", pd.Series(dtype=object)) if isinstance(v, str)), None)
     ref = next((pt for pt in points if pt.prior == compare_to), None)
     n_tests = test_against(points, ref)
-    baselines = next((b for b in ok.get("baselines", []) if isinstance(b, dict)), None)
+    return Sweep(list(sweep_dirs), Path(out), df, all_jobs[all_jobs["stale"]], points, ref, n_tests)
 
-    df.drop(columns=["point"]).to_csv(out / "results.csv", index=False)
-    summary = summary_frame(points, ref)
-    summary.to_csv(out / "summary.csv", index=False)
-    (out / "table.tex").write_text(latex_table(points))
 
-    first = ok.iloc[0] if len(ok) else None
-    md = [f"# {title or 'priorbench report: ' + out.name}", ""]
-    md += [f"{len(df)} jobs ({len(ok)} ok, {len(failed)} failed) from "
-           + ", ".join(f"`{shown_path(d)}`" for d in sweep_dirs)
-           + (f"; {len(stale)} stale job folder(s) of an earlier launch under the same name ignored" if len(stale) else "")
-           + ". A point is every setting except the seed; a prior that T does not apply to is shown once. "
-           + t_meaning(df), ""]
-    md += ["## Main results", "", main_table(points, baselines, ref), ""]
-    if first is not None:
-        n_s, n_c = first.get("n_samples"), first.get("n_completions")
-        md += [f"N per column: FID, KID, IS and PRDC at N = {fmt_value(n_s, 0)} samples (PRDC against as many reference "
-               f"images); completion FID at N = {fmt_value(n_c, 0)} completions; the reference is a seeded random "
-               f"sample of {fmt_value(first.get('n_reference'), 0)} train images, the same for every row and "
-               f"column. Baseline rows are at the same N: real val images (the best a prior can reach at that N) "
-               f"and the tokenizer's reconstructions of them (a perfect prior over these tokens).", "",
-               f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get('n_bootstrap'), 0)} "
-               "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
-               "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
-               "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
-        md += copies_text(points)
-        md += resolution_text(points, ref, n_tests) + [""]
-    extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
-    if extra:
-        md += ["Unavailable metrics:", ""] + [f"- `{k}`: {v}" for k, v in extra] + [""]
+def header_section(sw: Sweep, title: str | None) -> list[str]:
+    stale = (f"; {len(sw.stale)} stale job folder(s) of an earlier launch under the same name ignored"
+             if len(sw.stale) else "")
+    return [f"# {title or 'priorbench report: ' + sw.out.name}", "",
+            f"{len(sw.df)} jobs ({len(sw.ok)} ok, {len(sw.failed)} failed) from "
+            + ", ".join(f"`{shown_path(d)}`" for d in sw.sweep_dirs) + stale
+            + ". A point is every setting except the seed; a prior that T does not apply to is shown once. "
+            + t_meaning(sw.df), ""]
+
+
+def main_section(sw: Sweep) -> list[str]:
+    """The main table, what N and the intervals are, closeness to the training set, what the sweep resolves."""
+    baselines = next((b for b in sw.ok.get(K.BASELINES, []) if isinstance(b, dict)), None)
+    md = ["## Main results", "", main_table(sw.points, baselines, sw.ref), ""]
+    first = sw.first
+    if first is None:
+        return md
+    n_s, n_c = first.get(K.N_SAMPLES), first.get(K.N_COMPLETIONS)
+    md += [f"N per column: FID, KID, IS and PRDC at N = {fmt_value(n_s, 0)} samples (PRDC against as many reference "
+           f"images); completion FID at N = {fmt_value(n_c, 0)} completions; the reference is a seeded random "
+           f"sample of {fmt_value(first.get(K.N_REFERENCE), 0)} train images, the same for every row and "
+           f"column. Baseline rows are at the same N: real val images (the best a prior can reach at that N) "
+           f"and the tokenizer's reconstructions of them (a perfect prior over these tokens).", "",
+           f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get(K.N_BOOTSTRAP), 0)} "
+           "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
+           "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
+           "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
+    md += bounds_text(sw)
+    md += copies_text(sw.points)
+    return md + resolution_text(sw.points, sw.ref, sw.n_tests) + [""]
+
+
+def bounds_text(sw: Sweep) -> list[str]:
+    """The extra bounds the priors declared (Prior.extra_bounds), with each point's value: not table columns."""
+    lines = []
+    for key, label in declared(sw.ok, K.EXTRA_BOUNDS).items():
+        vals = [f"{pt.name} {fmt_estimate(pt.est[key], 3)}" for pt in sw.points if finite(pt.est[key].value)]
+        if vals:
+            lines.append(f"- {label} (`{key}`, bits/token): " + "; ".join(vals))
+    return ["Other likelihood bounds the priors report:", "", *lines, ""] if lines else []
+
+
+def protocol_section(sw: Sweep) -> list[str]:
+    extra = sorted({k: v for u in sw.ok.get(K.UNAVAILABLE, []) if isinstance(u, dict) for k, v in u.items()}.items())
+    md = ["Unavailable metrics:", ""] + [f"- `{k}`: {v}" for k, v in extra] + [""] if extra else []
+    first = sw.first
+    if first is None:
+        return md
     col = "cfg.prior.sample.completion_passes"
-    passes = sorted({str(int(v)) for v in (ok[col] if col in ok else []) if finite(v)})
-    if first is not None:
-        md += ["Protocol: features `" + str(first.get("feature_extractor")) + f"`, speed at batch "
-               f"{fmt_value(first.get('batch_size'), 0)} on `{first.get('device')}` in "
-               f"{first.get('compute_precision')} with {fmt_value(first.get('threads'), 0)} thread(s), "
-               f"{'compiled' if first.get('compile') == 'on' else 'eager'} decode steps (token generation only, "
-               "warm-up batch excluded; decoding is in results.csv); % peak = model FLOPs of sampling per second "
-               f"over the device's measured matmul peak ({fmt_value((first.get('peak_flops') or float('nan')) / 1e9, 1)} "
-               "GFLOP/s)"
-               + (f"; completion with {', '.join(passes)} extra forward-backward pass(es) where a prior has the option "
-                  "(0: ImageBART Tab. 3's single masked reverse pass)" if passes else "") + ".", ""]
+    passes = sorted({str(int(v)) for v in (sw.ok[col] if col in sw.ok else []) if finite(v)})
+    peak = fmt_value((first.get(K.PEAK_FLOPS) or float("nan")) / 1e9, 1)
+    return md + ["Protocol: features `" + str(first.get(K.FEATURE_EXTRACTOR)) + f"`, speed at batch "
+                 f"{fmt_value(first.get(K.BATCH_SIZE), 0)} on `{first.get(K.DEVICE)}` in "
+                 f"{first.get(K.COMPUTE_PRECISION)} with {fmt_value(first.get(K.THREADS), 0)} thread(s), "
+                 f"{'compiled' if first.get(K.COMPILE) == 'on' else 'eager'} decode steps (token generation only, "
+                 "warm-up batch excluded; decoding is in results.csv); % peak = model FLOPs of sampling per second "
+                 f"over the device's measured matmul peak ({peak} GFLOP/s)"
+                 + (f"; completion with {', '.join(passes)} extra forward-backward pass(es) where a prior has the "
+                    "option `sample.completion_passes` (0: a single masked reverse pass)" if passes else "") + ".", ""]
 
-    toks = [t for t in ok.get("tokenizer", []) if isinstance(t, dict)]
-    if toks:
-        t = toks[0]
-        md += ["## Tokenizer", "", "| K_eff | codebook | usage | perplexity | grid | val PSNR (dB) | rFID (N) |",
-               "|---|---|---|---|---|---|---|",
-               f"| {t.get('vocab_size')} | {t.get('n_embed')} | {100 * (t.get('codebook_usage') or 0):.1f}% | "
-               f"{(t.get('codebook_perplexity') or 0):.1f} | {'x'.join(map(str, t.get('grid') or []))} | "
-               f"{(t.get('recon_psnr') or 0):.2f} | " + (f"{t['recon_fid']:.2f} ({t.get('recon_fid_n')})"
-                                                        if finite(t.get("recon_fid")) else "n/a") + " |", ""]
 
-    training = training_table(df)
-    if training:
-        md += ["## Training", "",
-               "Best validation value per trained model (bits/token, at the step in brackets; the checkpoint the "
-               "evaluation uses). ImageBART's scale 2 is Eq. 8's cross-entropy and scales t > 2 the Eq. 7 KL terms, "
-               "so their sum is its ELBO on the validation batches; absorbing's is its Eq. 6 ELBO. Jobs that share "
-               "a training run are shown once.", "", training, ""]
+def tokenizer_section(sw: Sweep) -> list[str]:
+    toks = [t for t in sw.ok.get(K.TOKENIZER, []) if isinstance(t, dict)]
+    if not toks:
+        return []
+    t = toks[0]
+    rfid = f"{t[K.RECON_FID]:.2f} ({t.get(K.RECON_FID_N)})" if finite(t.get(K.RECON_FID)) else "n/a"
+    return ["## Tokenizer", "", "| K_eff | codebook | usage | perplexity | grid | val PSNR (dB) | rFID (N) |",
+            "|---|---|---|---|---|---|---|",
+            f"| {t.get('vocab_size')} | {t.get('n_embed')} | {100 * (t.get('codebook_usage') or 0):.1f}% | "
+            f"{(t.get('codebook_perplexity') or 0):.1f} | {'x'.join(map(str, t.get('grid') or []))} | "
+            f"{(t.get('recon_psnr') or 0):.2f} | {rfid} |", ""]
 
-    cost = cost_table(df)
-    if cost:
-        md += ["## Cost: planned and measured", "",
-               "Each job's plan before it ran (bench/cost.py: model FLOPs at a stated share of each device's peak; "
-               "the job's own device at its measured matmul peak) beside the job's measured wall time. Shared "
-               "stages are planned in every job but run once, so a job that found them cached takes less than "
-               "planned.", "", cost, ""]
 
-    figs = figures(points, out / "figures")
-    if figs:
-        md += ["## Figures", "", "Also as PDF next to each PNG.", ""]
-        for caption, rel in figs:
-            md += [f"![{caption}]({rel})", ""]
+def training_section(sw: Sweep) -> list[str]:
+    training = training_table(sw.df)
+    if not training:
+        return []
+    notes = {label_of(r): r.get(K.VALIDATION_NOTE) for _, r in sw.ok.iterrows()
+             if isinstance(r.get(K.VALIDATION_NOTE), str) and r.get(K.VALIDATION_NOTE)}
+    said = "".join(f" {label}: {note}." for label, note in notes.items())
+    return ["## Training", "",
+            "Best validation value per trained model (bits/token, at the step in brackets; the checkpoint the "
+            f"evaluation uses).{said} Jobs that share a training run are shown once.", "", training, ""]
 
+
+def cost_section(sw: Sweep) -> list[str]:
+    cost = cost_table(sw.df)
+    if not cost:
+        return []
+    return ["## Cost: planned and measured", "",
+            "Each job's plan before it ran (bench/cost.py: model FLOPs at a stated share of each device's peak; "
+            "the job's own device at its measured matmul peak) beside the job's measured wall time. Shared "
+            "stages are planned in every job but run once, so a job that found them cached takes less than "
+            "planned.", "", cost, ""]
+
+
+def figures_section(sw: Sweep) -> list[str]:
+    figs = figures(sw.points, sw.out / "figures")
+    if not figs:
+        return []
+    md = ["## Figures", "", "Also as PDF next to each PNG.", ""]
+    for caption, rel in figs:
+        md += [f"![{caption}]({rel})", ""]
+    return md
+
+
+def grids_section(sw: Sweep) -> list[str]:
+    """Each point's sample and completion grids, copied next to the report."""
     grids = []
-    varying = varying_settings(points)
-    for pt in points:
+    varying = varying_settings(sw.points)
+    for pt in sw.points:
         job = pt.jobs.iloc[0]
         name = pt.prior + ("" if pt.T is None else f"_T{pt.T}") + "".join(f"_{k}={v}" for k, v in pt.settings.items()
                                                                          if k in varying)
@@ -541,42 +637,69 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
         for kind in ("samples_grid", "completion_grid"):
             src = Path(job["job_dir"]) / f"{kind}.png"
             if src.is_file():
-                dst = out / "grids" / f"{name}_{kind}.png"
+                dst = sw.out / "grids" / f"{name}_{kind}.png"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
                 grids.append((name, kind, f"grids/{dst.name}"))
-    if grids:
-        md += ["## Samples and completions", "",
-               "Completion grids: top row the input with its upper half masked (grey: those tokens are generated), "
-               "middle the completion, bottom the tokenizer's reconstruction of the original tokens.", ""]
-        for name, kind, rel in grids:
-            md += [f"**{name}**, {kind.replace('_', ' ')}:", "", f"![{name} {kind}]({rel})", ""]
+    if not grids:
+        return []
+    md = ["## Samples and completions", "",
+          "Completion grids: top row the input with its upper half masked (grey: those tokens are generated), "
+          "middle the completion, bottom the tokenizer's reconstruction of the original tokens.", ""]
+    for name, kind, rel in grids:
+        md += [f"**{name}**, {kind.replace('_', ' ')}:", "", f"![{name} {kind}]({rel})", ""]
+    return md
 
-    if len(failed):
-        md += ["## Failed jobs", "", "| prior | T | seed | error | job |", "|---|---|---|---|---|"]
-        for _, r in failed.iterrows():
-            err = str(r.get("error") or "").replace("|", "\\|")
-            md += [f"| {r.get('prior')} | {r.get('T')} | {r.get('seed')} | {err} | `{Path(r['job_dir']).name}` |"]
-        md += [""]
 
-    md += ["## Environment", ""]
+def failed_section(sw: Sweep) -> list[str]:
+    if not len(sw.failed):
+        return []
+    md = ["## Failed jobs", "", "| prior | T | seed | error | job |", "|---|---|---|---|---|"]
+    for _, r in sw.failed.iterrows():
+        err = str(r.get(K.ERROR) or "").replace("|", "\\|")
+        md += [f"| {r.get(K.PRIOR)} | {r.get(K.T)} | {r.get(K.SEED)} | {err} | `{Path(r['job_dir']).name}` |"]
+    return md + [""]
+
+
+def environment_section(sw: Sweep) -> list[str]:
+    md = ["## Environment", ""]
+    first = sw.first
     if first is not None:
-        md += [f"- device: `{first.get('device')}`", f"- torch: `{first.get('torch')}`, CUDA: `{first.get('cuda')}`",
-               f"- commit: `{first.get('commit')}`"]
+        md += [f"- device: `{first.get(K.DEVICE)}`", f"- torch: `{first.get(K.TORCH)}`, CUDA: `{first.get(K.CUDA)}`",
+               f"- commit: `{first.get(K.COMMIT)}`"]
     totals: dict[str, float] = {}
-    for st in df["stage_seconds"]:
+    for st in sw.df[K.STAGE_SECONDS]:
         for k, v in (st if isinstance(st, dict) else {}).items():
             totals[k] = totals.get(k, 0.0) + (v or 0.0)
     if totals:
         md += ["- wall time per stage, summed over jobs: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items())]
-    cfg_path = next((Path(d) / ".hydra" / "config.yaml" for d in (ok if len(ok) else df)["job_dir"]
+    jobs = sw.ok if len(sw.ok) else sw.df
+    cfg_path = next((Path(d) / ".hydra" / "config.yaml" for d in jobs["job_dir"]
                      if (Path(d) / ".hydra" / "config.yaml").is_file()), None)
     if cfg_path is not None:
         md += ["", "<details><summary>Resolved config of the first job</summary>", "", "```yaml",
                cfg_path.read_text().rstrip(), "```", "", "</details>"]
-    md += [""]
+    return md + [""]
+
+
+def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
+                 ) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """Write report.md, results.csv, summary.csv, table.tex and the figures to `out`: the tables, then the
+    report's sections in order, each built by its own function from the loaded sweep.
+    Returns (report.md's path, the jobs, the summary table with its intervals)."""
+    sw = load_sweep(sweep_dirs, Path(out))
+    out = sw.out
+    out.mkdir(parents=True, exist_ok=True)
+    sw.df.drop(columns=["point"]).to_csv(out / "results.csv", index=False)
+    summary = summary_frame(sw.points, sw.ref)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "table.tex").write_text(latex_table(sw.points))
+    md = header_section(sw, title)
+    for section in (main_section, protocol_section, tokenizer_section, training_section, cost_section,
+                    figures_section, grids_section, failed_section, environment_section):
+        md += section(sw)
     (out / "report.md").write_text("\n".join(md))
-    return out / "report.md", df, summary
+    return out / "report.md", sw.df, summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import to_absolute_path  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from bench import keys as K  # noqa: E402
 from bench.errors import EXIT_CONFIG, EXIT_FAILED, Preempted  # noqa: E402
 from bench.pipeline import run_job  # noqa: E402
 from bench.results import sweep_id  # noqa: E402
@@ -102,12 +103,12 @@ def main(cfg: DictConfig) -> dict:
             p.previous_handler(p.signum, None)
         # The status of a process ended by that signal: SLURM and submitit read it as preemption, not failure.
         sys.exit(128 + p.signum)
-    if results["status"] != "ok":
-        if results.get("traceback") and (hc.verbose or os.environ.get("PRIORBENCH_TRACEBACK")):
-            print(results["traceback"], file=sys.stderr)
-        print(f"error: {results['error']}", file=sys.stderr)
+    if results[K.STATUS] != "ok":
+        if results.get(K.TRACEBACK) and (hc.verbose or os.environ.get("PRIORBENCH_TRACEBACK")):
+            print(results[K.TRACEBACK], file=sys.stderr)
+        print(f"error: {results[K.ERROR]}", file=sys.stderr)
         if hc.mode != RunMode.MULTIRUN:
-            sys.exit(EXIT_CONFIG if results.get("error_kind") == "config" else EXIT_FAILED)
+            sys.exit(EXIT_CONFIG if results.get(K.ERROR_KIND) == "config" else EXIT_FAILED)
     return results
 
 

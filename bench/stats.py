@@ -1,4 +1,4 @@
-"""Uncertainty and significance for the evaluation protocol (DESIGN.md section 5). numpy/scipy only.
+"""Uncertainty and significance for the evaluation protocol (docs/design.md, "Evaluation"). numpy/scipy only.
 
 Sample metrics (FID, KID, PRDC, completion FID) get a bootstrap over the generated samples with the real
 reference held fixed: every number in a table column is measured against the same reference at the same N, so

@@ -8,7 +8,7 @@ checkpoint kept) and the VQGAN tokenizer (tokenizers.vqgan_train.VQGANTraining).
 
 A prior is trained unit by unit (`Prior.units()`): AR and absorbing have one,
 ImageBART one per scale. Each unit gets `train.steps` steps of `train.batch_size`
-sequences, so every model sees the same compute (DESIGN.md section 3).
+sequences, so every model sees the same compute (docs/design.md, "Training").
 """
 from __future__ import annotations
 
@@ -92,13 +92,6 @@ def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: flo
             ema[k].copy_(v)
 
 
-def bits_per_token(loss: torch.Tensor, logs: dict[str, float]) -> float:
-    """The unit's likelihood term in bits per token: what a prior logs as `*bits_per_token` (absorbing: its Eq. 6
-    ELBO, not the reweighted training loss), else the loss in nats converted to bits."""
-    keys = sorted((k for k in logs if k.endswith("bits_per_token")), key=lambda k: not k.startswith("elbo"))
-    return float(logs[keys[0]]) if keys else float(loss) / math.log(2)
-
-
 @torch.no_grad()
 def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int, batches: int,
                     seed: int, device: torch.device, precision: str) -> float:
@@ -113,7 +106,7 @@ def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int,
                 break
             with autocast(device, precision):
                 loss, logs = prior.unit_loss(unit, x.to(device), generator=g)
-            total += bits_per_token(loss, logs) * len(x)
+            total += prior.validation_bits(loss, logs) * len(x)
             n += len(x)
     return total / max(1, n)
 

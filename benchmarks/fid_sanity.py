@@ -23,6 +23,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
+from bench import features as FE  # noqa: E402
+
 from bench import metrics as M  # noqa: E402
 from bench.data import load_data  # noqa: E402
 from bench.evaluate import build_reference, load_reference  # noqa: E402
@@ -39,14 +41,14 @@ def main(overrides: list[str]) -> None:
     cache = Path(cfg.paths.cache)
     data = load_data(cfg.data, cache)
     tokens = build_tokens(*job_tokenizer(cfg), data, cache)
-    extractor = M.load_feature_extractor(cfg.eval.get("inception_weights"))
+    extractor = FE.load_feature_extractor(cfg.eval.get("inception_weights"))
     ref_dir, _ = build_reference(data, extractor, cfg.eval, cache)
     _, ref_stats = load_reference(ref_dir)
     bs = int(cfg.eval.feature_batch_size)
 
     val = torch.from_numpy(data.val)
     t0 = time.perf_counter()
-    val_feats = M.images_to_features(val, extractor, batch_size=bs)
+    val_feats = FE.images_to_features(val, extractor, batch_size=bs)
     throughput = len(val) / (time.perf_counter() - t0)
 
     model = load_tokenizer(cache / "tokenizer" / tokens.tokenizer_key, tokens.tokenizer)
@@ -58,9 +60,9 @@ def main(overrides: list[str]) -> None:
     rows = [
         ("real validation split", M.features_to_fid(ref_stats, val_feats["pool"])),
         ("tokenizer reconstructions of the validation split (rFID)",
-         M.features_to_fid(ref_stats, M.images_to_features(recon, extractor, batch_size=bs)["pool"])),
+         M.features_to_fid(ref_stats, FE.images_to_features(recon, extractor, batch_size=bs)["pool"])),
         ("decoded uniformly random tokens",
-         M.features_to_fid(ref_stats, M.images_to_features(noise, extractor, batch_size=bs)["pool"])),
+         M.features_to_fid(ref_stats, FE.images_to_features(noise, extractor, batch_size=bs)["pool"])),
     ]
     print(f"reference: {extractor.name}, {ref_stats['mu'].shape[0]}-d, train split ({cfg.eval.num_reference or 'all'} images)")
     for what, fid in rows:

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import features as FE  # noqa: E402
 from bench import metrics as M  # noqa: E402
 from bench.data import emoji_root, list_images, load_image  # noqa: E402
 
@@ -42,14 +43,14 @@ def emoji_batch(n: int, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([load_image(f, resolution) for f in files[::step][:n]]))
 
 
-def build_extractor(source: str) -> M.FeatureExtractor:
-    path = M.fid_helper_weights_path()
+def build_extractor(source: str) -> FE.FeatureExtractor:
+    path = FE.fid_helper_weights_path()
     if source == "torchscript":
-        return M.TorchScriptFIDInception(path)
-    extractor = M.TorchFidelityInceptionFromTorchScript(path)
+        return FE.TorchScriptFIDInception(path)
+    extractor = FE.TorchFidelityInceptionFromTorchScript(path)
     if source == "torch-fidelity-unfolded":  # the same module and weights without folding the batch norms
         buf = io.BytesIO()
-        torch.save(M.torchscript_to_torch_fidelity_state_dict(path), buf)
+        torch.save(FE.torchscript_to_torch_fidelity_state_dict(path), buf)
         buf.seek(0)
         net = M.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
         extractor.net = net.to(memory_format=torch.channels_last).eval()
@@ -59,22 +60,22 @@ def build_extractor(source: str) -> M.FeatureExtractor:
 SOURCES = ("torchscript", "torch-fidelity", "torch-fidelity-unfolded")
 
 
-def time_call(extractor: M.FeatureExtractor, images: torch.Tensor, batch: int) -> float:
-    old = M.CPU_CHUNK
-    M.CPU_CHUNK = batch  # the network batch on the CPU
+def time_call(extractor: FE.FeatureExtractor, images: torch.Tensor, batch: int) -> float:
+    old = FE.CPU_CHUNK
+    FE.CPU_CHUNK = batch  # the network batch on the CPU
     try:
         t0 = time.perf_counter()
         extractor(images)
         return len(images) / (time.perf_counter() - t0)
     finally:
-        M.CPU_CHUNK = old
+        FE.CPU_CHUNK = old
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="images per timed call")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, nargs="+", default=[M.CPU_CHUNK, 64], help="network batch sizes")
+    ap.add_argument("--batch", type=int, nargs="+", default=[FE.CPU_CHUNK, 64], help="network batch sizes")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     images = emoji_batch(args.n, args.resolution)
     ex = {k: build_extractor(k) for k in args.sources}
-    ref = build_extractor("torchscript")(images[:8])[M.FEATURE_POOL]
+    ref = build_extractor("torchscript")(images[:8])[FE.FEATURE_POOL]
     # Relative to each row's norm: the quantity float32 rounding bounds (tests/tolerance.py conv_network_error).
-    diffs = {k: float(((e(images[:8])[M.FEATURE_POOL] - ref).norm(dim=1) / ref.norm(dim=1)).max())
+    diffs = {k: float(((e(images[:8])[FE.FEATURE_POOL] - ref).norm(dim=1) / ref.norm(dim=1)).max())
              for k, e in ex.items()}
     pairs = [(k, b) for k in ex for b in args.batch]
     for k, b in pairs:  # warm-up (first calls allocate and pick kernels)

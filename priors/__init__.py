@@ -10,7 +10,7 @@ from typing import Any
 
 from priors.absorbing import AbsorbingPrior
 from priors.ar import ARPrior
-from priors.base import NLL, Prior
+from priors.base import NLL, PRESET_SIZE_OPTIONS, Prior
 from priors.imagebart import ImageBARTPrior
 from priors.options import import_class
 
@@ -34,10 +34,13 @@ def build_prior(name: str, vocab_size: int, grid: tuple[int, int], T: int, budge
     """The prior `name` sized to `budget` parameters.
 
     cfg is the prior's Hydra config group (conf/prior/NAME.yaml) without `name`; a `name`
-    key equal to `name` is tolerated. Keys under `sample:` are sampling-only.
+    key equal to `name` is tolerated. Keys under `sample:` are sampling-only. Of PRESET_SIZE_OPTIONS, only
+    those the prior declares in `size_options` are passed on.
     """
     cls = prior_class(name, cfg)
-    cfg = {k: v for k, v in cfg.items() if k != CLASS_KEY}
+    # A preset's size options reach only the priors that have them (Prior.size_options).
+    cfg = {k: v for k, v in cfg.items()
+           if k != CLASS_KEY and (k not in PRESET_SIZE_OPTIONS or k in cls.size_options)}
     given = cfg.pop("name", name)
     if given != name:
         raise ValueError(f"prior={name} was given the config of prior {given}")

@@ -112,6 +112,10 @@ class AbsorbingPrior(Prior):
     label = "Absorbing (Unleashing)"  # how reports name it
     T_applies = "sampling"  # T only sets the number of sampling steps
     eval_only_options = ("sample", "nll_samples")  # nll_samples: Monte Carlo draws of the NLL bounds
+    extra_bounds = {"elbo_eq6": "Eq. 6 ELBO"}  # Unleashing's Eq. 6: what the paper reports and `elbo` trains
+    validation_keys = ("elbo_bits_per_token",)  # Eq. 6, not the reweighted training loss
+    size_options = ("n_layer", "n_head")
+    validation_note = "its Eq. 6 ELBO (not the reweighted training loss)"
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
                  dropout: float = 0.0, loss: str = "reweighted_elbo", nll_samples: int = 4,
@@ -276,12 +280,10 @@ class AbsorbingPrior(Prior):
 
         Estimator: the mean over `nll_samples` orders of the bracket, each a teacher-forced pass along the
         sampler's own trajectory (S = T network calls per order, the orders batched together). Every token is
-        scored exactly once per order, so how hard each token is cancels out of its variance. Measured on a
-        tiny trained model (V = 8, L = 16; variance of one draw per sequence): 0.0018 at T = 16 against 0.013
-        for S one-step draws (weighted by S, all masked tokens scored with weight g_s / r_s, steps uniform or
-        stratified) at the same 16 calls, and 0.056 for 4 such draws; at T = 2, 0.0029 against 0.023. The
-        one-step estimator saves calls at large T but needs ~8x more of them for the same variance, and Monte
-        Carlo noise is what remains in the harness's paired per-sequence differences.
+        scored exactly once per order, so how hard each token is cancels out of its variance; an estimator of
+        one-step draws (all masked tokens of a random step scored) saves calls at large T but needs several times
+        more of them for the same variance (docs/design-differences.md, "Absorbing NLL", has the measurement),
+        and Monte Carlo noise is what remains in the harness's paired per-sequence differences.
         """
         B, L = x.shape
         K = self.nll_samples

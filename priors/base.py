@@ -13,6 +13,7 @@ cluster can train them in parallel (ImageBART Sec. 3.3).
 from __future__ import annotations
 
 import abc
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping
@@ -41,6 +42,9 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 NLL_KINDS = ("exact", "elbo", "order_bound")  # what NLL.per_sequence is (see NLL)
+# Size options that experiment presets (conf/experiment/*.yaml) set under `prior:` whatever the prior; a prior
+# receives those it declares in Prior.size_options.
+PRESET_SIZE_OPTIONS = ("n_layer", "n_head")
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,17 @@ class NLL:
     per_sequence: torch.Tensor | None  # (B,) float64 on CPU: bits per token of each sequence: exact -log2 p(x)/L, or an unbiased Monte Carlo estimate of an upper bound; None when no bound is tractable
     kind: str | None                   # "exact" | "elbo" | "order_bound"; None when per_sequence is None
     reason: str | None = None          # one line: why per_sequence is None
-    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other per-sequence bounds (B,) by name, e.g. {"elbo_eq6": ...}
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other per-sequence bounds (B,), by the names Prior.extra_bounds declares
 
 
 class Prior(nn.Module, abc.ABC):
+    """Everything the harness needs from a prior is declared here; bench/ never tests a prior's name.
+
+    Construction: `from_budget` (the width that fits budget.params). Evaluation: `nll`, `sample`, `complete`,
+    `nfe`, `completion_nfe`, `sample_flops`. Reporting: `label`, `T_applies`, `extra_bounds`, `validation_keys`,
+    `validation_note`. Caching: `eval_only_options`, `arch_config`.
+    """
+
     name: ClassVar[str]
     label: ClassVar[str] = ""  # how reports name the prior (e.g. "AR (Taming)"); empty: its name
     # How T applies (the harness, cache keys and report read this; they never test a prior's name):
@@ -68,12 +79,31 @@ class Prior(nn.Module, abc.ABC):
     T_applies: ClassVar[str] = "none"
     # Options of conf/prior/NAME.yaml that only affect sampling or evaluation: left out of the train key.
     eval_only_options: ClassVar[tuple[str, ...]] = ("sample",)
+    # Per-sequence bounds that nll() returns besides its main value (NLL.extra), by name -> how reports title
+    # them; results.json carries each as bench.keys.bound_key(name) with its interval.
+    extra_bounds: ClassVar[Mapping[str, str]] = {}
+    # Keys of unit_loss's logs that hold a unit's validation value in bits per token, the first one present
+    # wins (checkpoint selection and the report's training table); empty: the loss itself, nats -> bits.
+    validation_keys: ClassVar[tuple[str, ...]] = ()
+    # One sentence for reports: what a unit's validation value is, and what the sum over the units means.
+    validation_note: ClassVar[str] = ""
+    # Which of PRESET_SIZE_OPTIONS this prior has. An experiment preset sets those for whatever prior runs;
+    # build_prior passes a prior only the ones it declares here.
+    size_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, vocab_size: int, grid: tuple[int, int]):
         super().__init__()
         self.vocab_size = int(vocab_size)  # V = K_eff
         self.grid = (int(grid[0]), int(grid[1]))
         self.seq_len = self.grid[0] * self.grid[1]  # L
+
+    # ---- construction ---------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None,
+                    **options: Any) -> "Prior":
+        """The prior sized to `budget` trainable parameters. options: conf/prior/NAME.yaml without `name`
+        (sampling settings under `sample`); an unknown option or a bad value raises a one-line ValueError."""
 
     # ---- training -------------------------------------------------------
     @abc.abstractmethod
@@ -111,6 +141,20 @@ class Prior(nn.Module, abc.ABC):
     @abc.abstractmethod
     def arch_config(self) -> dict[str, Any]:
         """Everything needed to rebuild this prior's modules; stored in every checkpoint."""
+
+    def sample_flops(self, use_cache: bool | None = None) -> int | None:
+        """Model FLOPs one image of sample() costs, counted from the architecture (priors/flops.py's convention);
+        None when the prior does not count them (the report then shows no % peak). use_cache: None = the path
+        sample() takes; False / True = the uncached / cached decoder path where a prior has both."""
+        return None
+
+    def validation_bits(self, loss: torch.Tensor, logs: Mapping[str, float]) -> float:
+        """A unit's validation value in bits per token from one unit_loss call: the first of validation_keys
+        in its logs, else the loss (nats per token) in bits."""
+        for key in self.validation_keys:
+            if key in logs:
+                return float(logs[key])
+        return float(loss) / math.log(2)
 
     def num_params(self) -> int:
         """Trainable transformer parameters, the quantity budget.params constrains."""

@@ -22,11 +22,14 @@ Sampling arithmetic (softmax over the vocabulary, multinomial, the likelihood re
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from priors.transformer import TransformerConfig
+
+if TYPE_CHECKING:  # priors.base imports nothing from here; the annotation only
+    from priors.base import Prior
 
 
 def matmul_weights_per_token(cfg: TransformerConfig) -> int:
@@ -81,12 +84,11 @@ def encoder_flops(cfg: TransformerConfig, L: int) -> int:
     return call_flops(cfg, L, L * L)
 
 
-def sample_flops_per_image(prior: Any, use_cache: bool | None = None) -> float | None:
-    """Model FLOPs one image of prior.sample() costs (its `sample_flops` method), or None when the prior
-    does not declare them. use_cache: None = the path sample() takes; False = the uncached path (AR,
-    ImageBART decoders), True = the cached one."""
-    method = getattr(prior, "sample_flops", None)
-    return None if method is None else float(method(use_cache=use_cache))
+def sample_flops_per_image(prior: Prior, use_cache: bool | None = None) -> float | None:
+    """Model FLOPs one image of prior.sample() costs (Prior.sample_flops), or None when the prior does not count
+    them. use_cache: None = the path sample() takes; False / True = the uncached / cached decoder path."""
+    flops = prior.sample_flops(use_cache=use_cache)
+    return None if flops is None else float(flops)
 
 
 # ---- the device's peak ---------------------------------------------------------------------------

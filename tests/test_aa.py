@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from scipy import stats as sps
 
-from bench import metrics as M
+from bench import features as FE
 from bench import pipeline as P
 from bench import stats as S
 from bench.evaluate import load_reference, sample_metrics
@@ -47,7 +47,7 @@ class Models:
         with torch.no_grad():
             x = prior.sample(int(self.cfg.num_samples), generator=g)
         images = decode_tokens(self.tokenizer, x, self.tokens.inverse, self.tokens.grid, batch_size=64)
-        values, _ = sample_metrics(self.ref_feats["pool"], self.ref_stats, M.images_to_features(images, self.extractor),
+        values, _ = sample_metrics(self.ref_feats["pool"], self.ref_stats, FE.images_to_features(images, self.extractor),
                                    self.cfg, seed)
         return values
 
@@ -59,7 +59,7 @@ def build_models(cache: Path, overrides: list[str]) -> Models:
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cfg = compose("config", overrides=[f"prior={name}", "T=2", "logger=none", f"paths.cache={cache}",
                                                *overrides])
-        job = P.Job(cfg, cache.parent / name, P.validate(cfg), empty_results(), M.load_feature_extractor(None))
+        job = P.Job(cfg, cache.parent / name, P.validate(cfg), empty_results(), FE.load_feature_extractor(None))
         data = P.data_stage(job)
         tokens = P.tokens_stage(job, data)
         ref = P.reference_stage(job, data)

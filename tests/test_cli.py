@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.results import INTERVAL_KEYS, SCHEMA
+from bench.keys import INTERVAL_KEYS, SCHEMA
 from tests.clitools import job_results, popen_cli, run_cli
 
 SMOKE = ["experiment=smoke", "logger=none"]

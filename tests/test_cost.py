@@ -52,8 +52,7 @@ def test_training_flops_equal_torchs_flop_counter(name, T):
 def test_inception_flops_are_the_published_size():
     """About 5.7 billion multiply-adds per 299 x 299 image (Szegedy et al. 2016 report about 5 billion for the
     network without its auxiliary head): 2 FLOPs each."""
-    from bench.metrics import load_feature_extractor
-
+    from bench.features import load_feature_extractor
     flops = C.inception_flops_per_image(load_feature_extractor())
     assert 2 * 5.0e9 <= flops <= 2 * 6.0e9
 

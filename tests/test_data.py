@@ -143,7 +143,7 @@ def test_user_train_val_lists(tmp_path):
 def test_a_job_lists_the_data_folder_once(tmp_path, monkeypatch):
     # Validation, the plan and the data stage all need the file list; listing FFHQ-sized folders is not free.
     import bench.data as D
-    import bench.metrics as M
+    from bench import features as FE
     import bench.pipeline as P
     from bench.results import empty_results
     from hydra import compose, initialize_config_dir
@@ -157,7 +157,7 @@ def test_a_job_lists_the_data_folder_once(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "data=folder", f"data.path={root}", "data.resolution=8",
                                            "logger=none", f"paths.cache={tmp_path / 'cache'}"])
-    job = P.Job(cfg, tmp_path / "job", P.validate(cfg), empty_results(), M.load_feature_extractor(None))
+    job = P.Job(cfg, tmp_path / "job", P.validate(cfg), empty_results(), FE.load_feature_extractor(None))
     [line] = [ln for ln in P.plan(job) if ln.startswith("plan: data")]
     data = P.data_stage(job)
     assert f"{len(data.train)} train / {len(data.val)} val images" in line and len(data.train) + len(data.val) == 12

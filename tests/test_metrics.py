@@ -22,14 +22,18 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from bench.errors import ConfigError
+from bench.features import (
+    FEATURE_LOGITS, FEATURE_POOL, NUM_LOGITS, POOL_DIM, TorchFidelityInception, TorchFidelityInceptionFromTorchScript,
+    TorchScriptFIDInception, check_images, fid_helper_weights_path, images_to_features, images_to_inception_input,
+    load_feature_extractor, torch_fidelity_cached_weights_path,
+)
+from bench.keys import (
+    COVERAGE as KEY_COVERAGE, DENSITY as KEY_DENSITY, FID as KEY_FID, IS_MEAN as KEY_IS_MEAN, IS_STD as KEY_IS_STD,
+    KID_MEAN as KEY_KID_MEAN, METRIC_KEYS, PRDC_PRECISION as KEY_PRECISION, RECALL as KEY_RECALL,
+)
 from bench.metrics import (
-    FEATURE_LOGITS, FEATURE_POOL, KEY_COVERAGE, KEY_DENSITY, KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN,
-    KEY_PRECISION, KEY_RECALL, METRIC_KEYS, NO_LOGITS_REASON, NUM_LOGITS, POOL_DIM,
-    TorchFidelityInception, TorchFidelityInceptionFromTorchScript, TorchScriptFIDInception, check_images,
-    compute_metrics, features_to_kid, features_to_kid_unbiased,
-    features_to_prdc, features_to_statistics, fid_helper_weights_path, images_to_features,
-    images_to_inception_input, load_feature_extractor, logits_to_isc, statistics_to_fid, subsample_rows,
-    torch_fidelity_cached_weights_path,
+    NO_LOGITS_REASON, compute_metrics, features_to_kid, features_to_kid_unbiased, features_to_prdc,
+    features_to_statistics, logits_to_isc, statistics_to_fid, subsample_rows,
 )
 from tests import tolerance as T
 

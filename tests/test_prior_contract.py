@@ -1,19 +1,24 @@
 """The interface every prior promises (priors/base.py), checked the same way for all three."""
 from __future__ import annotations
 
+import ast
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from priors import PRIORS, build_prior
-from priors.base import NLL, NLL_KINDS
+from priors.base import NLL, NLL_KINDS, PRESET_SIZE_OPTIONS, Prior
+from priors.flops import sample_flops_per_image
 from tests import tolerance as T
 from tests.priortools import count_network_calls
 
 V, GRID = 10, (4, 4)
 L = GRID[0] * GRID[1]
 NAMES = ["ar", "imagebart", "absorbing"]
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,3 +149,84 @@ def test_arch_config_rebuilds_the_same_modules(name):
     assert rebuilt.arch_config() == prior.arch_config()
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in prior.state_dict().items()}
     assert rebuilt.nfe() >= 1 and prior.num_params() == rebuilt.num_params()
+
+
+# ---- what the harness reads from a prior, declared on priors.base.Prior -------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extra_bounds_are_the_declared_ones(name):
+    prior = make(name)
+    r = prior.nll(batch(), generator=torch.Generator().manual_seed(0))
+    assert set(r.extra) == set(prior.extra_bounds)
+    assert all(isinstance(label, str) and label for label in prior.extra_bounds.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_unit_logs_its_declared_validation_value(name):
+    prior = make(name)
+    assert prior.validation_keys and prior.validation_note
+    for unit in prior.units():
+        loss, logs = prior.unit_loss(unit, batch(), generator=torch.Generator().manual_seed(1))
+        present = [k for k in prior.validation_keys if k in logs]
+        assert present, (unit, sorted(logs))
+        assert prior.validation_bits(loss, logs) == logs[present[0]]
+
+
+def test_validation_bits_is_the_first_declared_key_else_the_loss_in_bits():
+    from tests.toy_prior import ToyPrior
+
+    toy = ToyPrior(V, GRID)
+    loss = torch.tensor(2.0)
+    assert toy.validation_bits(loss, {}) == pytest.approx(2.0 / math.log(2), rel=1e-15)
+    assert toy.validation_bits(loss, {"bits_per_token": 1.25, "other": 9.0}) == 1.25
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_flops_are_declared_and_counted(name):
+    prior = make(name)
+    flops = prior.sample_flops()
+    assert isinstance(flops, int) and flops > 0
+    assert sample_flops_per_image(prior) == float(flops)
+
+
+def test_a_prior_that_counts_no_flops_reports_none():
+    from tests.toy_prior import ToyPrior
+
+    assert sample_flops_per_image(ToyPrior(V, GRID)) is None
+
+
+def test_construction_from_a_budget_is_part_of_the_interface():
+    assert "from_budget" in Prior.__abstractmethods__
+
+    class NoBudget(Prior):  # everything but from_budget
+        name = "nobudget"
+        units = unit_loss = nll = sample = complete = nfe = completion_nfe = arch_config = lambda self, *a: None
+
+    with pytest.raises(TypeError, match="from_budget"):
+        NoBudget(V, GRID)
+
+
+def test_preset_size_options_reach_only_the_priors_that_have_them():
+    from tests.toy_prior import ToyPrior
+
+    preset = {"n_layer": 3, "n_head": 2}  # what an experiment preset sets under prior: for every prior
+    toy = build_prior("toy", V, GRID, T=2, budget=1000, cfg={"class": "tests.toy_prior:ToyPrior", **preset})
+    assert isinstance(toy, ToyPrior) and not ToyPrior.size_options
+    for name in NAMES:
+        assert set(PRIORS[name].size_options) == set(PRESET_SIZE_OPTIONS)
+    assert build_prior("ar", V, GRID, T=2, budget=40000, cfg=preset).arch_config()["n_layer"] == 3
+
+
+def test_bench_prose_names_no_prior():
+    """String constants under bench/ (docstrings aside) never name a prior family: report prose comes from what
+    the priors declare."""
+    family = re.compile(r"ImageBART|[Aa]bsorbing|Unleashing|\bAR\b|Taming")
+    found = []
+    for path in sorted(BENCH.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        found += [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                  and isinstance(n.value, str) and id(n) not in docs and family.search(n.value)]
+    assert not found, found

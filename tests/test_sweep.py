@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.results import KEYS, load_results
+from bench.keys import KEYS
+from bench.results import load_results
 from tests import wandbtools as W
 
 from tests.clitools import ROOT, job_results, run_cli

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import features as FE
+
+from bench import keys as K
 from bench import metrics as M
 from bench.errors import ConfigError
 from tokenizers.vqgan_train import VGG16_FILE, lpips_available, provide_vgg16
@@ -68,15 +71,15 @@ def inception_bytes(tmp_path_factory) -> bytes:
 def test_a_served_inception_gives_is_a_value_and_is_fetched_once(hub, server, inception_bytes):
     folder, base = server
     name = publish(folder, "weights-inception-test", inception_bytes)
-    extractor = M.load_feature_extractor(f"{base}/{name}")
+    extractor = FE.load_feature_extractor(f"{base}/{name}")
     assert extractor.has_logits and (hub / name).is_file()
     assert sha256_prefix(name) and hashlib.sha256((hub / name).read_bytes()).hexdigest().startswith(sha256_prefix(name))
-    feats = M.images_to_features(emoji_images(4), extractor, batch_size=4)
+    feats = FE.images_to_features(emoji_images(4), extractor, batch_size=4)
     metrics, unavailable = M.compute_metrics(None, feats, isc_splits=2)
-    assert M.KEY_IS_MEAN not in unavailable and math.isfinite(metrics[M.KEY_IS_MEAN]) and metrics[M.KEY_IS_MEAN] >= 1
+    assert K.IS_MEAN not in unavailable and math.isfinite(metrics[K.IS_MEAN]) and metrics[K.IS_MEAN] >= 1
     # Reused, not fetched again: the server no longer has it.
     (folder / name).unlink()
-    assert M.load_feature_extractor(f"{base}/{name}").weights_path == hub / name
+    assert FE.load_feature_extractor(f"{base}/{name}").weights_path == hub / name
 
 
 def test_a_file_that_does_not_match_its_name_is_refused_and_not_kept(hub, server, inception_bytes):
@@ -85,17 +88,17 @@ def test_a_file_that_does_not_match_its_name_is_refused_and_not_kept(hub, server
     bad = good.replace(sha256_prefix(good), "00000000")
     (folder / bad).write_bytes(inception_bytes)
     with pytest.raises(ConfigError, match=r"^eval\.inception_weights=.*sha256 does not start with 00000000") as e:
-        M.load_feature_extractor(f"{base}/{bad}")
+        FE.load_feature_extractor(f"{base}/{bad}")
     assert "\n" not in str(e.value) and not (hub / bad).exists()
     (folder / "weights-inception.pth").write_bytes(inception_bytes)
     with pytest.raises(ConfigError, match=r"carries no sha256 prefix"):
-        M.load_feature_extractor(f"{base}/weights-inception.pth")
+        FE.load_feature_extractor(f"{base}/weights-inception.pth")
 
 
 def test_an_unreachable_download_is_one_line_naming_the_option(hub, server):
     _, base = server
     with pytest.raises(ConfigError, match=r"^eval\.inception_weights=.*could not download .*put the file at") as e:
-        M.load_feature_extractor(f"{base}/missing-12345678.pth")  # 404
+        FE.load_feature_extractor(f"{base}/missing-12345678.pth")  # 404
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"^tokenizer\.train\.vgg16_weights=http://127\.0\.0\.1:9/"):
         provide_vgg16("http://127.0.0.1:9/vgg16-397923af.pth")  # nothing listens on the discard port
@@ -112,7 +115,7 @@ def test_vgg16_must_be_torchvisions_file(hub, server, tmp_path):
 
 
 def test_without_weights_is_is_na_and_says_how_to_turn_it_on(hub):
-    extractor = M.load_feature_extractor()  # empty hub cache: the offline pool-only route
+    extractor = FE.load_feature_extractor()  # empty hub cache: the offline pool-only route
     assert not extractor.has_logits
     assert "eval.inception_weights=download" in M.NO_LOGITS_REASON
 

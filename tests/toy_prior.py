@@ -18,6 +18,8 @@ from priors.base import NLL, Prior
 class ToyPrior(Prior):
     name = "toy"
     T_applies = "none"
+    validation_keys = ("bits_per_token",)
+    validation_note = "its exact NLL on the validation batches"
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], temperature: float = 1.0):
         super().__init__(vocab_size, grid)
@@ -27,8 +29,8 @@ class ToyPrior(Prior):
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None,
-                    sample: Mapping[str, Any] | None = None, n_layer: int | None = None) -> "ToyPrior":
-        """n_layer is accepted because presets (experiment=smoke) set it for every prior; this one has none."""
+                    sample: Mapping[str, Any] | None = None) -> "ToyPrior":
+        """No size options (Prior.size_options is empty): the preset's n_layer never reaches it."""
         return cls(vocab_size, grid, **dict(sample or {}))
 
     def units(self) -> dict[str, nn.Module]:
