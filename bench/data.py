@@ -220,6 +220,45 @@ def resolve_files(cfg: Any) -> Files:
     return root, train, val
 
 
+def selection_files(cfg: Any, files: Files) -> list[str]:
+    """The train images held out for checkpoint selection (`data.selection_fraction` of the train split, at least
+    one): whole split groups, as for val, taken in the order of a hash seeded by `data.selection_seed` until they
+    hold that share. Every prior picks its best checkpoint on them; the reported NLL and the completion inputs are
+    on val, so the selection does not bias them. The tokenizer and the FID reference still use the whole train
+    split: only the priors do not train on these images."""
+    root, train, val = files
+    frac = float(cfg.get("selection_fraction", 0.1))
+    if not 0.0 < frac < 1.0:
+        raise ConfigError(f"data.selection_fraction={frac} must be in (0, 1)")
+    seed = cfg.get("selection_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"data.selection_seed={seed} must be a non-negative integer")
+    everything = sorted(train + val)  # the order resolve_files lists them in: emoji_groups is cached on it
+    group_of = dict(zip(everything, split_groups(str(cfg.kind), root, everything)))
+    members: dict[str, list[str]] = {}
+    for f in train:
+        members.setdefault(group_of[f], []).append(f)
+    order = sorted(members, key=lambda g: hashlib.sha1(f"{seed}/{g}".encode()).hexdigest())
+    want = max(1, round(frac * len(train)))
+    chosen: set[str] = set()
+    for g in order:
+        if len(chosen) >= want:
+            break
+        chosen.update(members[g])
+    if len(train) - len(chosen) < 2:
+        raise ConfigError(f"data.selection_fraction={frac} leaves {len(train) - len(chosen)} of {len(train)} train "
+                          "images to train the priors on; at least 2 are needed")
+    return [f for f in train if f in chosen]
+
+
+def selection_rows(train_files: list[str], skipped: list[str], selection: list[str]) -> list[int]:
+    """Rows of the data stage's train array (the train files less the unreadable ones it skipped) that are in the
+    selection split."""
+    bad, chosen = set(skipped), set(selection)
+    kept = [f for f in train_files if f not in bad]
+    return [i for i, f in enumerate(kept) if f in chosen]
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """An image of any mode Pillow reads from PNG, JPEG or WebP as 8-bit RGB: 16-bit grey scaled to 0-255,
     transparency (an alpha band, premultiplied or not, a palette's or tRNS transparent colour) composited on

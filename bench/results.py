@@ -62,6 +62,12 @@ SCHEMA: tuple[Key, ...] = (
     # training
     Key("params", "Params", source="train", digits=0, column=True, doc="trainable transformer parameters"),
     Key("train_steps", "train steps", source="train", digits=0),
+    Key("n_train_sequences", "N train sequences", source="train", digits=0,
+        doc="token sequences the prior trains on: the train split less the selection split (mirrors included)"),
+    Key("n_selection", "N selection", source="train", digits=0,
+        doc="train images held out to pick the best checkpoint (data.selection_fraction; never in reported numbers)"),
+    Key("selection_fraction", "selection fraction", source="train", doc="data.selection_fraction"),
+    Key("selection_seed", "selection seed", source="train", digits=0, doc="data.selection_seed"),
     Key("train_seconds", "train s", "s", 1, source="train", doc="training time summed over the prior's units"),
     Key("train_wall_seconds", "train wall s", "s", 1, source="train",
         doc="wall time of the training stage (units trained at once overlap: see unit_workers)"),
