@@ -255,7 +255,8 @@ def copies_text(points: list[Point]) -> list[str]:
 
 
 def training_table(df: pd.DataFrame) -> str:
-    """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
+    """One row per training run (distinct train_key): each unit's best selection-split value and step, their sum,
+    time."""
     lines = []
     ranks = prior_ranks(df)
     ok = df[(df["status"] == "ok") & df["train_key"].notna()].drop_duplicates(subset=["train_key"])
@@ -272,7 +273,8 @@ def training_table(df: pd.DataFrame) -> str:
                       f"| {label_of(r)} | {T} | {r.get('seed')} | {cells} | {total:.3f} | {' | '.join(minutes)} |"))
     if not lines:
         return ""
-    return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min (summed) | wall min |",
+    return "\n".join(["| Prior | T | seed | per model: best on selection split (step) | sum | train min (summed) "
+                      "| wall min |",
                       "|---|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
 
 
@@ -480,7 +482,15 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
                f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get('n_bootstrap'), 0)} "
                "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
                "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
-               "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
+               "over validation sequences. Several seeds: mean and t-interval over seeds.", "",
+               "NLL rule: every prior's NLL is the likelihood (AR, ImageBART T=2) or its upper bound (ImageBART's "
+               "ELBO, absorbing's bound on its T-step sampler) of the model at temperature 1 without top-k/top-p "
+               "truncation, whatever the sampling settings of the row; the samples, completions and their metrics use "
+               "the sampling settings. Data: each prior picks its best checkpoint on a selection split of "
+               f"{fmt_value(first.get('n_selection'), 0)} train images (whole split groups, like val; "
+               f"data.selection_seed={fmt_value(first.get('selection_seed'), 0)}) that it does not train on; the NLL "
+               "and the completion inputs are on the val split, which neither training nor checkpoint selection "
+               "sees.", ""]
         md += copies_text(points)
         md += resolution_text(points, ref, n_tests) + [""]
     extra = sorted({k: v for u in ok.get("unavailable", []) if isinstance(u, dict) for k, v in u.items()}.items())
@@ -512,9 +522,9 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
     training = training_table(df)
     if training:
         md += ["## Training", "",
-               "Best validation value per trained model (bits/token, at the step in brackets; the checkpoint the "
-               "evaluation uses). ImageBART's scale 2 is Eq. 8's cross-entropy and scales t > 2 the Eq. 7 KL terms, "
-               "so their sum is its ELBO on the validation batches; absorbing's is its Eq. 6 ELBO. Jobs that share "
+               "Best value on the selection split per trained model (bits/token, at the step in brackets; the checkpoint "
+               "the evaluation uses). ImageBART's scale 2 is Eq. 8's cross-entropy and scales t > 2 the Eq. 7 KL terms, "
+               "so their sum is its ELBO on the selection batches; absorbing's is its Eq. 6 ELBO. Jobs that share "
                "a training run are shown once.", "", training, ""]
 
     cost = cost_table(df)

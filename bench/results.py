@@ -72,8 +72,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("train_wall_seconds", "train wall s", "s", 1, source="train",
         doc="wall time of the training stage (units trained at once overlap: see unit_workers)"),
     # likelihood
-    Key("nll_bits_per_token", "NLL", "bits/token", 3, True, interval=True, column=True,
-        doc="exact, ELBO or sampler bound (nll_kind); interval and stderr over validation sequences"),
+    Key("nll_bits_per_token", "NLL at temp. 1", "bits/token", 3, True, interval=True, column=True,
+        doc="exact, ELBO or sampler bound (nll_kind) of the model at temperature 1 without top-k/top-p, whatever "
+            "the sampling settings; interval and stderr over validation sequences"),
     Key("nll_stderr", "NLL stderr", "bits/token", 4, doc="standard error over validation sequences (incl. Monte Carlo)"),
     Key("nll_kind", "NLL kind", doc="exact | elbo | order_bound"),
     Key("nll_sequences", "NLL sequences", digits=0, doc="validation sequences the NLL averages"),

@@ -1,5 +1,6 @@
 """The training loop shared by every prior: AdamW, warm-up + cosine, gradient
-clipping, EMA weights, validation NLL with the best checkpoint kept, and
+clipping, EMA weights, the NLL on held-out sequences with the best checkpoint
+kept (the pipeline passes the selection split of bench/data.py, never val), and
 resumable checkpoints (model, EMA, optimizer, scheduler, step, RNG and data
 position) written atomically.
 
@@ -97,8 +98,8 @@ def bits_per_token(loss: torch.Tensor, logs: dict[str, float]) -> float:
 @torch.no_grad()
 def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int, batches: int,
                     seed: int, device: torch.device, precision: str) -> float:
-    """The unit's validation NLL (or its ELBO term) in bits per token on fixed batches with a fixed noise seed, so
-    checks at different steps compare."""
+    """The unit's NLL (or its ELBO term) in bits per token on fixed batches of held-out sequences (the selection
+    split) with a fixed noise seed, so checks at different steps compare."""
     g = torch.Generator(device=device).manual_seed(seed)
     total, n = 0.0, 0
     with eval_mode(prior.units()[unit]):
