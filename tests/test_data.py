@@ -294,3 +294,48 @@ def test_training_sequences_leave_out_the_selection_rows_and_their_mirrors():
     assert fit.flatten().tolist() == [0, 2, 4, 6] and select.flatten().tolist() == [1, 3]
     fit, select = split_for_selection(SimpleNamespace(train=codes[:4]), data, train_files, ["a"])
     assert fit.flatten().tolist() == [1, 2, 3] and select.flatten().tolist() == [0]
+
+
+def test_the_train_stage_trains_without_the_selection_split_and_selects_on_it(tmp_path, monkeypatch):
+    # The real train stage up to the training loop, on stand-in tokens: what it passes as training and held-out
+    # sequences. Val must reach neither.
+    from types import SimpleNamespace
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import bench.metrics as M
+    import bench.pipeline as P
+    from bench.results import empty_results
+    from tests.clitools import ROOT
+
+    root = make_folder(tmp_path / "imgs", n=40)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "data=folder", f"data.path={root}", "logger=none",
+                                           "data.selection_fraction=0.25", f"paths.cache={tmp_path / 'cache'}"])
+    settings = P.validate(cfg)
+    _, train_files, val_files = settings.files
+    job = P.Job(cfg, tmp_path / "job", settings, empty_results(), M.load_feature_extractor(None))
+    L = settings.grid[0] * settings.grid[1]
+    # Row i of the stand-in tokens is constant i: train rows 0.., val rows from 1000.
+    tokens = SimpleNamespace(train=torch.arange(len(train_files)).unsqueeze(1).repeat(1, L),
+                             val=(1000 + torch.arange(len(val_files))).unsqueeze(1).repeat(1, L),
+                             vocab_size=settings.n_embed, grid=settings.grid, key="stand-in")
+    data = SimpleNamespace(train=np.zeros((len(train_files), 3, 8, 8), np.uint8), meta={"skipped": []})
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(prior, train, val, *args, **kwargs):
+        seen.update(train=train[:, 0].tolist(), val=val[:, 0].tolist())
+        raise Stop
+
+    monkeypatch.setattr(P, "train_units", capture)
+    with pytest.raises(Stop):
+        P.train_stage(job, tokens, data)
+    held = [train_files.index(f) for f in settings.selection]
+    assert seen["val"] == held and len(held) == round(0.25 * len(train_files))
+    assert sorted(seen["train"] + seen["val"]) == list(range(len(train_files)))  # every train row, once
+    assert job.results["n_selection"] == len(held) and job.results["selection_fraction"] == 0.25
+    assert job.results["n_train_sequences"] == len(train_files) - len(held)
