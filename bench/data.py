@@ -1,14 +1,17 @@
 """Image data: the embedded twemoji set or any image folder, as uint8 (N, 3, R, R) arrays.
 
-The split is a pure function of each file's split group (sha1 bucket), so it is
+The val split is a pure function of each file's split group (sha1 bucket), so it is
 the same on every run and machine and does not move when files are added. For
 `data=folder` the group is the relative path. For the emoji the group is the
-base sequence (`emoji_base`): a glyph and its skin-tone variants are near-
-duplicates (issue 10: with a split by file name 244 of 405 val images had one
-in train), so they must land on the same side. twemoji also draws some distinct
-sequences with one picture (all families, Santa and "man with Christmas tree",
-Norway/Svalbard/Bouvet flags, ...); `emoji_groups` merges the base sequences
-whose pictures coincide, so those stay on one side too.
+pictogram (`emoji_base`): a pictogram and its skin-tone, hair, gender and
+direction variants are near-duplicates, so they must land on the same side.
+twemoji also draws some distinct sequences with one picture (Santa and "man with
+Christmas tree", Norway/Svalbard/Bouvet flags, ...); `emoji_groups` merges the
+pictograms whose pictures coincide, so those stay on one side too.
+
+The selection split (`selection_files`) is carved out of train from whole groups:
+the priors pick their best checkpoint on it and do not train on it, so nothing
+the report scores on val has been seen by training or checkpoint selection.
 """
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ ZWJ_RESTYLES = frozenset((0x2640, 0x2642, 0x27A1))
 PERSON, CHILD, FAMILY = 0x1F9D1, 0x1F9D2, 0x1F46A
 # Gendered, aged or haired forms of one pictogram and its gender-neutral form: man, woman, blond and bearded person,
 # old man, old woman and older person are drawn as the person with a different hairstyle; boy and girl as the child;
-# prince and princess as the person with a crown; Santa and Mrs. Claus as Mx Claus; the single-codepoint couples,
-# kisses as their ZWJ sequences of persons. twemoji draws these as variants of one picture (at 16x16 a
-# man/person farmer pair sits closer than most distinct glyphs).
+# prince and princess as the person with a crown; Santa and Mrs. Claus as Mx Claus; the single-codepoint couples and
+# kisses as their ZWJ sequences of persons. twemoji draws these as variants of one picture (at 16x16 a man/person
+# farmer pair sits closer than most distinct glyphs).
 SAME_PICTOGRAM: dict[int, tuple[int, ...]] = {
     **{cp: (PERSON,) for cp in (0x1F468, 0x1F469, 0x1F471, 0x1F9D4, 0x1F474, 0x1F475, 0x1F9D3)},
     0x1F466: (CHILD,), 0x1F467: (CHILD,),
