@@ -1,14 +1,17 @@
 """Image data: the embedded twemoji set or any image folder, as uint8 (N, 3, R, R) arrays.
 
-The split is a pure function of each file's split group (sha1 bucket), so it is
+The val split is a pure function of each file's split group (sha1 bucket), so it is
 the same on every run and machine and does not move when files are added. For
 `data=folder` the group is the relative path. For the emoji the group is the
-base sequence (`emoji_base`): a glyph and its skin-tone variants are near-
-duplicates (issue 10: with a split by file name 244 of 405 val images had one
-in train), so they must land on the same side. twemoji also draws some distinct
-sequences with one picture (all families, Santa and "man with Christmas tree",
-Norway/Svalbard/Bouvet flags, ...); `emoji_groups` merges the base sequences
-whose pictures coincide, so those stay on one side too.
+pictogram (`emoji_base`): a pictogram and its skin-tone, hair, gender and
+direction variants are near-duplicates, so they must land on the same side.
+twemoji also draws some distinct sequences with one picture (Santa and "man with
+Christmas tree", Norway/Svalbard/Bouvet flags, ...); `emoji_groups` merges the
+pictograms whose pictures coincide, so those stay on one side too.
+
+The selection split (`selection_files`) is carved out of train from whole groups:
+the priors pick their best checkpoint on it and do not train on it, so nothing
+the report scores on val has been seen by training or checkpoint selection.
 """
 from __future__ import annotations
 
@@ -49,10 +52,32 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-# Codepoints that only restyle a glyph: the Fitzpatrick skin-tone modifiers and the text/emoji
-# variation selectors. Removing them from a sequence gives the glyph the variants are drawn from.
+# Codepoints that only restyle a pictogram: the Fitzpatrick skin-tone modifiers, the text/emoji variation
+# selectors and the hair components (red, curly, bald, white). Removing them gives the pictogram they restyle.
 SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))  # U+1F3FB..U+1F3FF
 VARIATION_SELECTORS = frozenset((0xFE0E, 0xFE0F))
+HAIR = frozenset(range(0x1F9B0, 0x1F9B4))  # U+1F9B0..U+1F9B3
+ZWJ = 0x200D
+# Joined by a ZWJ after a pictogram, these only restyle it: the female and male signs (woman/man running vs
+# person running) and the facing-right arrow (a mirrored drawing).
+ZWJ_RESTYLES = frozenset((0x2640, 0x2642, 0x27A1))
+PERSON, CHILD, FAMILY = 0x1F9D1, 0x1F9D2, 0x1F46A
+# Gendered, aged or haired forms of one pictogram and its gender-neutral form: man, woman, blond and bearded person,
+# old man, old woman and older person are drawn as the person with a different hairstyle; boy and girl as the child;
+# prince and princess as the person with a crown; Santa and Mrs. Claus as Mx Claus; the single-codepoint couples and
+# kisses as their ZWJ sequences of persons. twemoji draws these as variants of one picture (at 16x16 a man/person
+# farmer pair sits closer than most distinct glyphs).
+SAME_PICTOGRAM: dict[int, tuple[int, ...]] = {
+    **{cp: (PERSON,) for cp in (0x1F468, 0x1F469, 0x1F471, 0x1F9D4, 0x1F474, 0x1F475, 0x1F9D3)},
+    0x1F466: (CHILD,), 0x1F467: (CHILD,),
+    0x1F934: (0x1FAC5,), 0x1F478: (0x1FAC5,),
+    0x1F385: (PERSON, ZWJ, 0x1F384), 0x1F936: (PERSON, ZWJ, 0x1F384),
+    **{cp: (PERSON, ZWJ, 0x1F91D, ZWJ, PERSON) for cp in (0x1F46B, 0x1F46C, 0x1F46D)},  # holding hands
+    0x1F48F: (PERSON, ZWJ, 0x2764, ZWJ, 0x1F48B, ZWJ, PERSON),  # kiss
+    0x1F491: (PERSON, ZWJ, 0x2764, ZWJ, PERSON),  # couple with heart
+    # The 24 clock faces differ only in the position of two thin hands.
+    **{cp: (0x1F550,) for cp in range(0x1F550, 0x1F568)},
+}
 
 
 def is_val(group: str, val_fraction: float) -> bool:
@@ -62,18 +87,37 @@ def is_val(group: str, val_fraction: float) -> bool:
 
 
 def emoji_base(rel_path: str) -> str:
-    """Base sequence of a twemoji file: `1f44d-1f3fd.png` -> `1f44d`, `2764-fe0f-200d-1f525.png` -> `2764-200d-1f525`.
+    """The pictogram a twemoji file draws: `1f44d-1f3fd.png` -> `1f44d`, `1f468-1f3fb-200d-1f33e.png` (man farmer,
+    light skin) -> `1f9d1-200d-1f33e` (person farmer), `1f3c3-200d-2640-fe0f-200d-27a1-fe0f.png` -> `1f3c3`.
 
-    twemoji names each file by its codepoints in hex joined by '-'. Skin tones and variation selectors are
-    dropped; ZWJ (U+200D) and everything else stay, so a couple with two skin tones and the same couple
-    without tones share a base. A name that is not such a sequence is its own group."""
+    twemoji names each file by its codepoints in hex joined by '-'. Skin tones, hair components and variation
+    selectors are dropped, and so are the gender signs and the facing-right arrow joined by a ZWJ; gendered forms
+    map to their gender-neutral pictogram (SAME_PICTOGRAM). Everything else stays, so a couple with two skin tones
+    and the same couple without tones share a base. A name that is not such a sequence, or that is only
+    restyling codepoints, is its own group."""
     stem = rel_path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     try:
         cps = [int(part, 16) for part in stem.split("-")]
     except ValueError:
         return rel_path
-    kept = [cp for cp in cps if cp not in SKIN_TONES and cp not in VARIATION_SELECTORS]
-    return "-".join(f"{cp:x}" for cp in kept) if kept else rel_path
+    kept: list[int] = []
+    for i, cp in enumerate(cps):
+        if cp in SKIN_TONES or cp in VARIATION_SELECTORS or cp in HAIR:
+            continue
+        if cp in ZWJ_RESTYLES and i > 0 and cps[i - 1] == ZWJ:
+            continue
+        kept.extend(SAME_PICTOGRAM.get(cp, (cp,)))
+    joined: list[int] = []  # ZWJs left dangling by the removals dropped
+    for cp in kept:
+        if cp == ZWJ and (not joined or joined[-1] == ZWJ):
+            continue
+        joined.append(cp)
+    while joined and joined[-1] == ZWJ:
+        joined.pop()
+    people = [cp for cp in joined if cp != ZWJ]
+    if CHILD in people and len(people) > 1 and set(people) <= {PERSON, CHILD}:
+        return f"{FAMILY:x}"  # the families of one or two adults and one or two children: one picture redrawn
+    return "-".join(f"{cp:x}" for cp in joined) if joined else rel_path
 
 
 # Two emoji pictures are "the same" when their RMS distance on [0, 1] at 16x16 is below this. Measured on
@@ -177,6 +221,45 @@ def resolve_files(cfg: Any) -> Files:
     if not train or not val:
         raise ConfigError(f"data: the split of {root} left {len(train)} train and {len(val)} val images")
     return root, train, val
+
+
+def selection_files(cfg: Any, files: Files) -> list[str]:
+    """The train images held out for checkpoint selection (`data.selection_fraction` of the train split, at least
+    one): whole split groups, as for val, taken in the order of a hash seeded by `data.selection_seed` until they
+    hold that share. Every prior picks its best checkpoint on them; the reported NLL and the completion inputs are
+    on val, so the selection does not bias them. The tokenizer and the FID reference still use the whole train
+    split: only the priors do not train on these images."""
+    root, train, val = files
+    frac = float(cfg.selection_fraction)
+    if not 0.0 < frac < 1.0:
+        raise ConfigError(f"data.selection_fraction={frac} must be in (0, 1)")
+    seed = cfg.selection_seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"data.selection_seed={seed} must be a non-negative integer")
+    everything = sorted(train + val)  # the order resolve_files lists them in: emoji_groups is cached on it
+    group_of = dict(zip(everything, split_groups(str(cfg.kind), root, everything)))
+    members: dict[str, list[str]] = {}
+    for f in train:
+        members.setdefault(group_of[f], []).append(f)
+    order = sorted(members, key=lambda g: hashlib.sha1(f"{seed}/{g}".encode()).hexdigest())
+    want = max(1, round(frac * len(train)))
+    chosen: set[str] = set()
+    for g in order:
+        if len(chosen) >= want:
+            break
+        chosen.update(members[g])
+    if len(train) - len(chosen) < 2:
+        raise ConfigError(f"data.selection_fraction={frac} leaves {len(train) - len(chosen)} of {len(train)} train "
+                          "images to train the priors on; at least 2 are needed")
+    return [f for f in train if f in chosen]
+
+
+def selection_rows(train_files: list[str], skipped: list[str], selection: list[str]) -> list[int]:
+    """Rows of the data stage's train array (the train files less the unreadable ones it skipped) that are in the
+    selection split."""
+    bad, chosen = set(skipped), set(selection)
+    kept = [f for f in train_files if f not in bad]
+    return [i for i, f in enumerate(kept) if f in chosen]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -79,13 +79,20 @@ UNIT_WORKERS = Key("unit_workers", "unit workers", source="job", digits=0,
 # training
 PARAMS = Key("params", "Params", source="train", digits=0, column=True, doc="trainable transformer parameters")
 TRAIN_STEPS = Key("train_steps", "train steps", source="train", digits=0)
+N_TRAIN_SEQUENCES = Key("n_train_sequences", "N train sequences", source="train", digits=0,
+    doc="token sequences the prior trains on: the train split less the selection split (mirrors included)")
+N_SELECTION = Key("n_selection", "N selection", source="train", digits=0,
+    doc="train images held out to pick the best checkpoint (data.selection_fraction; never in reported numbers)")
+SELECTION_FRACTION = Key("selection_fraction", "selection fraction", source="train", doc="data.selection_fraction")
+SELECTION_SEED = Key("selection_seed", "selection seed", source="train", digits=0, doc="data.selection_seed")
 TRAIN_SECONDS = Key("train_seconds", "train s", "s", 1, source="train", doc="training time summed over the prior's units")
 TRAIN_WALL_SECONDS = Key("train_wall_seconds", "train wall s", "s", 1, source="train",
     doc="wall time of the training stage (units trained at once overlap: see unit_workers)")
 
 # likelihood
-NLL_BITS_PER_TOKEN = Key("nll_bits_per_token", "NLL", "bits/token", 3, True, interval=True, column=True,
-    doc="exact, ELBO or sampler bound (nll_kind); interval and stderr over validation sequences")
+NLL_BITS_PER_TOKEN = Key("nll_bits_per_token", "NLL at temp. 1", "bits/token", 3, True, interval=True, column=True,
+    doc="exact, ELBO or sampler bound (nll_kind) of the model at temperature 1 without top-k/top-p, whatever "
+        "the sampling settings; interval and stderr over validation sequences")
 NLL_STDERR = Key("nll_stderr", "NLL stderr", "bits/token", 4, doc="standard error over validation sequences (incl. Monte Carlo)")
 NLL_KIND = Key("nll_kind", "NLL kind", doc="exact | elbo | order_bound")
 NLL_SEQUENCES = Key("nll_sequences", "NLL sequences", digits=0, doc="validation sequences the NLL averages")

@@ -96,6 +96,8 @@ class DataOptions:
     kind: str = "emoji"  # emoji | folder
     resolution: int = 32  # images are resized to resolution x resolution
     val_fraction: float = 0.1  # share held out by the hash split
+    selection_fraction: float = 0.1  # share of the train split held out for checkpoint selection
+    selection_seed: int = 0  # which train groups the selection split takes
     limit: int | None = None  # at most this many images; null: all
     path: str | None = None  # data=folder: the image folder
     train_list: str | None = None  # text files of paths relative to data.path
@@ -104,6 +106,8 @@ class DataOptions:
     def __post_init__(self) -> None:
         at_least("data.resolution", self.resolution, 1)
         finite_in("data.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        finite_in("data.selection_fraction", self.selection_fraction, 0, 1, low_open=True, high_open=True)
+        at_least("data.selection_seed", self.selection_seed, 0)
         if self.limit is not None:
             at_least("data.limit", self.limit, 1)  # the split's own check asks for two train and two val images
 

@@ -40,7 +40,7 @@ from bench import keys as K
 from bench import memory
 from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_stage, check_folder, content_key,
                          read_meta)
-from bench.data import Files, ImageData, data_key, load_data, resolve_files
+from bench.data import Files, ImageData, data_key, load_data, resolve_files, selection_files, selection_rows
 from bench.errors import ConfigError, Preempted
 from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evaluate_prior, load_reference,
                             read_baselines, reference_key)
@@ -127,6 +127,7 @@ class Settings:
     eval: EvalConfig  # the evaluation protocol, checked
     peak: memory.Peak | None = None  # the least memory of each phase (bench/memory.py)
     memory_problem: str | None = None  # why the job cannot fit this machine (stage=plan reports it, others stop)
+    selection: list[str] = field(default_factory=list)  # train files held out for checkpoint selection
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -142,6 +143,7 @@ def validate(cfg: DictConfig) -> Settings:
     check_folder(Path(str(cfg.paths.cache)), "paths.cache", cfg.paths.cache)
     tokenizer, tokens_options = validate_tokenizer(cfg)
     files = resolve_files(cfg.data)
+    selection = selection_files(cfg.data, files)
     # The effective codebook is at most the codebook: checking the budget at that size catches a budget too small.
     prior = build_prior_checked(cfg, tokenizer.codebook_size, tokenizer.grid, device="meta")
     params = prior.num_params()
@@ -152,7 +154,7 @@ def validate(cfg: DictConfig) -> Settings:
     if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
     return Settings(device, precision, threads, type(prior), tokenizer, tokens_options, params, units, workers, files,
-                    train, eval_cfg, peak, problem)
+                    train, eval_cfg, peak, problem, selection)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -163,13 +165,15 @@ def _precision_part(precision: str) -> list[str]:
     return ["bf16"] if precision == "bf16" else []
 
 
-def train_key(cfg: DictConfig, prior_cls: type[Prior], tokens_key: str, precision: str = "fp32") -> str:
+def train_key(cfg: DictConfig, prior_cls: type[Prior], tokens_key: str, precision: str = "fp32",
+              selection: list[str] | tuple[str, ...] = ()) -> str:
+    """`selection`: the train files held out for checkpoint selection (they are not trained on)."""
     name, options = prior_settings(cfg)
     for opt in prior_cls.eval_only_options:  # sampling/evaluation-only settings never retrain
         options.pop(opt, None)
     T = int(cfg.T) if prior_cls.T_applies == "training" else None
-    return content_key("train-v1", tokens_key, name, options, T, int(cfg.budget.params),
-                       container(cfg.train), int(cfg.seed), *_precision_part(precision))
+    return content_key("train-v2", tokens_key, name, options, T, int(cfg.budget.params),
+                       container(cfg.train), int(cfg.seed), list(selection), *_precision_part(precision))
 
 
 def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, precision: str = "fp32") -> str:
@@ -230,7 +234,7 @@ def stage_keys(job: Job) -> dict[str, str]:
     dkey, _, _, _ = data_key(cfg.data, s.files)
     tkey = tokens_key(s.tokenizer.content_key(dkey), s.tokens_options)
     rkey = reference_key(dkey, job.extractor.weights_sha256, s.eval)
-    trkey = train_key(cfg, s.prior_cls, tkey, s.precision)
+    trkey = train_key(cfg, s.prior_cls, tkey, s.precision, s.selection)
     return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, s.eval),
             "train": trkey, "eval": eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)}
 
@@ -246,7 +250,8 @@ def plan(job: Job) -> list[str]:
     e = s.eval
     n_ref = e.num_reference or len(train_files)
     rows = [
-        ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"),
+        ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images ({len(s.selection)} of the "
+                               "train images held out for checkpoint selection)"),
         ("tokens", "tokens", tkey, f"tokenizer ({s.tokenizer.name}) and tokens of {len(train_files) + len(val_files)} images"
          + (f" (+ {len(train_files)} train images mirrored)" if s.tokens_options.hflip_train else "")),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
@@ -368,12 +373,31 @@ def load_trained(prior: Prior, train_dir: Path) -> None:
         module.load_state_dict(ckpt["state_dict"])
 
 
-def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
+def split_for_selection(tokens: TokenSet, data: ImageData, train_files: list[str], selection: list[str]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the priors' training sequences, the selection sequences): the selection split's rows of the train tokens,
+    and their left-right mirrors (tokenizer.hflip_train) kept out of training too."""
+    n = len(data.train)
+    rows = torch.tensor(selection_rows(train_files, data.meta.get("skipped", []), selection), dtype=torch.long)
+    if len(rows) == 0 or len(rows) == n:
+        raise ConfigError(f"data.selection_fraction: {len(rows)} of the {n} readable train images are in the "
+                          "selection split; both it and the rest need at least one")
+    held = torch.zeros(n, dtype=torch.bool)
+    held[rows] = True
+    fit = ~held.repeat(len(tokens.train) // n)  # train tokens: the n images, then their mirrors if any
+    return tokens.train[fit], tokens.train[rows]
+
+
+def train_stage(job: Job, tokens: TokenSet, data: ImageData) -> tuple[Prior, str]:
     t0 = time.time()
     cfg, s = job.cfg, job.settings
     torch.manual_seed(int(cfg.seed))  # the initial weights: the same seed gives the same run
     prior = build_prior_checked(cfg, tokens.vocab_size, tokens.grid).to(job.device)
-    key = train_key(cfg, s.prior_cls, tokens.key, s.precision)
+    key = train_key(cfg, s.prior_cls, tokens.key, s.precision, s.selection)
+    fit, select = split_for_selection(tokens, data, s.files[1], s.selection)
+    job.results.update({K.N_TRAIN_SEQUENCES: len(fit), K.N_SELECTION: len(select),
+                        K.SELECTION_FRACTION: float(cfg.data.selection_fraction),
+                        K.SELECTION_SEED: int(cfg.data.selection_seed)})
     work = job.cache / "train" / f"{key}.work"
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -389,7 +413,7 @@ def train_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
                      r["best_step"])
 
         t1 = time.time()
-        train_units(prior, tokens.train, tokens.val, s.train, int(cfg.seed), work, job.device, s.precision,
+        train_units(prior, fit, select, s.train, int(cfg.seed), work, job.device, s.precision,
                     workers=s.unit_workers, threads=s.threads, log_fn=job.logger.log, on_done=save)
         units = {u: units[u] for u in prior.units()}  # the prior's order, whichever finished first
         return {K.PRIOR: prior.name, K.PARAMS: prior.num_params(), "units": units,
@@ -512,7 +536,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         if cfg.stage == "tokens":
             log.info("stage=tokens: stopping after the shared tokens, reference features and baselines")
             return finish(job, t_job)
-        prior, tkey = train_stage(job, tokens)
+        prior, tkey = train_stage(job, tokens, data)
         if cfg.stage == "train":
             log.info("stage=train: stopping after training")
             return finish(job, t_job)

@@ -267,7 +267,8 @@ def copies_text(points: list[Point]) -> list[str]:
 
 
 def training_table(df: pd.DataFrame) -> str:
-    """One row per training run (distinct train_key): each unit's best validation value and step, their sum, time."""
+    """One row per training run (distinct train_key): each unit's best selection-split value and step, their sum,
+    time."""
     lines = []
     ranks = prior_ranks(df)
     ok = df[(df[K.STATUS] == "ok") & df[K.TRAIN_KEY].notna()].drop_duplicates(subset=[K.TRAIN_KEY])
@@ -284,7 +285,8 @@ def training_table(df: pd.DataFrame) -> str:
                       f"| {label_of(r)} | {T} | {r.get(K.SEED)} | {cells} | {total:.3f} | {' | '.join(minutes)} |"))
     if not lines:
         return ""
-    return "\n".join(["| Prior | T | seed | per model: best val (step) | sum | train min (summed) | wall min |",
+    return "\n".join(["| Prior | T | seed | per model: best on selection split (step) | sum | train min (summed) "
+                      "| wall min |",
                       "|---|---|---|---|---|---|---|", *[ln for _, ln in sorted(lines)]])
 
 
@@ -544,7 +546,13 @@ def main_section(sw: Sweep) -> list[str]:
            f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get(K.N_BOOTSTRAP), 0)} "
            "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
            "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
-           "over validation sequences. Several seeds: mean and t-interval over seeds.", ""]
+           "over validation sequences. Several seeds: mean and t-interval over seeds.", "",
+           "NLL rule: every prior's NLL is its exact likelihood or the upper bound it declares (NLL kind) of the model "
+           "at temperature 1 without top-k/top-p truncation, whatever the sampling settings of the row; the samples, "
+           "completions and their metrics use the sampling settings. Data: each prior picks its best checkpoint on a "
+           f"selection split of {fmt_value(first.get(K.N_SELECTION), 0)} train images (whole split groups, like val; "
+           f"data.selection_seed={fmt_value(first.get(K.SELECTION_SEED), 0)}) that it does not train on; the NLL and "
+           "the completion inputs are on the val split, which neither training nor checkpoint selection sees.", ""]
     md += bounds_text(sw)
     md += copies_text(sw.points)
     return md + resolution_text(sw.points, sw.ref, sw.n_tests) + [""]
@@ -600,8 +608,8 @@ def training_section(sw: Sweep) -> list[str]:
              if isinstance(r.get(K.VALIDATION_NOTE), str) and r.get(K.VALIDATION_NOTE)}
     said = "".join(f" {label}: {note}." for label, note in notes.items())
     return ["## Training", "",
-            "Best validation value per trained model (bits/token, at the step in brackets; the checkpoint the "
-            f"evaluation uses).{said} Jobs that share a training run are shown once.", "", training, ""]
+            "Best value on the selection split per trained model (bits/token, at the step in brackets; the "
+            f"checkpoint the evaluation uses).{said} Jobs that share a training run are shown once.", "", training, ""]
 
 
 def cost_section(sw: Sweep) -> list[str]:

@@ -4,7 +4,7 @@
 resumable checkpoints written atomically (the task's state, the step and the RNG), resume from them, preemption
 signals turned into a checkpoint and a clean exit, the progress bar and the logger records. Its tasks: a prior's
 unit here (`UnitTraining`: AdamW, warm-up + cosine, gradient clipping, EMA weights, validation NLL with the best
-checkpoint kept) and the VQGAN tokenizer (tokenizers.vqgan_train.VQGANTraining).
+checkpoint kept; the pipeline passes the selection split of bench/data.py, never val) and the VQGAN tokenizer (tokenizers.vqgan_train.VQGANTraining).
 
 A prior is trained unit by unit (`Prior.units()`): AR and absorbing have one,
 ImageBART one per scale. Each unit gets `train.steps` steps of `train.batch_size`
@@ -95,8 +95,8 @@ def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: flo
 @torch.no_grad()
 def validation_bits(prior: Prior, unit: str, val: torch.Tensor, batch_size: int, batches: int,
                     seed: int, device: torch.device, precision: str) -> float:
-    """The unit's validation NLL (or its ELBO term) in bits per token on fixed batches with a fixed noise seed, so
-    checks at different steps compare."""
+    """The unit's NLL (or its ELBO term) in bits per token on fixed batches of held-out sequences (the selection
+    split) with a fixed noise seed, so checks at different steps compare."""
     g = torch.Generator(device=device).manual_seed(seed)
     total, n = 0.0, 0
     with eval_mode(prior.units()[unit]):

@@ -42,7 +42,8 @@ step). Group sizes are as even as possible. Two samplers:
   this sampler is not the generative model whose ELBO `nll` reports.
 
 Likelihood (`nll`). The number reported is a bound on -log p of the T-step
-sampler that is evaluated (kind "order_bound", `order_bound`): the random sampler
+sampler that is evaluated, at temperature 1 like every prior's NLL (kind
+"order_bound", `order_bound`): the random sampler
 is a mixture over unmasking orders, and Jensen over the orders bounds it; T = 1
 is exact, T = L is the any-order autoregressive bound. The Eq. 6 ELBO goes beside
 it (extra["elbo_eq6"]). Eq. 6 (N = L, discrete time) is the exact ELBO of the
@@ -235,7 +236,8 @@ class AbsorbingPrior(Prior):
     # ---- likelihood ----------------------------------------------------------
     @torch.no_grad()
     def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NLL:
-        """Per sequence, bits per token: a bound on -log p(x) of the T-step sampler that `sample` runs.
+        """Per sequence, bits per token: a bound on -log p(x) of the T-step sampler that `sample` runs, with the
+        network's softmax at temperature 1 (prior.sample.temperature changes the samples, never the NLL).
 
         random sampler: kind "order_bound", an unbiased estimate of the Jensen bound over its unmasking
         orders (order_bound). confidence sampler: None with the reason (its order depends on the model's own
@@ -273,7 +275,8 @@ class AbsorbingPrior(Prior):
 
         The sampler (`_denoise`) reveals a uniformly random order of the L positions in groups G_1..G_S of the
         sizes of `step_sizes` and draws every x_i, i in G_s, independently from p(x_i | x_{revealed}) (the
-        network's softmax at the sampling temperature). So p_T(x) = E_order prod_s prod_{i in G_s} p(x_i | ...),
+        network's softmax at temperature 1: the harness's NLL rule, the same for every prior, is the model's
+        likelihood or bound at temperature 1 whatever prior.sample.temperature is). So p_T(x) = E_order prod_s prod_{i in G_s} p(x_i | ...),
         and by Jensen
             -log p_T(x) <= B_T(x) = E_order [ sum_s sum_{i in G_s} -log p(x_i | x_{G_1 u ... u G_{s-1}}) ].
         T = 1 is exact (one factorised step); T = L is the any-order autoregressive bound.
@@ -294,7 +297,7 @@ class AbsorbingPrior(Prior):
         for _, g in self.step_sizes(L):
             masked = rank >= done  # (K B, L)
             reveal = masked & (rank < done + g)  # (K B, L): G_s, the next g positions of each order
-            logits = self.model(xs.masked_fill(masked, self.mask_id)).float() / self.temperature  # (K B, L, V)
+            logits = self.model(xs.masked_fill(masked, self.mask_id)).float()  # (K B, L, V), temperature 1
             ce = F.cross_entropy(logits.transpose(1, 2), xs, reduction="none").double()  # (K B, L) nats
             total += (ce * reveal).sum(1)
             done += g

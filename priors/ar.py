@@ -33,7 +33,7 @@ class ARPrior(Prior):
     label = "AR (Taming)"  # how reports name it
     validation_keys = ("bits_per_token",)
     size_options = ("n_layer", "n_head")
-    validation_note = "its exact NLL on the validation batches"
+    validation_note = "its exact NLL on the selection batches"
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
                  dropout: float = 0.0, temperature: float = 1.0, top_k: int | None = None,

@@ -333,7 +333,7 @@ class ImageBARTPrior(Prior):
     validation_keys = ("ce_bits_per_token", "kl_bits_per_token")  # scale 2: Eq. 8; scales t > 2: Eq. 7
     size_options = ("n_layer", "n_head")
     validation_note = ("scale 2's is Eq. 8's cross-entropy and scales t > 2 the Eq. 7 KL terms, so their sum is its "
-                       "ELBO on the validation batches")
+                       "ELBO on the selection batches")
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], T: int, n_layer: int = 4, n_head: int = 4,
                  d_model: int | Sequence[int] = 64, enc_frac: float = 0.5, n_enc_layer: int | None = None,

@@ -63,7 +63,7 @@ def build_models(cache: Path, overrides: list[str]) -> Models:
         data = P.data_stage(job)
         tokens = P.tokens_stage(job, data)
         ref = P.reference_stage(job, data)
-        trained[name], _ = P.train_stage(job, tokens)
+        trained[name], _ = P.train_stage(job, tokens, data)
     torch.manual_seed(123)
     untrained = P.build_prior_checked(job.cfg, tokens.vocab_size, tokens.grid)
     tokenizer = load_tokenizer(job.cache / "tokenizer" / tokens.tokenizer_key, tokens.tokenizer)
