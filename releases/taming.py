@@ -6,11 +6,7 @@ weights: it prepends the code id `sos_token` to every sequence (taming's SOSProv
 [sos, z_0 .. z_{L-2}] and the output at i predicts z_i, the AR prior's factorisation with the start id inside the
 codebook (ARPrior(start_id=sos)).
 
-minGPT and priors/transformer.py compute the same function: pre-LayerNorm blocks, exact GELU, a 4x MLP, scaled
-dot-product attention, learned positions, a bias-free head. Only the layout differs: separate query/key/value
-projections (the project's qkv stacks them in that order), `ln1`/`ln2` (ln_attn/ln_mlp), `mlp.0`/`mlp.2`
-(mlp.fc/mlp.proj), positions as one (1, block_size, D) parameter (an Embedding of the first L rows), and a causal
-mask buffer (the project masks without one).
+Its minGPT maps onto priors/transformer.py as releases/mingpt.py describes.
 """
 from __future__ import annotations
 
@@ -24,22 +20,13 @@ import torch
 from bench.vqgan import (VQModel, check_keys, config_from_taming_model, read_lightning_state_dict, read_yaml,
                          taming_vqgan_from_state_dict, vqgan_keys)
 from priors.ar import ARPrior
+from releases.mingpt import GPTShape, gpt_keys, project_state_dict
 
 TARGET = "taming.models.cond_transformer.Net2NetTransformer"
 GPT_TARGET = "taming.modules.transformer.mingpt.GPT"
 IDENTITY_PERMUTER = "taming.modules.transformer.permuter.Identity"
 # scripts/sample_fast.py's defaults, with which the repository's README reports its unconditional FIDs
 PAPER_SAMPLING = {"temperature": 1.0, "top_k": 250, "top_p": 1.0}
-
-
-@dataclass(frozen=True)
-class GPTShape:
-    """minGPT's transformer_config.params."""
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
 
 
 @dataclass(frozen=True)
@@ -50,39 +37,6 @@ class TamingRelease:
     source: str  # the checkpoint's file name
     sha256: str  # the checkpoint's sha256, hex
     paper_sampling: dict[str, Any]
-
-
-def gpt_keys(shape: GPTShape) -> dict[str, tuple[int, ...]]:
-    """Every key and shape of minGPT's state dict under `transformer.`, in its module order."""
-    V, B, D = shape.vocab_size, shape.block_size, shape.n_embd
-    keys: dict[str, tuple[int, ...]] = {"transformer.pos_emb": (1, B, D), "transformer.tok_emb.weight": (V, D)}
-    for i in range(shape.n_layer):
-        p = f"transformer.blocks.{i}."
-        keys.update({p + "ln1.weight": (D,), p + "ln1.bias": (D,), p + "ln2.weight": (D,), p + "ln2.bias": (D,),
-                     p + "attn.mask": (1, 1, B, B)})
-        for name in ("key", "query", "value", "proj"):
-            keys.update({f"{p}attn.{name}.weight": (D, D), f"{p}attn.{name}.bias": (D,)})
-        keys.update({p + "mlp.0.weight": (4 * D, D), p + "mlp.0.bias": (4 * D,),
-                     p + "mlp.2.weight": (D, 4 * D), p + "mlp.2.bias": (D,)})
-    keys.update({"transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,), "transformer.head.weight": (V, D)})
-    return keys
-
-
-def project_state_dict(sd: dict[str, torch.Tensor], shape: GPTShape, seq_len: int) -> dict[str, torch.Tensor]:
-    """minGPT's `transformer.*` weights under priors/transformer.py's names (the `model.` of ARPrior)."""
-    out = {"tok_emb.weight": sd["transformer.tok_emb.weight"],
-           "pos_emb.weight": sd["transformer.pos_emb"][0, :seq_len],
-           "ln_f.weight": sd["transformer.ln_f.weight"], "ln_f.bias": sd["transformer.ln_f.bias"],
-           "head.weight": sd["transformer.head.weight"]}
-    renames = {"ln1": "ln_attn", "ln2": "ln_mlp", "attn.proj": "attn.proj", "mlp.0": "mlp.fc", "mlp.2": "mlp.proj"}
-    for i in range(shape.n_layer):
-        src, dst = f"transformer.blocks.{i}.", f"blocks.{i}."
-        for old, new in renames.items():
-            for kind in ("weight", "bias"):
-                out[f"{dst}{new}.{kind}"] = sd[f"{src}{old}.{kind}"]
-        for kind in ("weight", "bias"):  # the project's qkv projects to (q, k, v) stacked in that order
-            out[f"{dst}attn.qkv.{kind}"] = torch.cat([sd[f"{src}attn.{n}.{kind}"] for n in ("query", "key", "value")])
-    return out
 
 
 def read_config(config_path: str, option: str) -> tuple[Any, GPTShape, int]:
@@ -138,14 +92,14 @@ def load(ckpt_path: str, config_path: str, option: str = "prior.release") -> Tam
     sd = read_lightning_state_dict(ckpt_path, ckpt)
     mismatch = f"{ckpt}={ckpt_path} does not match {where}"
     sd = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.loss.")}  # LPIPS, discriminator
-    expected = {f"first_stage_model.{k}": s for k, s in vqgan_keys(vq).items()} | gpt_keys(shape)
+    expected = {f"first_stage_model.{k}": s for k, s in vqgan_keys(vq).items()} | gpt_keys(shape, "transformer.")
     check_keys(sd, expected, mismatch)
     first = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     rest = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}
     tokenizer = taming_vqgan_from_state_dict(first, vq, mismatch)
     prior = ARPrior(shape.vocab_size, grid, n_layer=shape.n_layer, n_head=shape.n_head, d_model=shape.n_embd,
                     start_id=sos)
-    prior.model.load_state_dict(project_state_dict(rest, shape, side * side))
+    prior.model.load_state_dict(project_state_dict(rest, shape, side * side, "transformer."))
     return TamingRelease(prior.eval(), tokenizer, Path(ckpt_path).name, sha256_of(ckpt_path), dict(PAPER_SAMPLING))
 
 

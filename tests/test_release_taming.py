@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from releases import taming
+from releases.mingpt import gpt_keys
 from tests.tolerance import conv_network_error, log_softmax_error, rows_close, transformer_error
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases" / "taming"
@@ -104,7 +105,7 @@ def test_release_sized_keys_equal_the_official_modules(tmp_path):
     from bench.vqgan import vqgan_keys
 
     expected = {f"first_stage_model.{k}": list(s) for k, s in vqgan_keys(vq).items()}
-    expected |= {k: list(s) for k, s in taming.gpt_keys(shape).items()}
+    expected |= {k: list(s) for k, s in gpt_keys(shape, "transformer.").items()}
     assert expected == listed["keys"]
     assert shape.n_layer == 24 and shape.block_size == 256 and vq.n_embed == 1024
 
