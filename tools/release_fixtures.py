@@ -8,16 +8,23 @@ release-sized configuration, built by the official modules on the meta device, s
 checked against what a released file holds.
 
     python tools/release_fixtures.py taming --checkout PATH/taming-transformers --out tests/fixtures/releases/taming
+    python tools/release_fixtures.py imagebart --checkout PATH/imagebart --taming PATH/taming-transformers \
+        --out tests/fixtures/releases/imagebart
 
 Running it needs the official code's own dependencies beside this project's (for taming-transformers:
 pytorch-lightning 1.x with torchmetrics, tensorboardX, and transformers < 4.40 for an import in its minGPT;
 install them with `pip install --target DIR` and put DIR on PYTHONPATH after the checkout). The official code was
 written for torch 1.7: `torch._six`, which torch 2 removed, is recreated with the one name it imports.
+ImageBART's models import `main.instantiate_from_config`; its own main.py pulls in data-augmentation packages the
+models never use, so the taming-transformers checkout (ImageBART's first stage, which it needs anyway) goes first
+on the path and its main.py, with the same function, is the one imported.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
 import types
 import warnings
@@ -148,13 +155,157 @@ def commit_of(checkout: Path) -> str:
     return head.read_text().strip() if head.is_file() else "unknown (not a git checkout)"
 
 
+# ---- ImageBART ---------------------------------------------------------------------------------------------------
+# Two tiny released-format chains over a 4 x 4 grid of 16 codes, together covering every structural feature of the
+# released ones: "geometric" (FFHQ 4 scales' layout: encoder-decoder scales with residual-scaled logits, the
+# geometric schedule, a decoder-only last scale) and "custom" (LSUN's layout: a plain encoder-decoder scale whose
+# encoder has more positions than it reads, a schedule read from the repository's metric table, a last scale with
+# input_vocab_size). Attention heads of a fixed size (12) other than dim / heads, as in the releases (64 at 752).
+IB_V, IB_SIDE = 16, 4
+IB_L = IB_SIDE * IB_SIDE
+IB_VQGAN = {
+    "target": "imagebart.models.vqgan.VQGANWrapper",
+    "params": {"sane_index_shape": True, "embed_dim": 4, "n_embed": IB_V,
+               "ddconfig": {"double_z": False, "z_channels": 4, "resolution": IB_SIDE, "in_channels": 3,
+                            "out_ch": 3, "ch": 32, "ch_mult": [1], "num_res_blocks": 0, "attn_resolutions": [],
+                            "dropout": 0.0},
+               "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}},
+}
+
+
+def ib_xtransformer(n_scales: int, residual: bool, enc_len: int) -> dict:
+    params = {"wrap_decoder": False, "dim": 16, "enc_num_tokens": IB_V, "enc_depth": 2, "enc_heads": 2,
+              "enc_attn_dim_head": 12, "enc_max_seq_len": enc_len, "dec_num_tokens": IB_V, "dec_depth": 1,
+              "dec_heads": 2, "dec_attn_dim_head": 12, "tie_token_emb": False, "dec_max_seq_len": IB_L}
+    if residual:
+        return {"target": "imagebart.modules.xtransformers.x_transformer.ResidualScaledXTransformer",
+                "params": {"scale_pos": 0, "n_scales": n_scales, "xt_start": 1, "xt_size": IB_L, **params}}
+    return {"target": "imagebart.modules.xtransformers.x_transformer.XTransformer", "params": params}
+
+
+def ib_gpt(input_vocab: bool) -> dict:
+    params = {"vocab_size": IB_V, "block_size": IB_L, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    if input_vocab:
+        params["input_vocab_size"] = IB_V
+    return {"target": "imagebart.modules.transformer.mingpt.GPT", "params": params}
+
+
+def ib_scale(s: int, n_scales: int, redraw_prob: str, transformer: dict, first_stage: dict) -> dict:
+    last = s == n_scales
+    return {"model": {
+        "base_learning_rate": 0.0625,
+        "target": "imagebart.models.diffusion." + ("DecoderOnlyDenoiser" if last else "DenoisingXTransformer"),
+        "params": {"first_stage_key": "image", "monitor": "val/loss", "n_scales": n_scales, "single_scale": s,
+                   "top_k": IB_V, "alpha": 0.0 if s == 1 else 1.0, "redraw_prob": redraw_prob, "use_ema": True,
+                   "transformer_config": transformer, "first_stage_config": first_stage}}}
+
+
+TINY_IMAGEBART = {
+    "geometric": [ib_scale(1, 3, "geometric", ib_xtransformer(3, True, IB_L + 1), IB_VQGAN),
+                  ib_scale(2, 3, "geometric", ib_xtransformer(3, True, IB_L + 1), IB_VQGAN),
+                  ib_scale(3, 3, "geometric", ib_gpt(False), IB_VQGAN)],
+    "custom": [ib_scale(1, 2, "bernoulli_PSIM", ib_xtransformer(2, False, IB_L + 2), IB_VQGAN),
+               ib_scale(2, 2, "bernoulli_PSIM", ib_gpt(True), IB_VQGAN)],
+}
+# The release-sized chains whose key lists are checked: the repository's own configs (first stages without their
+# checkpoint path, which the key list does not need).
+RELEASE_IMAGEBART = {"ffhq_4_scales_geometric": [f"configs/ffhq/4_scales/ffhq-geometric-scale{s}.yaml"
+                                                 for s in range(1, 5)],
+                     "churches_3_scales": [f"configs/lsun-churches/lsun-churches-scale{s}.yaml" for s in range(1, 4)]}
+
+
+def import_imagebart(checkout: Path, taming: Path) -> types.ModuleType:
+    main = import_taming(taming)  # its main.py: instantiate_from_config without ImageBART's data imports
+    sys.path.insert(1, str(checkout))
+    import imagebart.models.diffusion  # noqa: F401  (fails here, not inside instantiate, when a dependency is missing)
+
+    return main
+
+
+def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Every parameter and EMA copy random (LayerNorm gains near 1): a loader that drops, swaps or mixes up any
+    tensor, or reads the live weights where the release samples with the EMA ones, gives other outputs."""
+    with torch.no_grad():
+        tensors = list(model.transformer.named_parameters())
+        if getattr(model, "transformer_ema", None) is not None:
+            tensors += [(n, b) for n, b in model.transformer_ema.named_buffers() if b.is_floating_point()
+                        and n != "decay"]
+        for name, p in tensors:
+            gain = name.endswith("weight") and p.dim() == 1  # LayerNorms (every Linear weight is 2-D)
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(noise * (0.3 if p.dim() > 1 else 0.1) + (1.0 if gain else 0.0))
+
+
+def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
+    import os
+
+    from omegaconf import OmegaConf
+
+    main = import_imagebart(checkout, taming)
+    os.chdir(checkout)  # schedules such as bernoulli_PSIM read data/<set>_schedule_vs_metric.p from here
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(SEED)
+    outputs: dict = {"checkout_commit": commit_of(checkout)}
+    for chain, configs in TINY_IMAGEBART.items():
+        folder = out / chain
+        folder.mkdir(exist_ok=True)
+        x_prev = torch.randint(0, IB_V, (3, IB_L), generator=g)
+        x_t = torch.randint(0, IB_V, (3, IB_L), generator=g)
+        outputs[chain] = {"x_prev": x_prev, "x_t": x_t}
+        for s, config in enumerate(configs, start=1):
+            torch.manual_seed(SEED + s)
+            model = main.instantiate_from_config(OmegaConf.create(config).model).eval()
+            randomise(model, g)
+            sd = model.state_dict()
+            if s > 1 or chain != "geometric":  # the loader reads no first stage; one copy shows it is skipped
+                sd = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}
+            torch.save(lightning_checkpoint(sd), folder / f"scale{s}.ckpt")
+            OmegaConf.save(OmegaConf.create(config), folder / f"scale{s}.yaml")
+            scale = torch.full((3, 1), s, dtype=torch.long)
+            with torch.no_grad(), model.ema_scope():  # the released sampler's weights
+                if s == len(configs):
+                    logits, _ = model(x_prev, scale)  # [s, x_0 .. x_{L-2}] -> p(x_{s-1})
+                else:
+                    logits, _ = model(x_prev, x_t, scale)  # encoder [s, x_s], decoder [sos, x_{s-1}]
+            outputs[chain][f"scale{s}_logits"] = logits
+            outputs[chain]["betas"] = model.temperature_range.clone()  # beta_s of scales s = 0..n_scales
+        sampling = {"checkpoints": [f"scale{s}.ckpt" for s in range(1, len(configs) + 1)],
+                    "configs": [f"scale{s}.yaml" for s in range(1, len(configs) + 1)]}
+        (folder / "sampling.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(sampling)))
+        if chain == "custom":  # the metric table its schedule is read from (the repository's data/ folder)
+            (folder / "data").mkdir(exist_ok=True)
+            shutil.copy(checkout / "data" / "in_schedule_vs_metric.p", folder / "data")
+    torch.save(outputs, out / "outputs.pt")
+    release: dict = {}
+    for name, paths in RELEASE_IMAGEBART.items():
+        release[name] = []
+        for path in paths:
+            config = OmegaConf.load(path)
+            config.model.params.first_stage_config.params.pop("ckpt_path", None)
+            with torch.device("meta"):
+                model = main.instantiate_from_config(config.model)
+            model.set_noise_schedule()  # again off the meta device, for the schedule's values
+            keys = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("first_stage_model.")}
+            release[name].append({"config": OmegaConf.to_container(config), "keys": keys,
+                                  "betas": model.temperature_range.tolist()})
+    with gzip.open(out / "release_keys.json.gz", "wt") as f:  # ~400 kB of repetitive names as plain text
+        f.write(json.dumps(release) + "\n")
+    print(f"wrote {out}/geometric, custom, outputs.pt, release_keys.json.gz")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", choices=["taming"])
+    parser.add_argument("family", choices=["taming", "imagebart"])
     parser.add_argument("--checkout", type=Path, required=True, help="the official repository's checkout")
+    parser.add_argument("--taming", type=Path, help="imagebart: a taming-transformers checkout (its first stage)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the fixture files")
     args = parser.parse_args()
-    taming_fixtures(args.checkout.resolve(), args.out)
+    if args.family == "imagebart":
+        if args.taming is None:
+            parser.error("imagebart needs --taming PATH/taming-transformers")
+        imagebart_fixtures(args.checkout.resolve(), args.taming.resolve(), args.out.resolve())
+    else:
+        taming_fixtures(args.checkout.resolve(), args.out)
 
 
 if __name__ == "__main__":
