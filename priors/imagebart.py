@@ -452,7 +452,10 @@ class ImageBARTPrior(Prior):
         return cls(**asdict(replace(arch, d_model=d_models)), sample=sample)
 
     def arch_config(self) -> dict[str, Any]:
-        return asdict(self.arch)
+        arch = asdict(self.arch)
+        if arch["scale_options"] is None:  # chains trained here: the same dict as before the option existed, so
+            del arch["scale_options"]  # their checkpoints' stored arch still matches
+        return arch
 
     # ---- training -----------------------------------------------------------------------------
     def units(self) -> dict[str, nn.Module]:
