@@ -15,21 +15,24 @@ start inside the codebook), enc_prefix (the scale number read in front of x_t), 
 attention has no q/k/v biases: the project's are loaded as zeros, which computes the same function. The release
 samples with its EMA weights (`use_ema`, the `transformer_ema.*` copies): those are the ones loaded.
 
-Only the prior is loaded: each release's VQGAN (a taming VQModel with a `remap` to the codes its data uses, and for
-LSUN `tanh_out`) is not mapped yet, and its `first_stage_model.*` keys are skipped.
+The first stage is a taming VQModel (`VQGANWrapper` adds a method, no weights) shrunk to the codes its data uses
+by a `remap` list (data/vqgan_indices/*.npy, relative to the repository): the prior's ids are positions in that
+list. Its weights are scale 1's `first_stage_model.*` (the official sampler builds the first stage from scale 1
+alone), or, when that checkpoint carries none, the VQGAN checkpoint of the config's `ckpt_path` (vqgan.zip).
 """
 from __future__ import annotations
 
 import hashlib
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.vqgan import check_keys, read_lightning_state_dict, read_yaml
+from bench.vqgan import (TAMING_TARGETS, VQGANConfig, VQModel, check_keys, config_from_taming_model,
+                         read_lightning_state_dict, read_yaml, taming_vqgan_from_state_dict)
 from priors.imagebart import ImageBARTPrior
 from releases.mingpt import GPTShape, gpt_keys, project_state_dict
 
@@ -38,6 +41,7 @@ ENC_DEC, DEC_ONLY = DIFFUSION + "DenoisingXTransformer", DIFFUSION + "DecoderOnl
 XT = "imagebart.modules.xtransformers.x_transformer."
 PLAIN_XT, RESIDUAL_XT = XT + "XTransformer", XT + "ResidualScaledXTransformer"
 GPT_TARGET = "imagebart.modules.transformer.mingpt.GPT"
+VQGAN_TARGET = "imagebart.models.vqgan.VQGANWrapper"  # taming's VQModel plus encode_to_prequant: the same weights
 DEFAULT_DIM_HEAD = 64  # x-transformers' head size when a config sets no attn_dim_head
 # XTransformer params a released unconditional scale may set; any other (rotary or relative positions, memory
 # tokens, a channel-wise conditioning wrapper, ...) is an architecture the loader does not map.
@@ -75,8 +79,9 @@ class ScaleSpec:
 
 @dataclass(frozen=True)
 class ImageBARTRelease:
-    """A loaded chain: the prior, and where it came from."""
+    """A loaded chain: the prior, its first stage, and where they came from."""
     prior: ImageBARTPrior
+    tokenizer: VQModel | None  # None when neither scale 1 nor a VQGAN checkpoint carries first-stage weights
     sources: list[str]  # the checkpoints' file names, scale 1 first
     sha256: list[str]
     paper_sampling: dict[str, Any]
@@ -336,6 +341,48 @@ def xt_state_dict(w: dict[str, torch.Tensor], spec: ScaleSpec, L: int) -> dict[s
     return out
 
 
+# ---- the first stage -----------------------------------------------------------------------------------------------
+def first_stage_config(config_path: str, root: str | None, option: str) -> tuple[VQGANConfig, str | None]:
+    """(VQGANConfig, ckpt_path) of a scale config's first_stage_config; remap and ckpt_path resolved against root
+    (the repository's folder, where the releases' relative paths start)."""
+    where = f"{option}={config_path} (first_stage_config)"
+    node = read_yaml(config_path, option).model.params.get("first_stage_config")
+    target = None if node is None else node.get("target")
+    if target not in (VQGAN_TARGET, *TAMING_TARGETS):
+        raise ValueError(f"{where}: target={target} is not {VQGAN_TARGET}")
+    node = node.copy()
+    node.target = TAMING_TARGETS[0]
+    cfg = config_from_taming_model(node, where)
+    base = Path(root) if root is not None else Path(config_path).parent
+    if cfg.remap is not None:
+        remap = cfg.remap if Path(cfg.remap).is_absolute() else str(base / cfg.remap)
+        if not Path(remap).is_file():
+            raise FileNotFoundError(f"{where}: remap={cfg.remap}: {remap} not found (the repository's "
+                                    "data/vqgan_indices/; give its folder as root)")
+        cfg = replace(cfg, remap=remap)
+    ckpt = node.params.get("ckpt_path")
+    return cfg, None if ckpt is None else (ckpt if Path(ckpt).is_absolute() else str(base / ckpt))
+
+
+def load_first_stage(sd: dict[str, torch.Tensor], cfg: VQGANConfig, vqgan_ckpt: str | None, vocab_size: int,
+                     where: str) -> VQModel | None:
+    """The first stage from scale 1's state dict sd, else from vqgan_ckpt; None when neither has one."""
+    first = {k[len("first_stage_model."):]: v for k, v in sd.items()
+             if k.startswith("first_stage_model.") and not k.startswith("first_stage_model.loss.")}
+    if first:
+        tokenizer = taming_vqgan_from_state_dict(first, cfg, f"{where} (first_stage_model)")
+    elif vqgan_ckpt is not None and Path(vqgan_ckpt).is_file():
+        vq = read_lightning_state_dict(vqgan_ckpt, f"{where}: first stage {vqgan_ckpt}")
+        vq = {k: v for k, v in vq.items() if not k.startswith("loss.")}  # LPIPS, discriminator
+        tokenizer = taming_vqgan_from_state_dict(vq, cfg, f"first stage {vqgan_ckpt}")
+    else:
+        return None
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{where}: the first stage has {tokenizer.vocab_size} codes (after remap), the scales "
+                         f"{vocab_size}")
+    return tokenizer
+
+
 # ---- the chain ------------------------------------------------------------------------------------------------------
 def read_chain(config_paths: list[str], option: str, data_dir: str | None = None
                ) -> tuple[list[ScaleSpec], list[float]]:
@@ -383,22 +430,31 @@ def prior_from_specs(specs: list[ScaleSpec], betas: list[float]) -> ImageBARTPri
                           scale_options=options, sample=dict(PAPER_SAMPLING))
 
 
-def load(ckpt_paths: list[str], config_paths: list[str], data_dir: str | None = None,
-         option: str = "prior.release") -> ImageBARTRelease:
-    """The chain of per-scale checkpoints/configs (scale 1 first) as an ImageBARTPrior in eval mode on the CPU.
-    data_dir: the repository's data/ folder, for schedules read from its metric tables."""
+def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None, data_dir: str | None = None,
+         vqgan_ckpt: str | None = None, option: str = "prior.release") -> ImageBARTRelease:
+    """The chain of per-scale checkpoints/configs (scale 1 first) as an ImageBARTPrior in eval mode on the CPU,
+    with its first stage. root: the repository's folder, against which the configs' relative paths (remap lists,
+    the VQGAN's ckpt_path) resolve (default: scale 1's config's folder); data_dir: its data/ folder, for schedules
+    read from its metric tables (default root/data); vqgan_ckpt: the first stage's checkpoint when scale 1 holds
+    none (default: the config's ckpt_path)."""
     if len(ckpt_paths) != len(config_paths):
         raise ValueError(f"{option}: {len(ckpt_paths)} checkpoints for {len(config_paths)} configs (one per scale)")
+    if data_dir is None and root is not None:
+        data_dir = str(Path(root) / "data")
     specs, betas = read_chain(config_paths, option, data_dir)
+    vq_cfg, vq_ckpt = first_stage_config(config_paths[0], root, f"{option}.configs[0]")
     prior = prior_from_specs(specs, betas)
     L = specs[0].grid[0] * specs[0].grid[1]
+    tokenizer = None
     for i, (spec, path) in enumerate(zip(specs, ckpt_paths)):
         ckpt = f"{option}.checkpoints[{i}]"
         if not Path(path).is_file():
             raise FileNotFoundError(f"{ckpt}={path}: file not found")
-        sd = read_lightning_state_dict(path, ckpt)
-        sd = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}  # the VQGAN: not mapped here
+        full = read_lightning_state_dict(path, ckpt)
+        sd = {k: v for k, v in full.items() if not k.startswith("first_stage_model.")}  # scales > 1: unused copies
         check_keys(sd, scale_keys(spec), f"{ckpt}={path} does not match {option}.configs[{i}]={config_paths[i]}")
+        if i == 0:
+            tokenizer = load_first_stage(full, vq_cfg, vqgan_ckpt or vq_ckpt, spec.vocab_size, f"{ckpt}={path}")
         w = _weights(sd, spec)
         if spec.gpt is not None:
             weights = {"decoder." + k: v for k, v in project_state_dict(w, spec.gpt, L, "").items()}
@@ -406,21 +462,21 @@ def load(ckpt_paths: list[str], config_paths: list[str], data_dir: str | None = 
             weights = xt_state_dict(w, spec, L)
         prior.scales[f"scale{spec.s + 1}"].load_state_dict(weights)
     sha = [sha256_of(p) for p in ckpt_paths]
-    return ImageBARTRelease(prior.eval(), [Path(p).name for p in ckpt_paths], sha, dict(PAPER_SAMPLING),
-                            [s.top_k for s in specs])
+    return ImageBARTRelease(prior.eval(), tokenizer, [Path(p).name for p in ckpt_paths], sha,
+                            dict(PAPER_SAMPLING), [s.top_k for s in specs])
 
 
 def load_sampling_config(path: str, root: str | None = None, data_dir: str | None = None,
                          option: str = "prior.release") -> ImageBARTRelease:
     """A configs/sampling/*.yaml (checkpoints: [...], configs: [...]), its paths relative to root (default: the
-    folder of path); data_dir defaults to root/data."""
+    folder of path), as load()."""
     node = read_yaml(path, f"{option}.sampling")
     base = Path(root) if root is not None else Path(path).parent
     ckpts, configs = node.get("checkpoints"), node.get("configs")
     if not ckpts or not configs:
         raise ValueError(f"{option}.sampling={path}: expected lists `checkpoints` and `configs` (one per scale)")
-    data = data_dir if data_dir is not None else str(base / "data")
-    return load([str(base / c) for c in ckpts], [str(base / c) for c in configs], data, option)
+    return load([str(base / c) for c in ckpts], [str(base / c) for c in configs], str(base), data_dir,
+                option=option)
 
 
 def sha256_of(path: str) -> str:

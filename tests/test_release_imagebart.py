@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from releases import imagebart as ib
-from tests.tolerance import EPS32, log_softmax_error, transformer_error
+from tests.tolerance import EPS32, conv_network_error, log_softmax_error, rows_close, transformer_error
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases" / "imagebart"
 CHAINS = {"geometric": 3, "custom": 2}  # chain -> n_scales
@@ -107,6 +107,34 @@ def test_a_released_chain_samples_and_completes_through_the_project_code(release
     assert releases["geometric"].top_k == [16, 16, 16] and releases["geometric"].paper_sampling["top_k"] is None
 
 
+def test_first_stage_encodes_and_decodes_as_the_official_vqgan(releases, official):
+    """Scale 1's first stage with its remap: ids are positions in the effective-code list, as the prior's."""
+    vq, o = releases["geometric"].tokenizer, official["geometric"]
+    assert vq is not None and vq.vocab_size == 16 and releases["custom"].tokenizer is None  # custom: no weights
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(o["images"]))  # (B, C, h, w)
+        ours = vq.encode_to_indices(o["images"]).flatten()
+        decoded = vq.decode_indices(o["x_prev"].reshape(-1, 4, 4))
+    assert rows_close(z.flatten(1), o["prequant"].flatten(1), conv_network_error(vq.encoder))
+    # The nearest of the 24 codes is decided by squared distances; encoder rounding moves them by at most
+    # 2 |z| max|e| times its relative bound. Outside that band the full code is fixed on every kernel; it is then
+    # the official id when it is in the remap list, and a random one of the 16 (officially too) when it is not.
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    e = vq.quantize.embedding.weight.double()
+    dist = torch.cdist(rows, e) ** 2  # (B*h*w, 24)
+    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * conv_network_error(vq.encoder)
+    ranked = dist.sort(dim=1)
+    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
+    in_list = torch.isin(ranked.indices[:, 0], vq.quantize.used)
+    known = decided & in_list
+    assert known.float().mean() > 0.4  # the check has teeth: many positions are decided and in the list
+    theirs = o["encoded"].flatten()
+    assert torch.equal(ours[known], theirs[known])
+    assert torch.equal(vq.quantize.used[ours[known]], ranked.indices[known, 0])  # positions in the list
+    assert 0 <= int(ours.min()) and int(ours.max()) < 16
+    assert rows_close(decoded.flatten(1), o["decoded"].flatten(1), conv_network_error(vq.decoder))
+
+
 # ---- release-sized configurations ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def release_keys() -> dict:
@@ -150,7 +178,7 @@ def chain_files(chain: str = "geometric") -> tuple[list[str], list[str]]:
 
 def one_line_error(ckpts: list[str], configs: list[str], data_dir: str | None = None) -> str:
     with pytest.raises((ValueError, FileNotFoundError)) as e:
-        ib.load(ckpts, configs, data_dir)
+        ib.load(ckpts, configs, data_dir=data_dir)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -219,7 +247,7 @@ def test_a_metric_schedule_needs_its_table(tmp_path):
     message = one_line_error(ckpts, configs, str(tmp_path))
     assert "in_schedule_vs_metric.p is not there" in message
     shutil.copy(FIXTURES / "custom" / "data" / "in_schedule_vs_metric.p", tmp_path)
-    assert ib.load(ckpts, configs, str(tmp_path)).prior.T == 3
+    assert ib.load(ckpts, configs, data_dir=str(tmp_path)).prior.T == 3
     # a table with anything but numbers inside is refused without running it
     (tmp_path / "in_schedule_vs_metric.p").write_bytes(
         b"cos\nsystem\n(S'true'\ntR.")  # protocol-0 pickle calling os.system
@@ -243,3 +271,16 @@ def test_bad_scale_options_are_one_line_errors():
         with pytest.raises(ValueError) as e:
             ImageBARTPrior(32, (2, 2), T=3, n_layer=2, n_head=2, d_model=16, scale_options=options)
         assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_first_stage_errors_are_one_line(tmp_path):
+    ckpts, configs = chain_files()
+    for c in configs:  # the configs without the repository folder their remap list is relative to
+        shutil.copy(c, tmp_path)
+    message = one_line_error(ckpts, [str(tmp_path / Path(c).name) for c in configs])
+    assert "remap=data/vqgan_indices/tiny_indices.npy" in message and "not found" in message
+    # a VQGAN checkpoint of another configuration for a chain whose scale 1 holds no first stage
+    ckpts, configs = chain_files("custom")
+    with pytest.raises(ValueError) as e:
+        ib.load(ckpts, configs, data_dir=str(FIXTURES / "custom" / "data"), vqgan_ckpt=str(TAMING / "last.ckpt"))
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"first stage {TAMING / 'last.ckpt'}")

@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import shutil
 import sys
 import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SEED = 20261204
@@ -171,6 +173,12 @@ IB_VQGAN = {
                             "dropout": 0.0},
                "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}},
 }
+# The geometric chain's first stage is shrunk to its effective codebook like the releases': 24 codes, of which the
+# 16 in the remap list are the prior's vocabulary (the path is relative to the chain's folder, as the releases'
+# are relative to the repository).
+IB_REMAP = "data/vqgan_indices/tiny_indices.npy"
+IB_VQGAN_REMAP = {"target": IB_VQGAN["target"],
+                  "params": {**IB_VQGAN["params"], "n_embed": 24, "remap": IB_REMAP}}
 
 
 def ib_xtransformer(n_scales: int, residual: bool, enc_len: int) -> dict:
@@ -201,9 +209,9 @@ def ib_scale(s: int, n_scales: int, redraw_prob: str, transformer: dict, first_s
 
 
 TINY_IMAGEBART = {
-    "geometric": [ib_scale(1, 3, "geometric", ib_xtransformer(3, True, IB_L + 1), IB_VQGAN),
-                  ib_scale(2, 3, "geometric", ib_xtransformer(3, True, IB_L + 1), IB_VQGAN),
-                  ib_scale(3, 3, "geometric", ib_gpt(False), IB_VQGAN)],
+    "geometric": [ib_scale(1, 3, "geometric", ib_xtransformer(3, True, IB_L + 1), IB_VQGAN_REMAP),
+                  ib_scale(2, 3, "geometric", ib_xtransformer(3, True, IB_L + 1), IB_VQGAN_REMAP),
+                  ib_scale(3, 3, "geometric", ib_gpt(False), IB_VQGAN_REMAP)],
     "custom": [ib_scale(1, 2, "bernoulli_PSIM", ib_xtransformer(2, False, IB_L + 2), IB_VQGAN),
                ib_scale(2, 2, "bernoulli_PSIM", ib_gpt(True), IB_VQGAN)],
 }
@@ -234,6 +242,11 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
             gain = name.endswith("weight") and p.dim() == 1  # LayerNorms (every Linear weight is 2-D)
             noise = torch.randn(p.shape, generator=generator)
             p.copy_(noise * (0.3 if p.dim() > 1 else 0.1) + (1.0 if gain else 0.0))
+        for name, p in model.first_stage_model.named_parameters():  # convolutions at unit gain, norms near 1
+            noise = torch.randn(p.shape, generator=generator)
+            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+            p.copy_(noise / math.sqrt(fan_in) if p.dim() > 1 else noise * 0.1 + (1.0 if name.endswith("weight")
+                                                                                  else 0.0))
 
 
 def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
@@ -246,6 +259,9 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(SEED)
     outputs: dict = {"checkout_commit": commit_of(checkout)}
+    used = torch.randperm(24, generator=g)[:IB_V].sort().values.numpy()  # the geometric chain's effective codes
+    (out / "geometric" / "data" / "vqgan_indices").mkdir(parents=True, exist_ok=True)
+    np.save(out / "geometric" / IB_REMAP, used)
     for chain, configs in TINY_IMAGEBART.items():
         folder = out / chain
         folder.mkdir(exist_ok=True)
@@ -254,7 +270,10 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
         outputs[chain] = {"x_prev": x_prev, "x_t": x_t}
         for s, config in enumerate(configs, start=1):
             torch.manual_seed(SEED + s)
-            model = main.instantiate_from_config(OmegaConf.create(config).model).eval()
+            built = OmegaConf.create(config)
+            if "remap" in built.model.params.first_stage_config.params:  # here the checkout is the working folder
+                built.model.params.first_stage_config.params.remap = str(folder / IB_REMAP)
+            model = main.instantiate_from_config(built.model).eval()
             randomise(model, g)
             sd = model.state_dict()
             if s > 1 or chain != "geometric":  # the loader reads no first stage; one copy shows it is skipped
@@ -268,6 +287,14 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
                 else:
                     logits, _ = model(x_prev, x_t, scale)  # encoder [s, x_s], decoder [sos, x_{s-1}]
             outputs[chain][f"scale{s}_logits"] = logits
+            if s == 1 and chain == "geometric":  # its first stage: encode (remapped ids) and decode
+                first = model.first_stage_model
+                images = torch.rand(3, 3, IB_SIDE, IB_SIDE, generator=g) * 2 - 1
+                with torch.no_grad():
+                    outputs[chain]["images"] = images
+                    outputs[chain]["prequant"] = first.encode_to_prequant(images)  # (B, 4, h, w)
+                    outputs[chain]["encoded"] = first.encode(images)[2][2]  # (B, h, w) positions in the remap list
+                    outputs[chain]["decoded"] = model.decode_to_img(x_prev, (3, 4, IB_SIDE, IB_SIDE))
             outputs[chain]["betas"] = model.temperature_range.clone()  # beta_s of scales s = 0..n_scales
         sampling = {"checkpoints": [f"scale{s}.ckpt" for s in range(1, len(configs) + 1)],
                     "configs": [f"scale{s}.yaml" for s in range(1, len(configs) + 1)]}
