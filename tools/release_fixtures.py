@@ -306,13 +306,19 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
     release: dict = {}
     for name, paths in RELEASE_IMAGEBART.items():
         release[name] = []
-        for path in paths:
+        for s, path in enumerate(paths, start=1):
             config = OmegaConf.load(path)
             config.model.params.first_stage_config.params.pop("ckpt_path", None)
             with torch.device("meta"):
                 model = main.instantiate_from_config(config.model)
             model.set_noise_schedule()  # again off the meta device, for the schedule's values
-            keys = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("first_stage_model.")}
+            # the first stage only of scale 1, the one the loader reads; its remap list next to the key list
+            keys = {k: list(v.shape) for k, v in model.state_dict().items()
+                    if s == 1 or not k.startswith("first_stage_model.")}
+            remap = config.model.params.first_stage_config.params.get("remap")
+            if s == 1 and remap:
+                (out / "release" / Path(remap).parent).mkdir(parents=True, exist_ok=True)
+                shutil.copy(remap, out / "release" / remap)
             release[name].append({"config": OmegaConf.to_container(config), "keys": keys,
                                   "betas": model.temperature_range.tolist()})
     with gzip.open(out / "release_keys.json.gz", "wt") as f:  # ~400 kB of repetitive names as plain text
