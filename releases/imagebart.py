@@ -303,39 +303,40 @@ def _weights(sd: dict[str, torch.Tensor], spec: ScaleSpec) -> dict[str, torch.Te
     samples with them. Keys without the `transformer.` prefix."""
     net = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
     if spec.use_ema:
-        net = {k: (v if k.endswith("attn.mask") else sd["transformer_ema." + k.replace(".", "")]) for k, v in net.items()}
+        net = {k: v if k.endswith("attn.mask") else sd["transformer_ema." + k.replace(".", "")]
+               for k, v in net.items()}
     return net
 
 
 def xt_state_dict(w: dict[str, torch.Tensor], spec: ScaleSpec, L: int) -> dict[str, torch.Tensor]:
     """An XTransformer's weights under the project ScaleModel's names (encoder reads L + 1 positions)."""
     out: dict[str, torch.Tensor] = {}
-    for part, n in (("encoder", L + 1), ("decoder", L)):
+
+    def linear(dst: str, src: str) -> None:  # a Linear or LayerNorm: weight and bias
+        out[dst + ".weight"], out[dst + ".bias"] = w[src + ".weight"], w[src + ".bias"]
+
+    for part, positions in (("encoder", L + 1), ("decoder", L)):
         p = f"{part}."
         out[p + "tok_emb.weight"] = w[p + "token_emb.weight"]
-        out[p + "pos_emb.weight"] = w[p + "pos_emb.emb.weight"][:n]
-        types = _layer_types(spec, part)
-        per_block = 2 if part == "encoder" else 3
-        for j, kind in enumerate(types):
+        out[p + "pos_emb.weight"] = w[p + "pos_emb.emb.weight"][:positions]
+        per_block = 2 if part == "encoder" else 3  # (self-attention, [cross-attention,] feed-forward)
+        for j, kind in enumerate(_layer_types(spec, part)):
             src, dst = f"{p}attn_layers.layers.{j}.", f"{p}blocks.{j // per_block}."
-            norm = {"a": "ln_attn", "c": "ln_cross", "f": "ln_mlp"}[kind]
-            out[f"{dst}{norm}.weight"], out[f"{dst}{norm}.bias"] = w[src + "0.weight"], w[src + "0.bias"]
+            linear(dst + {"a": "ln_attn", "c": "ln_cross", "f": "ln_mlp"}[kind], src + "0")
             if kind == "f":
-                out[dst + "mlp.fc.weight"], out[dst + "mlp.fc.bias"] = w[src + "1.net.0.0.weight"], w[src + "1.net.0.0.bias"]
-                out[dst + "mlp.proj.weight"], out[dst + "mlp.proj.bias"] = w[src + "1.net.2.weight"], w[src + "1.net.2.bias"]
+                linear(dst + "mlp.fc", src + "1.net.0.0")
+                linear(dst + "mlp.proj", src + "1.net.2")
                 continue
-            q, k, v = (w[f"{src}1.to_{n}.weight"] for n in "qkv")
-            name = "attn" if kind == "a" else "cross"
-            if kind == "a":  # the project's qkv stacks (q, k, v); x-transformers has no biases there: zeros
-                out[dst + "attn.qkv.weight"] = torch.cat([q, k, v])
-                out[dst + "attn.qkv.bias"] = q.new_zeros(3 * q.shape[0])
+            q, k, v = (w[f"{src}1.to_{name}.weight"] for name in "qkv")
+            zeros = q.new_zeros(q.shape[0])  # x-transformers' q/k/v have no biases: the project's are zero
+            if kind == "a":  # the project's qkv stacks (q, k, v)
+                out[dst + "attn.qkv.weight"], out[dst + "attn.qkv.bias"] = torch.cat([q, k, v]), zeros.repeat(3)
             else:
-                out[dst + "cross.q.weight"], out[dst + "cross.q.bias"] = q, q.new_zeros(q.shape[0])
-                out[dst + "cross.kv.weight"] = torch.cat([k, v])
-                out[dst + "cross.kv.bias"] = q.new_zeros(2 * q.shape[0])
-            out[f"{dst}{name}.proj.weight"], out[f"{dst}{name}.proj.bias"] = w[src + "1.to_out.weight"], w[src + "1.to_out.bias"]
-        out[p + "ln_f.weight"], out[p + "ln_f.bias"] = w[p + "norm.weight"], w[p + "norm.bias"]
-    out["decoder.head.weight"], out["decoder.head.bias"] = w["decoder.to_logits.weight"], w["decoder.to_logits.bias"]
+                out[dst + "cross.q.weight"], out[dst + "cross.q.bias"] = q, zeros
+                out[dst + "cross.kv.weight"], out[dst + "cross.kv.bias"] = torch.cat([k, v]), zeros.repeat(2)
+            linear(dst + ("attn" if kind == "a" else "cross") + ".proj", src + "1.to_out")
+        linear(p + "ln_f", p + "norm")
+    linear("decoder.head", "decoder.to_logits")
     if spec.residual:
         out["log_scale"] = w["log_scalors"][spec.s - 1]  # the scale's own entry of the per-scale vector
     return out

@@ -293,3 +293,23 @@ def test_first_stage_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError) as e:
         ib.load(ckpts, configs, data_dir=str(FIXTURES / "custom" / "data"), vqgan_ckpt=str(TAMING / "last.ckpt"))
     assert "\n" not in str(e.value) and str(e.value).startswith(f"first stage {TAMING / 'last.ckpt'}")
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_cached_decoder_steps_give_the_full_forwards_logits(releases, official, static):
+    """The sampler's KV-cached steps on a released scale (memory of L + 1 with the scale prefix, attention width
+    other than d_model, a code id as start) give the teacher-forced logits; static = the compiled form's positions."""
+    model, o = releases["geometric"].prior.scales["scale2"], official["geometric"]
+    x_prev, x_t = o["x_prev"], o["x_t"]
+    start = torch.full_like(x_prev[:, :1], model.start_id)
+    with torch.no_grad():
+        memory = model.encode(x_t)
+        full = model.decoder(torch.cat([start, x_prev[:, :-1]], 1), memory=memory)  # (B, L, V)
+        cache = model.decoder.new_cache()
+        steps = [model.decoder(start, memory=memory, cache=cache)[:, 0]]
+        positions = cache.layers[0].positions
+        for i in range(1, x_prev.shape[1]):
+            pos = positions[i:i + 1] if static else i
+            steps.append(model.decoder.decode(x_prev[:, i - 1:i], cache, pos)[:, 0])
+    assert memory.shape[1] == 17 and model.decoder.cfg.inner_dim == 24 != model.decoder.cfg.d_model
+    assert (torch.stack(steps, 1) - full).abs().max() <= scale_error(model) * full.abs().max()
