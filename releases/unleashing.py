@@ -128,7 +128,7 @@ def read_state_dict(path: str, option: str) -> dict[str, torch.Tensor]:
     return read_lightning_state_dict(path, option)  # a bare state dict reads the same, safely
 
 
-def load(sampler_path: str, vqgan_path: str, hparams: str | Mapping[str, Any] = "ffhq",
+def load(sampler_path: str, vqgan_path: str, hparams: str | Mapping[str, Any],
          option: str = "prior.release") -> UnleashingRelease:
     """The release as an AbsorbingPrior and its UnleashingVQGAN, both in eval mode on the CPU."""
     h = read_hparams(hparams, f"{option}.hparams")
@@ -141,8 +141,10 @@ def load(sampler_path: str, vqgan_path: str, hparams: str | Mapping[str, Any] = 
     outside = sorted(k for k in vsd if not k.startswith(VQGAN_PARTS))
     if outside:  # e.g. a sampler file given as the VQGAN
         raise ValueError(f"{v_opt}={vqgan_path} does not match {where}: unexpected key {outside[0]}")
-    ae = {k[len("ae."):]: v for k, v in vsd.items() if k.startswith("ae.")}
-    check_keys(ae, autoencoder_keys(h.vqgan), f"{v_opt}={vqgan_path} does not match {where} (under ae.)")
+    ae = {k: v for k, v in vsd.items() if k.startswith("ae.")}
+    check_keys(ae, {f"ae.{k}": s for k, s in autoencoder_keys(h.vqgan).items()},
+               f"{v_opt}={vqgan_path} does not match {where}")
+    ae = {k[len("ae."):]: v for k, v in ae.items()}
 
     tokenizer = UnleashingVQGAN(h.vqgan)
     tokenizer.load_state_dict(ae)

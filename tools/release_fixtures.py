@@ -177,7 +177,8 @@ def import_unleashing(checkout: Path) -> types.ModuleType:
     return models
 
 
-def unleashing_H(checkout: Path, values: dict) -> object:
+def unleashing_H(values: dict) -> object:
+    """The authors' hyperparameter object H holding `values` over UNLEASHING_FIXED."""
     from hparams.defaults.base import HparamsBase
 
     H = HparamsBase(values.get("dataset", "custom"))
@@ -203,7 +204,7 @@ def unleashing_fixtures(checkout: Path, out: Path) -> None:
 
     models = import_unleashing(checkout)
     torch.manual_seed(SEED)
-    H = unleashing_H(checkout, TINY_UNLEASHING)
+    H = unleashing_H(TINY_UNLEASHING)
     # VQGAN minus its LPIPS network (a pretrained VGG16, 58 MB in every released file, never used by a loader):
     # the file holds ae.* and disc.* as the authors' VQGAN.state_dict() names them.
     ae = on_cpu(lambda: models.VQAutoEncoder(H)).eval()
@@ -222,7 +223,8 @@ def unleashing_fixtures(checkout: Path, out: Path) -> None:
             b.copy_(torch.rand_like(b))
         codebook.copy_(ae.quantize.embedding.weight)
     out.mkdir(parents=True, exist_ok=True)
-    vqgan_sd = {f"ae.{k}": v for k, v in ae.state_dict().items()} | {f"disc.{k}": v for k, v in disc.state_dict().items()}
+    vqgan_sd = ({f"ae.{k}": v for k, v in ae.state_dict().items()}
+                | {f"disc.{k}": v for k, v in disc.state_dict().items()})
     torch.save(vqgan_sd, out / "vqgan_ema_0.th")  # utils/log_utils.save_model: a bare state dict
     torch.save(sampler.state_dict(), out / "absorbing_ema_0.th")
     (out / "hparams.yaml").write_text(yaml.safe_dump(TINY_UNLEASHING))
@@ -259,11 +261,11 @@ def unleashing_fixtures(checkout: Path, out: Path) -> None:
                 "x_t": x_t, "logits": logits, "t": torch.cat(ts), "mask": torch.cat(masks),
                 "train_loss": torch.stack(losses), "ln2": math.log(2), "checkout_commit": commit_of(checkout)},
                out / "outputs.pt")
-    write_unleashing_keys(checkout, models, out / "release_keys.json")
+    write_unleashing_keys(models, out / "release_keys.json")
     print(f"wrote {out}/absorbing_ema_0.th, vqgan_ema_0.th, hparams.yaml, outputs.pt, release_keys.json")
 
 
-def write_unleashing_keys(checkout: Path, models: types.ModuleType, path: Path) -> None:
+def write_unleashing_keys(models: types.ModuleType, path: Path) -> None:
     """Per released dataset, every key and shape of its sampler and VQGAN files, built by the official modules
     from the official per-dataset defaults (on the meta device; the VQGAN's LPIPS network with random VGG16
     weights, whose keys are those of the pretrained one)."""
@@ -280,7 +282,7 @@ def write_unleashing_keys(checkout: Path, models: types.ModuleType, path: Path) 
             H = HparamsVQGAN(dataset)
             H.update(HparamsAbsorbing(dataset))
             H.sampler = "absorbing"
-            H = unleashing_H(checkout, {**UNLEASHING_FIXED, **H})
+            H = unleashing_H(dict(H))
             with torch.device("meta"):
                 vqgan = on_cpu(lambda: models.VQGAN(H))
                 sampler = models.AbsorbingDiffusion(H, models.Transformer(H), H.codebook_size,
