@@ -18,7 +18,6 @@ N = L, so a config where they differ is refused.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,11 +71,9 @@ class UnleashingRelease:
     paper_sampling: dict[str, Any]
 
 
-def read_hparams(spec: str | Mapping[str, Any], option: str) -> UnleashingHparams:
-    """A release's sizes: a dataset name of RELEASE_HPARAMS, a YAML file of the authors' H keys, or a mapping."""
-    if isinstance(spec, Mapping):
-        h, where = dict(spec), option
-    elif spec in RELEASE_HPARAMS:
+def read_hparams(spec: str, option: str) -> UnleashingHparams:
+    """A release's sizes: a dataset name of RELEASE_HPARAMS or a YAML file of the authors' H keys."""
+    if spec in RELEASE_HPARAMS:
         h, where = RELEASE_HPARAMS[spec], f"{option}={spec}"
     else:
         where = f"{option}={spec}"
@@ -128,11 +125,11 @@ def read_state_dict(path: str, option: str) -> dict[str, torch.Tensor]:
     return read_lightning_state_dict(path, option)  # a bare state dict reads the same, safely
 
 
-def load(sampler_path: str, vqgan_path: str, hparams: str | Mapping[str, Any],
-         option: str = "prior.release") -> UnleashingRelease:
-    """The release as an AbsorbingPrior and its UnleashingVQGAN, both in eval mode on the CPU."""
+def load(sampler_path: str, vqgan_path: str, hparams: str, option: str = "prior.release") -> UnleashingRelease:
+    """The release as an AbsorbingPrior and its UnleashingVQGAN, both in eval mode on the CPU; hparams is a
+    released dataset's name (RELEASE_HPARAMS) or a YAML file of the authors' hyperparameters."""
     h = read_hparams(hparams, f"{option}.hparams")
-    where = f"{option}.hparams={hparams}" if isinstance(hparams, str) else f"{option}.hparams"
+    where = f"{option}.hparams={hparams}"
 
     s_opt, v_opt = f"{option}.sampler", f"{option}.vqgan"
     sd = read_state_dict(sampler_path, s_opt)

@@ -16,7 +16,9 @@ import pytest
 import torch
 import yaml
 
+from priors.absorbing import AbsorbingPrior
 from releases import unleashing
+from releases.mingpt import project_state_dict
 from releases.unleashing_vqgan import autoencoder_keys
 from tests.tolerance import EPS32, conv_network_error, gamma, log_softmax_error, rows_close, transformer_error
 
@@ -45,9 +47,9 @@ def logit_error(release) -> float:
 
 def test_denoiser_logits_equal_the_official_transformer(release, official):
     """On codes with none, some, most and all positions masked (mask id = codebook_size, as the authors')."""
-    x_t = official["x_t"]
-    assert (x_t == 32).sum(1).tolist()[0] == 0 and (x_t[-1] == 32).all()
-    assert release.prior.mask_id == 32 and release.prior.model.tok_emb.num_embeddings == 33
+    x_t, V = official["x_t"], yaml.safe_load(Path(HPARAMS).read_text())["codebook_size"]
+    assert (x_t == V).sum(1).tolist()[0] == 0 and (x_t[-1] == V).all()  # the authors' mask_id = codebook_size
+    assert release.prior.mask_id == V and release.prior.model.tok_emb.num_embeddings == V + 1
     with torch.no_grad():
         logits = release.prior.model(x_t)  # (B, L, V)
     assert logits.shape == official["logits"].shape == (4, 64, 32)
@@ -160,6 +162,20 @@ def test_release_sized_keys_equal_the_official_modules(dataset):
     assert h.gpt.n_layer == 24 and h.gpt.vocab_size == 1025 and h.grid == (16, 16)
 
 
+def test_release_sized_denoiser_maps_onto_the_absorbing_prior():
+    """At the released size, the mapped weights are exactly the AbsorbingPrior's (built on the meta device),
+    and the paper's sampling settings apply to it."""
+    h = unleashing.read_hparams("ffhq", "prior.release.hparams")
+    with torch.device("meta"):
+        prior = AbsorbingPrior(1024, h.grid, n_layer=h.gpt.n_layer, n_head=h.gpt.n_head, d_model=h.gpt.n_embd)
+        sd = {k: torch.empty(s) for k, s in unleashing.sampler_keys(h).items()}
+    mapped = project_state_dict(sd, h.gpt, 256, unleashing.DENOISER)
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape)
+                                                              for k, v in prior.model.state_dict().items()}
+    prior.set_sampling(**unleashing.PAPER_SAMPLING)
+    assert prior.nfe() == 256 and prior.temperature == 0.9 and prior.mask_id == 1024
+
+
 def test_vqgan_file_with_lpips_weights_loads(tmp_path):
     """A released VQGAN file also holds the LPIPS network (perceptual.*), which the loader skips."""
     sd = torch.load(VQGAN, weights_only=True)
@@ -210,10 +226,21 @@ def test_refused_hyperparameters(tmp_path):
     for change, expected in (({"sampler": "autoregressive"}, "sampler=autoregressive is not absorbing"),
                              ({"quantizer": "gumbel"}, "quantizer=gumbel"),
                              ({"total_steps": 100}, "total_steps=100 differs from the 64 tokens"),
-                             ({"latent_shape": [1, 4, 4]}, "latent_shape=[1, 4, 4] is not the VQGAN's [1, 8, 8]")):
+                             ({"latent_shape": [1, 4, 4]}, "latent_shape=[1, 4, 4] is not the VQGAN's [1, 8, 8]"),
+                             ({"block_size": 32}, "block_size=32 is shorter than the 8x8 token grid"),
+                             ({"ch_mult": ["one", 2]}, "a hyperparameter is not a number or list of numbers")):
         other.write_text(yaml.safe_dump({**h, **change}))
         assert expected in one_line_error(SAMPLER, VQGAN, str(other))
     assert "neither a released dataset" in one_line_error(SAMPLER, VQGAN, "celeba")
+    other.write_text(yaml.safe_dump([1, 2]))
+    assert "not a mapping of hyperparameters" in one_line_error(SAMPLER, VQGAN, str(other))
+
+
+def test_tokenizer_refuses_bad_inputs(release):
+    with pytest.raises(ValueError, match=r"encode_to_indices expects float \(B, 3, H, W\)"):
+        release.tokenizer.encode_to_indices(torch.zeros(1, 16, 16, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"decode_indices expects integer \(B, h, w\)"):
+        release.tokenizer.decode_indices(torch.zeros(1, 64))
 
 
 def test_another_familys_files_are_refused(tmp_path):
