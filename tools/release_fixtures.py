@@ -8,6 +8,8 @@ release-sized configuration, built by the official modules on the meta device, s
 checked against what a released file holds.
 
     python tools/release_fixtures.py taming --checkout PATH/taming-transformers --out tests/fixtures/releases/taming
+    python tools/release_fixtures.py unleashing --checkout PATH/unleashing-transformers \
+        --out tests/fixtures/releases/unleashing
     python tools/release_fixtures.py imagebart --checkout PATH/imagebart --taming PATH/taming-transformers \
         --out tests/fixtures/releases/imagebart
 
@@ -18,6 +20,12 @@ written for torch 1.7: `torch._six`, which torch 2 removed, is recreated with th
 ImageBART's models import `main.instantiate_from_config`; its own main.py pulls in data-augmentation packages the
 models never use, so the taming-transformers checkout (ImageBART's first stage, which it needs anyway) goes first
 on the path and its main.py, with the same function, is the one imported.
+
+unleashing-transformers imports lpips and imageio (pip install --target DIR --no-deps lpips imageio) and, at
+module level in utils/log_utils.py, the visdom client of its live plots, which nothing used here calls: an empty
+`visdom` module stands in for it. Its models were written for a GPU (Generator puts its `logsigma` head on the
+GPU in __init__): while the official modules are built, Module.cuda returns the module unchanged so they build on
+the CPU.
 """
 from __future__ import annotations
 
@@ -150,6 +158,154 @@ def write_keys(main: types.ModuleType, config: dict, path: Path) -> None:
         model = main.instantiate_from_config(OmegaConf.create(config).model)
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}
     path.write_text(json.dumps({"config": config, "keys": keys}, indent=1) + "\n")
+
+
+# An Unleashing Transformers sampler and VQGAN small enough to commit, under the authors' hyperparameter names
+# (their H): a 16 x 16 RGB VQGAN (f = 2, 8 x 8 grid of 32 codes, GroupNorms need multiples of 32 channels) under a
+# bidirectional minGPT over 33 ids (32 codes + the mask). Every structural feature of the released models is
+# present: residual blocks with and without a width change, level and non-local attention, the asymmetric
+# downsample, the logsigma head, the codebook; separate q/k/v with biases, learned positions, the unused
+# start_tok, the bias-free head; the discriminator's weights and BatchNorm statistics in the VQGAN file.
+TINY_UNLEASHING = {"sampler": "absorbing", "quantizer": "nearest", "n_channels": 3, "nf": 32, "emb_dim": 4,
+                   "codebook_size": 32, "ch_mult": [2, 1], "res_blocks": 1, "img_size": 16,
+                   "attn_resolutions": [8], "latent_shape": [1, 8, 8], "bert_n_emb": 16, "bert_n_head": 2,
+                   "bert_n_layers": 2, "block_size": 64, "total_steps": 64, "ndf": 8, "disc_layers": 2}
+# Defaults the official modules read that do not change the weights' keys or shapes.
+UNLEASHING_FIXED = {"beta": 0.25, "gumbel_straight_through": False, "gumbel_kl_weight": 1e-8, "attn_pdrop": 0.0,
+                    "embd_pdrop": 0.0, "resid_pdrop": 0.0, "loss_type": "reweighted_elbo", "mask_schedule": "random",
+                    "batch_size": 4, "n_samples": 4, "perceptual_weight": 1.0, "disc_start_step": 30001,
+                    "disc_weight_max": 1, "diff_aug": False}
+
+
+def import_unleashing(checkout: Path) -> types.ModuleType:
+    sys.path.insert(0, str(checkout))
+    sys.modules.setdefault("visdom", types.ModuleType("visdom"))
+    warnings.filterwarnings("ignore")
+    import models  # the checkout's models/ package
+
+    return models
+
+
+def unleashing_H(values: dict) -> object:
+    """The authors' hyperparameter object H holding `values` over UNLEASHING_FIXED."""
+    from hparams.defaults.base import HparamsBase
+
+    H = HparamsBase(values.get("dataset", "custom"))
+    for k, v in {**UNLEASHING_FIXED, **values}.items():
+        H[k] = v
+    return H
+
+
+def on_cpu(build):
+    """build() with Module.cuda a no-op (the official Generator moves a submodule to the GPU in __init__)."""
+    cuda = torch.nn.Module.cuda
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    try:
+        return build()
+    finally:
+        torch.nn.Module.cuda = cuda
+
+
+def unleashing_fixtures(checkout: Path, out: Path) -> None:
+    import math
+
+    import yaml
+
+    models = import_unleashing(checkout)
+    torch.manual_seed(SEED)
+    H = unleashing_H(TINY_UNLEASHING)
+    # VQGAN minus its LPIPS network (a pretrained VGG16, 58 MB in every released file, never used by a loader):
+    # the file holds ae.* and disc.* as the authors' VQGAN.state_dict() names them.
+    ae = on_cpu(lambda: models.VQAutoEncoder(H)).eval()
+    disc = models.vqgan.Discriminator(H.n_channels, H.ndf, n_layers=H.disc_layers)
+    codebook = ae.quantize.embedding.weight.detach().clone()
+    denoiser = models.Transformer(H)
+    sampler = models.AbsorbingDiffusion(H, denoiser, H.codebook_size, codebook).eval()
+    # Official inits leave norms at (1, 0), biases at 0 and the codebook near 0: randomise every tensor so that a
+    # loader which drops or swaps any of them gives other outputs.
+    with torch.no_grad():
+        for module in (ae, disc, sampler):
+            for name, p in module.named_parameters():
+                scale = 0.3 if p.dim() > 1 else 0.1
+                p.copy_(torch.randn_like(p) * scale + (1.0 if "ln" in name.split(".")[-2] else 0.0))
+        for name, b in sampler.named_buffers():
+            b.copy_(torch.rand_like(b))
+        codebook.copy_(ae.quantize.embedding.weight)
+    out.mkdir(parents=True, exist_ok=True)
+    vqgan_sd = ({f"ae.{k}": v for k, v in ae.state_dict().items()}
+                | {f"disc.{k}": v for k, v in disc.state_dict().items()})
+    torch.save(vqgan_sd, out / "vqgan_ema_0.th")  # utils/log_utils.save_model: a bare state dict
+    torch.save(sampler.state_dict(), out / "absorbing_ema_0.th")
+    (out / "hparams.yaml").write_text(yaml.safe_dump(TINY_UNLEASHING))
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    B, L, V = 4, 64, H.codebook_size
+    images = torch.rand(3, 3, 16, 16, generator=g)  # the authors' [0, 1] range
+    codes = torch.randint(0, V, (B, L), generator=g)
+    # masks at four rates: none, some, most, all (the first sampling step)
+    rates = torch.tensor([0.0, 0.3, 0.8, 1.0]).unsqueeze(1)
+    masked = torch.rand(B, L, generator=g) < rates
+    x_t = codes.masked_fill(masked, H.codebook_size)
+    losses = []
+    with torch.no_grad():
+        latents = ae.encoder(images)
+        _, _, stats = ae.quantize(latents)
+        encoded = stats["min_encoding_indices"].view(3, 8, 8)
+        one_hot = torch.nn.functional.one_hot(codes.view(-1), V).float().view(B, L, V)
+        q = sampler.embed(one_hot)  # what utils/sampler_utils.get_samples feeds the generator
+        decoded = ae.generator(q)
+        logits = sampler._denoise_fn(x_t)
+        # the official training loss on each sequence, with its (t, mask) recovered by replaying its draws
+        ts, masks = [], []
+        for i in range(B):
+            torch.manual_seed(SEED + 10 + i)
+            loss, vb = sampler._train_loss(codes[i:i + 1])
+            torch.manual_seed(SEED + 10 + i)
+            t, _ = sampler.sample_time(1, "cpu")
+            _, _, mask = sampler.q_sample(codes[i:i + 1], t)
+            ts.append(t)
+            masks.append(mask)
+            losses.append(torch.stack([loss, vb]))
+    torch.save({"images": images, "latents": latents, "encoded": encoded, "codes": codes, "decoded": decoded,
+                "x_t": x_t, "logits": logits, "t": torch.cat(ts), "mask": torch.cat(masks),
+                "train_loss": torch.stack(losses), "ln2": math.log(2), "checkout_commit": commit_of(checkout)},
+               out / "outputs.pt")
+    write_unleashing_keys(models, out / "release_keys.json")
+    print(f"wrote {out}/absorbing_ema_0.th, vqgan_ema_0.th, hparams.yaml, outputs.pt, release_keys.json")
+
+
+def write_unleashing_keys(models: types.ModuleType, path: Path) -> None:
+    """Per released dataset, every key and shape of its sampler and VQGAN files, built by the official modules
+    from the official per-dataset defaults (on the meta device; the VQGAN's LPIPS network with random VGG16
+    weights, whose keys are those of the pretrained one)."""
+    import lpips
+
+    from hparams.defaults.sampler_defaults import HparamsAbsorbing
+    from hparams.defaults.vqgan_defaults import HparamsVQGAN
+
+    listed = {}
+    make_lpips = lpips.LPIPS
+    lpips.LPIPS = lambda *args, **kwargs: make_lpips(*args, **{**kwargs, "pnet_rand": True, "verbose": False})
+    try:
+        for dataset in ("ffhq", "churches", "bedrooms"):
+            H = HparamsVQGAN(dataset)
+            H.update(HparamsAbsorbing(dataset))
+            H.sampler = "absorbing"
+            H = unleashing_H(dict(H))
+            with torch.device("meta"):
+                vqgan = on_cpu(lambda: models.VQGAN(H))
+                sampler = models.AbsorbingDiffusion(H, models.Transformer(H), H.codebook_size,
+                                                    torch.zeros(H.codebook_size, H.emb_dim))
+            hparams = {k: H[k] for k in ("n_channels", "nf", "emb_dim", "codebook_size", "ch_mult", "res_blocks",
+                                         "img_size", "attn_resolutions", "latent_shape", "bert_n_emb",
+                                         "bert_n_head", "bert_n_layers", "block_size", "total_steps", "quantizer",
+                                         "sampler", "temp", "sample_steps")}
+            listed[dataset] = {"hparams": hparams,
+                               "sampler_keys": {k: list(v.shape) for k, v in sampler.state_dict().items()},
+                               "vqgan_keys": {k: list(v.shape) for k, v in vqgan.state_dict().items()}}
+    finally:
+        lpips.LPIPS = make_lpips
+    path.write_text(json.dumps(listed, indent=1) + "\n")
 
 
 def commit_of(checkout: Path) -> str:
@@ -328,7 +484,7 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", choices=["taming", "imagebart"])
+    parser.add_argument("family", choices=["taming", "unleashing", "imagebart"])
     parser.add_argument("--checkout", type=Path, required=True, help="the official repository's checkout")
     parser.add_argument("--taming", type=Path, help="imagebart: a taming-transformers checkout (its first stage)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the fixture files")
@@ -338,7 +494,7 @@ def main() -> None:
             parser.error("imagebart needs --taming PATH/taming-transformers")
         imagebart_fixtures(args.checkout.resolve(), args.taming.resolve(), args.out.resolve())
     else:
-        taming_fixtures(args.checkout.resolve(), args.out)
+        {"taming": taming_fixtures, "unleashing": unleashing_fixtures}[args.family](args.checkout.resolve(), args.out)
 
 
 if __name__ == "__main__":
