@@ -477,8 +477,9 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
                 shutil.copy(remap, out / "release" / remap)
             release[name].append({"config": OmegaConf.to_container(config), "keys": keys,
                                   "betas": model.temperature_range.tolist()})
-    with gzip.open(out / "release_keys.json.gz", "wt") as f:  # ~400 kB of repetitive names as plain text
-        f.write(json.dumps(release) + "\n")
+    # ~400 kB of repetitive names as plain text; mtime 0 so that the file regenerates byte-identical
+    with gzip.GzipFile(out / "release_keys.json.gz", "wb", mtime=0) as f:
+        f.write((json.dumps(release) + "\n").encode())
     print(f"wrote {out}/geometric, custom, outputs.pt, release_keys.json.gz")
 
 
