@@ -309,8 +309,14 @@ def write_unleashing_keys(models: types.ModuleType, path: Path) -> None:
 
 
 def commit_of(checkout: Path) -> str:
-    head = checkout / ".git" / "HEAD"
-    return head.read_text().strip() if head.is_file() else "unknown (not a git checkout)"
+    """The checkout's commit, or why it is unknown (an exported tree has no .git; docs/releases.md then names it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError as e:
+        return f"unknown ({e.strerror})"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
 
 
 # ---- ImageBART ---------------------------------------------------------------------------------------------------
