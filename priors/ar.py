@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -37,14 +37,20 @@ class ARPrior(Prior):
 
     def __init__(self, vocab_size: int, grid: tuple[int, int], n_layer: int, n_head: int, d_model: int,
                  dropout: float = 0.0, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None):
+                 top_p: float | None = None, start_id: int | None = None):
+        """start_id: None (priors trained here) makes the start a special id V, after the codes 0 .. V-1; a
+        code in [0, V) starts every sequence with that code instead, with no extra embedding row (Taming
+        Transformers' unconditional models: their SOS token is a code id)."""
         super().__init__(vocab_size, grid)
         check_sampling(temperature, top_k, top_p)
-        self.start_id = self.vocab_size  # the one special id: V, after the codes 0 .. V-1
+        if start_id is not None and not 0 <= start_id < self.vocab_size:
+            raise ValueError(f"start_id={start_id} must be a code id in [0, {self.vocab_size}) or None")
+        self.start_id = self.vocab_size if start_id is None else int(start_id)
         self.arch = ARConfig(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=n_layer, n_head=n_head,
                              d_model=d_model, dropout=dropout)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.model = Transformer(self.arch.transformer_config())
+        config = self.arch.transformer_config()
+        self.model = Transformer(config if start_id is None else replace(config, vocab_in=self.vocab_size))
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None, *,

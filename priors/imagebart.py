@@ -215,6 +215,11 @@ class ScaleConfig:
     # beta_t of this scale's forward step when the logits carry the likelihood residual (see ScaleModel);
     # None = plain logits (the decoder-only last scale, whose beta_T = 1 makes the residual a constant)
     residual_beta: float | None = None
+    # Options for released chains (releases/imagebart.py); the defaults are the architecture trained here.
+    start_id: int | None = None  # the decoder's start id: None = the extra id V; a code id in [0, V) adds no row
+    enc_prefix: int | None = None  # an id the encoder reads before x_t (its memory is then L + 1 long)
+    attn_dim: int | None = None  # width of queries/keys/values in both transformers (TransformerConfig.attn_dim)
+    head_bias: bool = False  # a bias on the decoder's output logits
 
 
 class ScaleModel(nn.Module):
@@ -231,18 +236,25 @@ class ScaleModel(nn.Module):
     def __init__(self, cfg: ScaleConfig):
         super().__init__()
         self.cfg = cfg
-        self.start_id = cfg.vocab_size  # decoder input id V starts every sequence
+        V = cfg.vocab_size
+        for name in ("start_id", "enc_prefix"):
+            value = getattr(cfg, name)
+            if value is not None and not 0 <= value < V:
+                raise ValueError(f"{name}={value} must be a code id in [0, {V}) or None")
+        # decoder input id V starts every sequence, unless a code id is given (released chains)
+        self.start_id = V if cfg.start_id is None else int(cfg.start_id)
         if cfg.n_enc_layer > 0:
             self.encoder = Transformer(TransformerConfig(
-                vocab_in=cfg.vocab_size, vocab_out=0, seq_len=cfg.seq_len, n_layer=cfg.n_enc_layer,
-                n_head=cfg.n_head, d_model=cfg.d_model, causal=False, cross_attn=False,
-                dropout=cfg.dropout))
+                vocab_in=V, vocab_out=0, seq_len=cfg.seq_len + (cfg.enc_prefix is not None),
+                n_layer=cfg.n_enc_layer, n_head=cfg.n_head, d_model=cfg.d_model, causal=False, cross_attn=False,
+                dropout=cfg.dropout, attn_dim=cfg.attn_dim))
         else:
             self.encoder = None
         self.decoder = Transformer(TransformerConfig(
-            vocab_in=cfg.vocab_size + 1, vocab_out=cfg.vocab_size, seq_len=cfg.seq_len,
+            vocab_in=V + (cfg.start_id is None), vocab_out=V, seq_len=cfg.seq_len,
             n_layer=cfg.n_dec_layer, n_head=cfg.n_head, d_model=cfg.d_model, causal=True,
-            cross_attn=self.encoder is not None, dropout=cfg.dropout))
+            cross_attn=self.encoder is not None, dropout=cfg.dropout, attn_dim=cfg.attn_dim,
+            head_bias=cfg.head_bias))
         self.log_scale = nn.Parameter(torch.zeros(())) if cfg.residual_beta is not None else None
 
     def output_logits(self, logits: torch.Tensor, x_t: torch.Tensor | None) -> torch.Tensor:
@@ -257,8 +269,13 @@ class ScaleModel(nn.Module):
         return logits.to(dtype) * self.log_scale.to(dtype).exp() + residual
 
     def encode(self, x_t: torch.Tensor) -> torch.Tensor | None:
-        """Encoder memory of x_t (B, L, D), computed once per scale; None for the decoder-only scale."""
-        return None if self.encoder is None else self.encoder(x_t)  # (B, L, D)
+        """Encoder memory of x_t (B, L, D), computed once per scale; None for the decoder-only scale.
+        With enc_prefix the encoder reads [enc_prefix, x_t] and the memory is (B, L + 1, D)."""
+        if self.encoder is None:
+            return None
+        if self.cfg.enc_prefix is not None:
+            x_t = torch.cat([torch.full_like(x_t[:, :1], self.cfg.enc_prefix), x_t], dim=1)  # (B, L + 1)
+        return self.encoder(x_t)  # (B, L, D) or (B, L + 1, D)
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor | None) -> torch.Tensor:
         """Teacher-forced logits of p(x_{t-1}^i | x_{t-1}^{<i}, x_t) for every i. (B, L) -> (B, L, V)"""
@@ -313,6 +330,9 @@ class ImageBARTConfig:
     dropout: float = 0.0  # dropout inside both transformers while training
     schedule: Any = "linear"  # "linear" | {betas: [beta_2, ..., beta_T]} | {alpha_bars: [...]} (make_betas)
     likelihood_residual: bool = True  # add log q(x_t | x_{t-1}) to the logits of scales t < T (ScaleModel)
+    # Per-scale overrides for released chains (releases/imagebart.py), one mapping per scale t = 2..T of
+    # SCALE_OPTIONS (ScaleConfig's fields); None = every scale as above.
+    scale_options: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.T = check_T(self.T)
@@ -324,6 +344,26 @@ class ImageBARTConfig:
             layer_split(self.n_layer, self.enc_frac, self.n_enc_layer)
         if self.d_model and len(self.d_model) != self.T - 1:
             raise ValueError(f"prior.d_model has {len(self.d_model)} widths, T={self.T} needs {self.T - 1}")
+        if self.scale_options is not None:
+            self.scale_options = check_scale_options(self.scale_options, self.T)
+
+
+SCALE_OPTIONS = ("n_enc_layer", "n_dec_layer", "start_id", "enc_prefix", "attn_dim", "head_bias")
+
+
+def check_scale_options(options: Any, T: int) -> list[dict[str, Any]]:
+    """`prior.scale_options` as T - 1 plain dicts whose keys are in SCALE_OPTIONS (one-line errors)."""
+    if isinstance(options, (str, bytes)) or not isinstance(options, Sequence) or len(options) != T - 1:
+        raise ValueError(f"prior.scale_options={options!r}: expected a list of T-1={T - 1} mappings (t = 2..{T})")
+    out = []
+    for t, o in zip(range(2, T + 1), options):
+        if not isinstance(o, Mapping):
+            raise ValueError(f"prior.scale_options[{t - 2}]={o!r}: expected a mapping")
+        unknown = sorted(set(o) - set(SCALE_OPTIONS))
+        if unknown:
+            raise ValueError(f"prior.scale_options[{t - 2}] has unknown keys {unknown}; known: {list(SCALE_OPTIONS)}")
+        out.append({str(k): (bool(v) if k == "head_bias" else None if v is None else int(v)) for k, v in o.items()})
+    return out
 
 
 class ImageBARTPrior(Prior):
@@ -338,9 +378,10 @@ class ImageBARTPrior(Prior):
     def __init__(self, vocab_size: int, grid: tuple[int, int], T: int, n_layer: int = 4, n_head: int = 4,
                  d_model: int | Sequence[int] = 64, enc_frac: float = 0.5, n_enc_layer: int | None = None,
                  dropout: float = 0.0, schedule: Any = "linear", likelihood_residual: bool = True,
-                 sample: Mapping | None = None):
+                 scale_options: Sequence[Mapping[str, Any]] | None = None, sample: Mapping | None = None):
         """d_model: one width for every scale, or a list of T - 1 widths for scales t = 2..T.
-        likelihood_residual: add log q(x_t | x_{t-1}) to the logits of the encoder-decoder scales (ScaleModel)."""
+        likelihood_residual: add log q(x_t | x_{t-1}) to the logits of the encoder-decoder scales (ScaleModel).
+        scale_options: per-scale overrides of a released chain (ImageBARTConfig.scale_options)."""
         super().__init__(vocab_size, grid)
         T = check_T(T)
         d_models = [int(d_model)] * (T - 1) if isinstance(d_model, numbers.Integral) else [int(d) for d in d_model]
@@ -348,7 +389,8 @@ class ImageBARTPrior(Prior):
                                     n_head=int(n_head), d_model=d_models, enc_frac=float(enc_frac),
                                     n_enc_layer=None if n_enc_layer is None else int(n_enc_layer),
                                     dropout=float(dropout), schedule=schedule,
-                                    likelihood_residual=bool(likelihood_residual))
+                                    likelihood_residual=bool(likelihood_residual),
+                                    scale_options=None if scale_options is None else list(scale_options))
         self.T = T
         self.betas = make_betas(self.arch.schedule, T)  # betas[t], t = 1..T (index 0/1 padding = 0)
         self.alpha_bars = betas_to_alpha_bars(self.betas)  # alpha_bars[t], alpha_bars[1] = 1
@@ -368,9 +410,10 @@ class ImageBARTPrior(Prior):
             n_enc, n_dec = layer_split(arch.n_layer, arch.enc_frac, arch.n_enc_layer)
         # No residual for the last scale: beta_T = 1 would make it the constant log(1/V).
         residual = arch.likelihood_residual and t < arch.T
-        return ScaleConfig(vocab_size=arch.vocab_size, seq_len=arch.grid[0] * arch.grid[1], n_enc_layer=n_enc,
-                           n_dec_layer=n_dec, n_head=int(arch.n_head), d_model=int(d_model),
-                           dropout=float(arch.dropout), residual_beta=float(beta) if residual else None)
+        cfg = ScaleConfig(vocab_size=arch.vocab_size, seq_len=arch.grid[0] * arch.grid[1], n_enc_layer=n_enc,
+                          n_dec_layer=n_dec, n_head=int(arch.n_head), d_model=int(d_model),
+                          dropout=float(arch.dropout), residual_beta=float(beta) if residual else None)
+        return cfg if arch.scale_options is None else replace(cfg, **arch.scale_options[t - 2])
 
     # ---- construction from a budget -----------------------------------------------------------
     @classmethod
@@ -413,7 +456,10 @@ class ImageBARTPrior(Prior):
         return cls(**asdict(replace(arch, d_model=d_models)), sample=sample)
 
     def arch_config(self) -> dict[str, Any]:
-        return asdict(self.arch)
+        arch = asdict(self.arch)
+        if arch["scale_options"] is None:  # chains trained here: the same dict as before the option existed, so
+            del arch["scale_options"]  # their checkpoints' stored arch still matches
+        return arch
 
     # ---- training -----------------------------------------------------------------------------
     def units(self) -> dict[str, nn.Module]:

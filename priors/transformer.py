@@ -44,10 +44,21 @@ class TransformerConfig:
     causal: bool  # causal self-attention (AR, ImageBART decoder) or bidirectional (absorbing, encoder)
     cross_attn: bool = False  # every block also cross-attends to an encoder memory (B, M, D)
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches (training only)
+    # Width of the attention's queries, keys and values (n_head heads of attn_dim / n_head each); None = d_model.
+    # Released models whose heads have a fixed size (e.g. 16 heads of 64 at d_model 752) set it.
+    attn_dim: int | None = None
+    head_bias: bool = False  # a bias on the output logits (released encoder-decoder models have one)
 
     def __post_init__(self):
         if self.d_model % self.n_head != 0:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        if self.attn_dim is not None and self.attn_dim % self.n_head != 0:
+            raise ValueError(f"attn_dim={self.attn_dim} is not a multiple of n_head={self.n_head}")
+
+    @property
+    def inner_dim(self) -> int:
+        """The attention's width: attn_dim, or d_model when it is not set."""
+        return self.d_model if self.attn_dim is None else self.attn_dim
 
 
 class LayerKV:
@@ -119,8 +130,8 @@ class SelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.causal = cfg.causal
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.inner_dim)
+        self.proj = nn.Linear(cfg.inner_dim, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None, offset: int = 0) -> torch.Tensor:
@@ -146,7 +157,8 @@ class SelfAttention(nn.Module):
 
         Plain views here, not einops: this step runs once per generated token, where a pattern lookup per call
         is measurable overhead."""
-        B, _, D = x.shape
+        B = x.shape[0]
+        D = self.proj.in_features  # the attention's width (d_model unless attn_dim is set)
         hd = D // self.n_head
         qkv = self.qkv(x).view(B, 3, self.n_head, 1, hd)  # (B, 3, H, 1, hd): one matmul for q, k, v
         k, v = kv.write(qkv[:, 1], qkv[:, 2], pos)  # (B, H, n, hd), n = pos + 1 or capacity
@@ -166,9 +178,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.q = nn.Linear(cfg.d_model, cfg.d_model)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.q = nn.Linear(cfg.d_model, cfg.inner_dim)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.inner_dim)
+        self.proj = nn.Linear(cfg.inner_dim, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
@@ -233,7 +245,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_out, bias=False) if cfg.vocab_out > 0 else None
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_out, bias=cfg.head_bias) if cfg.vocab_out > 0 else None
         self.apply(self._init_weights)
         # GPT-2 / nanoGPT: scale the residual projections by 1/sqrt(2 n_layer) so the residual
         # stream's variance does not grow with depth at initialisation.

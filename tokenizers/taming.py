@@ -76,25 +76,35 @@ class TamingTokenizer(VQModelTokenizer):
 TAMING_TARGETS = ("taming.models.vqgan.VQModel",)
 
 
-def config_from_taming_yaml(config_path: str) -> VQGANConfig:
-    """model.params of a taming project.yaml -> VQGANConfig."""
+def read_yaml(path: str, option: str) -> Any:
+    """A YAML file as an OmegaConf node; a missing file or bad YAML is a one-line error naming `option`."""
     from omegaconf import OmegaConf
 
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"tokenizer.config={config_path}: file not found")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{option}={path}: file not found")
     try:
-        conf = OmegaConf.load(config_path)
+        return OmegaConf.load(path)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         reason = getattr(e, "problem", None) or e
-        raise ValueError(f"tokenizer.config={config_path}: not valid YAML{at} ({reason})") from None
-    model = conf.get("model")
+        raise ValueError(f"{option}={path}: not valid YAML{at} ({reason})") from None
+
+
+def config_from_taming_yaml(config_path: str) -> VQGANConfig:
+    """model.params of a taming project.yaml -> VQGANConfig."""
+    return config_from_taming_model(read_yaml(config_path, "tokenizer.config").get("model"),
+                                    f"tokenizer.config={config_path}")
+
+
+def config_from_taming_model(model: Any, where: str) -> VQGANConfig:
+    """A taming VQModel's config node (target + params, as under `model:` of its project.yaml or under
+    `first_stage_config:` of a transformer's) -> VQGANConfig; `where` names it in errors."""
     if model is None or model.get("params") is None or model.params.get("ddconfig") is None:
-        raise ValueError(f"tokenizer.config={config_path} has no model.params.ddconfig (not a taming project.yaml)")
+        raise ValueError(f"{where} has no model.params.ddconfig (not a taming project.yaml)")
     target = model.get("target")
     if target is not None and target not in TAMING_TARGETS:
-        raise ValueError(f"tokenizer.config={config_path}: model.target={target} is not {TAMING_TARGETS[0]}")
+        raise ValueError(f"{where}: model.target={target} is not {TAMING_TARGETS[0]}")
     p, dd = model.params, model.params.ddconfig
     try:
         return VQGANConfig(
@@ -106,48 +116,71 @@ def config_from_taming_yaml(config_path: str) -> VQGANConfig:
             double_z=bool(dd.get("double_z", True)),
             remap=p.get("remap"), unknown_index=p.get("unknown_index", "random"))
     except Exception as e:  # missing keys in the yaml, bad values
-        raise ValueError(f"tokenizer.config={config_path}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_taming_vqgan(ckpt_path: str, config_path: str) -> VQModel:
     """A released taming-transformers VQGAN (`last.ckpt` + `project.yaml`) as a VQModel in eval mode.
-
-    The checkpoint is read with weights_only=True: no pickled code runs. Lightning
-    checkpoints also hold plain metadata (epoch, global_step, optimizer states, callbacks);
-    anything beyond tensors and containers must be on the allow-list below or loading fails.
     Keys under `loss.` (LPIPS, discriminator) are ignored."""
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"tokenizer.ckpt={ckpt_path}: file not found")
     cfg = config_from_taming_yaml(config_path)
-    with torch.device("meta"):  # no point initialising 70M weights we are about to overwrite
-        probe = VQModel(VQGANConfig(**{**cfg.__dict__, "remap": None}))
-    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    mismatch = f"tokenizer.ckpt={ckpt_path} does not match tokenizer.config={config_path}"
-    try:
-        with torch.serialization.safe_globals(_lightning_safe_globals()):
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"tokenizer.ckpt={ckpt_path} cannot be loaded safely (weights_only=True): "
-                         f"{_load_error_reason(e)}") from None
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"tokenizer.ckpt={ckpt_path} holds no state_dict")
+    sd = read_lightning_state_dict(ckpt_path, "tokenizer.ckpt")
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    return taming_vqgan_from_state_dict(sd, cfg, f"tokenizer.ckpt={ckpt_path} does not match "
+                                                 f"tokenizer.config={config_path}")
+
+
+def taming_vqgan_from_state_dict(sd: dict[str, torch.Tensor], cfg: VQGANConfig, mismatch: str) -> VQModel:
+    """The VQModel of `cfg` holding the weights `sd` (taming's key names), in eval mode; a missing, extra or
+    misshapen key is a one-line ValueError starting with `mismatch`."""
+    expected = vqgan_keys(cfg)
     if "quantize.used" in sd:  # remap baked into the checkpoint: the npy of the yaml must agree
         if cfg.remap is None:
             raise ValueError(f"{mismatch}: unexpected key quantize.used (the yaml has no remap)")
         expected["quantize.used"] = tuple(np.load(cfg.remap).shape)
-    for k, shape in expected.items():
-        if k not in sd:
-            raise ValueError(f"{mismatch}: missing key {k}")
-        if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{mismatch}: {k} has shape {tuple(sd[k].shape)}, config gives {shape}")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise ValueError(f"{mismatch}: unexpected key {extra[0]}")
+    check_keys(sd, expected, mismatch)
     model = VQModel(cfg)
     model.load_state_dict(sd, strict=cfg.remap is None or "quantize.used" in sd)
     return model.eval()
+
+
+def vqgan_keys(cfg: VQGANConfig) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of the VQModel of cfg without a remap (taming's names), in module order."""
+    with torch.device("meta"):  # no point initialising 70M weights only to read their shapes
+        probe = VQModel(VQGANConfig(**{**cfg.__dict__, "remap": None}))
+    return {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+
+
+def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], mismatch: str) -> None:
+    """sd holds exactly the keys of `expected`, each with its shape; else a one-line ValueError naming the first
+    mismatching key (missing or misshapen ones in `expected`'s order, then extra ones in sorted order)."""
+    for k, shape in expected.items():
+        if k not in sd:
+            raise ValueError(f"{mismatch}: missing key {k}")
+        if tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"{mismatch}: {k} has shape {tuple(sd[k].shape)}, config gives {tuple(shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise ValueError(f"{mismatch}: unexpected key {extra[0]}")
+
+
+def read_lightning_state_dict(path: str, option: str) -> dict[str, torch.Tensor]:
+    """The state_dict of a PyTorch Lightning 1.x checkpoint (or of a bare state-dict file), read safely.
+
+    The checkpoint is read with weights_only=True: no pickled code runs. Lightning checkpoints also hold plain
+    metadata (epoch, global_step, optimizer states, callbacks); anything beyond tensors and containers must be on
+    the allow-list of _lightning_safe_globals or loading fails, with one line naming `option`."""
+    try:
+        with torch.serialization.safe_globals(_lightning_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{option}={path} cannot be loaded safely (weights_only=True): "
+                         f"{_load_error_reason(e)}") from None
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{option}={path} holds no state_dict")
+    return sd
 
 
 def _load_error_reason(e: Exception) -> str:
