@@ -50,8 +50,7 @@ def job_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, TokensOptions]:
     try:
         return build_tokenizer(options, int(cfg.data.resolution))
     except (ValueError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(msg if msg.startswith("tokenizer") else f"tokenizer: {msg}") from None
+        raise config_error(e) from None
 
 
 def validate_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, TokensOptions]:
@@ -60,9 +59,14 @@ def validate_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, TokensOptions]:
     try:
         tokenizer.check()
     except (ValueError, KeyError, RuntimeError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(msg if msg.startswith("tokenizer") else f"tokenizer: {msg}") from None
+        raise config_error(e) from None
     return tokenizer, options
+
+
+def config_error(e: Exception) -> ConfigError:
+    """A tokenizer's error as the job's one-line ConfigError, naming the tokenizer option where it does not."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ConfigError(msg if msg.startswith("tokenizer") else f"tokenizer: {msg}")
 
 
 def tokens_key(tokenizer_key: str, options: TokensOptions) -> str:
