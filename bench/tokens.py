@@ -1,4 +1,4 @@
-"""Tokenizer and shared token cache stages, for any tokenizer of the registry tokenizers.TOKENIZERS.
+"""Tokenizer and shared token cache stages, for any tokenizer of the registry image_tokenizers.TOKENIZERS.
 
 tokenizer: the tokenizer built once per content key (`Tokenizer.build`: trained here, or the release recorded).
 tokens: the train/val images encoded once, remapped to the effective codebook

@@ -4,7 +4,8 @@
 resumable checkpoints written atomically (the task's state, the step and the RNG), resume from them, preemption
 signals turned into a checkpoint and a clean exit, the progress bar and the logger records. Its tasks: a prior's
 unit here (`UnitTraining`: AdamW, warm-up + cosine, gradient clipping, EMA weights, validation NLL with the best
-checkpoint kept; the pipeline passes the selection split of bench/data.py, never val) and the VQGAN tokenizer (tokenizers.vqgan_train.VQGANTraining).
+checkpoint kept; the pipeline passes the selection split of bench/data.py, never val) and the VQGAN tokenizer
+(image_tokenizers.vqgan_train.VQGANTraining).
 
 A prior is trained unit by unit (`Prior.units()`): AR and absorbing have one,
 ImageBART one per scale. Each unit gets `train.steps` steps of `train.batch_size`

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenizers.taming import (TAMING_TARGETS, check_keys, config_from_taming_model, read_lightning_state_dict,
+from image_tokenizers.taming import (TAMING_TARGETS, check_keys, config_from_taming_model, read_lightning_state_dict,
                                read_yaml, taming_vqgan_from_state_dict)
-from tokenizers.vqmodel import VQGANConfig, VQModel
+from image_tokenizers.vqmodel import VQGANConfig, VQModel
 from priors.imagebart import ImageBARTPrior
 from releases.mingpt import GPTShape, gpt_keys, project_state_dict
 

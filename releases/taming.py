@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
-from tokenizers.taming import (check_keys, config_from_taming_model, read_lightning_state_dict, read_yaml,
+from image_tokenizers.taming import (check_keys, config_from_taming_model, read_lightning_state_dict, read_yaml,
                                taming_vqgan_from_state_dict, vqgan_keys)
-from tokenizers.vqmodel import VQModel
+from image_tokenizers.vqmodel import VQModel
 from priors.ar import ARPrior
 from releases.mingpt import GPTShape, gpt_keys, project_state_dict
 

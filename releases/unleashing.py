@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokenizers.taming import check_keys, read_lightning_state_dict, read_yaml
+from image_tokenizers.taming import check_keys, read_lightning_state_dict, read_yaml
 from priors.absorbing import AbsorbingPrior
 from releases.mingpt import GPTShape, gpt_keys, project_state_dict
 from releases.unleashing_vqgan import UnleashingVQGAN, UnleashingVQGANConfig, autoencoder_keys

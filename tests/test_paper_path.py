@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizers.vqmodel import VQGANConfig, VQModel
+from image_tokenizers.vqmodel import VQGANConfig, VQModel
 from tests.clitools import job_results, run_cli
 from tests.test_vqgan import images, save_taming
 

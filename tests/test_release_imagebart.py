@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tokenizers.taming import vqgan_keys
+from image_tokenizers.taming import vqgan_keys
 from releases import imagebart as ib
 from tests.tolerance import EPS32, conv_network_error, log_softmax_error, rows_close, transformer_error
 

@@ -102,7 +102,7 @@ def test_release_sized_keys_equal_the_official_modules(tmp_path):
     config.write_text(yaml.safe_dump(listed["config"]))
     first, shape, _ = taming.read_config(str(config), "prior.release.config")
     vq = taming.config_from_taming_model(first, "first stage")
-    from tokenizers.taming import vqgan_keys
+    from image_tokenizers.taming import vqgan_keys
 
     expected = {f"first_stage_model.{k}": list(s) for k, s in vqgan_keys(vq).items()}
     expected |= {k: list(s) for k, s in gpt_keys(shape, "transformer.").items()}

@@ -168,7 +168,7 @@ def test_checkpoint_of_another_prior_configuration_is_refused(tmp_path):
 
 
 def test_taming_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_path):
-    from tokenizers.vqmodel import VQGANConfig, VQModel
+    from image_tokenizers.vqmodel import VQGANConfig, VQModel
 
     cfg = VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32,
                       embed_dim=8, n_embed=16)

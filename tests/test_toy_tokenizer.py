@@ -1,5 +1,6 @@
 """A second tokenizer defined in the test suite (tests/toy_tokenizer.py, tests/conf/tokenizer/toy.yaml): the
-registry's contract and a smoke sweep with the toy prior, with nothing under bench/ or tokenizers/ naming either."""
+registry's contract and a smoke sweep with the toy prior, with nothing under bench/ or image_tokenizers/ naming
+either."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -95,6 +96,7 @@ def test_a_second_tokenizer_runs_a_smoke_sweep_without_touching_bench(tmp_path):
     [data_dir] = [d for d in (tmp_path / "cache" / "data").iterdir() if d.is_dir()]
     blob = torch.load(tmp_path / "cache" / "tokens" / jobs[0]["tokens_key"] / "tokens.pt", weights_only=True)
     train = np.load(data_dir / "train.npy")
-    assert np.array_equal(blob["inverse"][blob["train"]].numpy(), brute_force_codes(train, 4, 3).reshape(len(train), -1))
-    for package in ("bench", "tokenizers"):
+    codes = brute_force_codes(train, 4, 3).reshape(len(train), -1)
+    assert np.array_equal(blob["inverse"][blob["train"]].numpy(), codes)
+    for package in ("bench", "image_tokenizers"):
         assert not any("toy" in f.read_text() for f in (ROOT / package).glob("*.py")), package

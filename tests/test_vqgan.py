@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizers.taming import load_taming_vqgan
-from tokenizers.vqgan_train import (NLayerDiscriminator, VQGANTrainConfig, calculate_adaptive_weight,
+from image_tokenizers.taming import load_taming_vqgan
+from image_tokenizers.vqgan_train import (NLayerDiscriminator, VQGANTrainConfig, calculate_adaptive_weight,
                                     encoder_outputs, hinge_d_loss, kmeans_codebook, learning_rate, lpips_available,
                                     nearest_code, restart_dead_codes, train_vqgan)
-from tokenizers.vqmodel import VQGANConfig, VQModel, VectorQuantizer
+from image_tokenizers.vqmodel import VQGANConfig, VQModel, VectorQuantizer
 from tests import tolerance as T
 
 # taming-transformers' f16 VQGAN with 1024 codes (vqgan_imagenet_f16_1024, faceshq_vqgan.yaml)

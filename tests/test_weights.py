@@ -18,7 +18,7 @@ from bench import features as FE
 from bench import keys as K
 from bench import metrics as M
 from bench.errors import ConfigError
-from tokenizers.vqgan_train import VGG16_FILE, lpips_available, provide_vgg16
+from image_tokenizers.vqgan_train import VGG16_FILE, lpips_available, provide_vgg16
 from bench.weights import sha256_prefix
 from tests.clitools import job_results, run_cli
 from tests.test_metrics import emoji_images, torch_fidelity_inception_skeleton

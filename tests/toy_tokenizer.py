@@ -1,7 +1,7 @@
 """A toy second tokenizer: each patch x patch block of pixels is one token, its mean colour with every channel
 rounded to one of `levels` values (K = levels ** 3 codes); decoding paints the block in that colour.
 
-It implements the whole `tokenizers.base.Tokenizer` interface with nothing to train, to show that a new tokenizer
+It implements the whole `image_tokenizers.base.Tokenizer` interface with nothing to train, to show that a new tokenizer
 needs no change under bench/ (tests/conf/tokenizer/toy.yaml names it by `class:`).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cache import content_key
-from tokenizers.base import Tokenizer
+from image_tokenizers.base import Tokenizer
 
 CHANNELS = 3
 

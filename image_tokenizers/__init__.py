@@ -1,4 +1,7 @@
-"""The tokenizers behind one interface (tokenizers.base.Tokenizer), by the name a config uses.
+"""The tokenizers behind one interface (image_tokenizers.base.Tokenizer), by the name a config uses.
+
+Not called `tokenizers`: HuggingFace's package of that name (installed with transformers) sits in site-packages,
+which Python searches before an editable install, so it would shadow this one.
 
 conf/tokenizer/NAME.yaml picks a class by `name:`; a tokenizer defined elsewhere (a user's own, or a test's)
 needs no entry here: its yaml names the class as `class: package.module:ClassName`.
@@ -9,9 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from priors.options import import_class, options_from
-from tokenizers.base import CLASS_KEY, NAME_KEY, TOKENS_OPTIONS, Tokenizer, TokensOptions
-from tokenizers.taming import TamingTokenizer
-from tokenizers.vqgan import VQGANTokenizer
+from image_tokenizers.base import CLASS_KEY, NAME_KEY, TOKENS_OPTIONS, Tokenizer, TokensOptions
+from image_tokenizers.taming import TamingTokenizer
+from image_tokenizers.vqgan import VQGANTokenizer
 
 # name -> class; this order is the order error messages list them in
 TOKENIZERS: dict[str, type[Tokenizer]] = {"vqgan": VQGANTokenizer, "taming": TamingTokenizer}

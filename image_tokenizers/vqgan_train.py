@@ -45,7 +45,7 @@ from torch import nn
 from torchvision.models import VGG16_Weights
 
 from bench.train import Steps, TrainingError, lr_factor, run_steps
-from tokenizers.vqmodel import VQModel, images_to_unit
+from image_tokenizers.vqmodel import VQModel, images_to_unit
 from bench.weights import Weights, hub_checkpoints, place_in_hub, resolve
 
 # torchvision's file for VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` loads

@@ -4,7 +4,7 @@ A clean re-implementation of `taming/models/vqgan.py`,
 `taming/modules/diffusionmodules/model.py` (Encoder, Decoder) and
 `taming/modules/vqvae/quantize.py` (VectorQuantizer2). Module names, and so
 state-dict keys and shapes, are taming's, so a released taming checkpoint loads
-with `tokenizers.taming.load_taming_vqgan`, and the forward pass runs the same ops in the same
+with `image_tokenizers.taming.load_taming_vqgan`, and the forward pass runs the same ops in the same
 order (swish as x*sigmoid(x), GroupNorm(32, eps=1e-6), the asymmetric
 pad-then-stride-2 downsampling, the bmm attention, the squared-distance argmin
 of the quantizer) so tokens match taming's bit for bit on the same device.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.base import Tokenizer
+from image_tokenizers.base import Tokenizer
 
 
 @dataclass

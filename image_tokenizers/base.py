@@ -2,9 +2,9 @@
 
 A tokenizer maps uint8 images (B, C, H, W) to grids of codebook ids (B, h, w) in [0, K) and back. The harness
 knows it only through this class: it is built from conf/tokenizer/NAME.yaml (`name:` picks a class of the
-registry tokenizers.TOKENIZERS, `class:` names one elsewhere), its stage is cached under `content_key`,
+registry image_tokenizers.TOKENIZERS, `class:` names one elsewhere), its stage is cached under `content_key`,
 `build` runs once per key (training the tokenizer, or recording which release the key stands for) and `load`
-makes a built one ready to `encode` and `decode`. A new tokenizer is a file in tokenizers/ and a yaml in
+makes a built one ready to `encode` and `decode`. A new tokenizer is a file in image_tokenizers/ and a yaml in
 conf/tokenizer/; nothing under bench/ names it.
 
 Options every tokenizer has (TokensOptions) say how the tokens stage uses it; a tokenizer's own options are its

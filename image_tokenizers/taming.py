@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from bench.cache import content_key
-from tokenizers.vqmodel import VQGANConfig, VQModel, VQModelTokenizer
+from image_tokenizers.vqmodel import VQGANConfig, VQModel, VQModelTokenizer
 
 
 @dataclass

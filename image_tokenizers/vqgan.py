@@ -1,8 +1,8 @@
 """The embedded default tokenizer: a taming-transformers VQGAN trained here on the job's train images
 (`tokenizer=vqgan_tiny`, `tokenizer=vqgan_smoke`).
 
-Its `model:` block is tokenizers.vqmodel.VQGANConfig (taming's ddconfig + n_embed + embed_dim), its `train:` block
-tokenizers.vqgan_train.VQGANTrainConfig (taming's VQLPIPSWithDiscriminator settings and the training aids).
+Its `model:` block is image_tokenizers.vqmodel.VQGANConfig (taming's ddconfig + n_embed + embed_dim), its `train:` block
+image_tokenizers.vqgan_train.VQGANTrainConfig (taming's VQLPIPSWithDiscriminator settings and the training aids).
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import torch
 
 from bench.cache import atomic_torch_save, content_key
 from priors.options import options_from
-from tokenizers.base import TOKENS_ONLY_OPTIONS, TOKENS_OPTIONS
-from tokenizers.vqgan_train import (VQGANTrainConfig, lpips_available, provide_vgg16, train_vqgan,
+from image_tokenizers.base import TOKENS_ONLY_OPTIONS, TOKENS_OPTIONS
+from image_tokenizers.vqgan_train import (VQGANTrainConfig, lpips_available, provide_vgg16, train_vqgan,
                                     vgg16_weights_path)
-from tokenizers.vqmodel import VQGANConfig, VQModel, VQModelTokenizer
+from image_tokenizers.vqmodel import VQGANConfig, VQModel, VQModelTokenizer
 
 log = logging.getLogger(__name__)
 
