@@ -12,7 +12,7 @@ from bench.errors import ConfigError
 
 def folder_cfg(path, **kw):
     cfg = dict(kind="folder", path=str(path), resolution=8, val_fraction=0.25, train_list=None, val_list=None,
-               limit=None)
+               limit=None, selection_fraction=0.1, selection_seed=0)  # conf/data/folder.yaml's selection
     cfg.update(kw)
     return OmegaConf.create(cfg)
 
@@ -304,7 +304,7 @@ def test_the_train_stage_trains_without_the_selection_split_and_selects_on_it(tm
     import torch
     from hydra import compose, initialize_config_dir
 
-    import bench.metrics as M
+    import bench.features as FE
     import bench.pipeline as P
     from bench.results import empty_results
     from tests.clitools import ROOT
@@ -315,12 +315,12 @@ def test_the_train_stage_trains_without_the_selection_split_and_selects_on_it(tm
                                            "data.selection_fraction=0.25", f"paths.cache={tmp_path / 'cache'}"])
     settings = P.validate(cfg)
     _, train_files, val_files = settings.files
-    job = P.Job(cfg, tmp_path / "job", settings, empty_results(), M.load_feature_extractor(None))
-    L = settings.grid[0] * settings.grid[1]
+    job = P.Job(cfg, tmp_path / "job", settings, empty_results(), FE.load_feature_extractor(None))
+    L = settings.tokenizer.grid[0] * settings.tokenizer.grid[1]
     # Row i of the stand-in tokens is constant i: train rows 0.., val rows from 1000.
     tokens = SimpleNamespace(train=torch.arange(len(train_files)).unsqueeze(1).repeat(1, L),
                              val=(1000 + torch.arange(len(val_files))).unsqueeze(1).repeat(1, L),
-                             vocab_size=settings.n_embed, grid=settings.grid, key="stand-in")
+                             vocab_size=settings.tokenizer.codebook_size, grid=settings.tokenizer.grid, key="stand-in")
     data = SimpleNamespace(train=np.zeros((len(train_files), 3, 8, 8), np.uint8), meta={"skipped": []})
     seen = {}
 
