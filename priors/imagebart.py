@@ -256,6 +256,16 @@ class ScaleModel(nn.Module):
         residual = torch.log(q_onestep_probs(x_t, beta, V, dtype))  # (B, l, V)
         return logits.to(dtype) * self.log_scale.to(dtype).exp() + residual
 
+    def residual_table(self, x_t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What output_logits adds and multiplies at every position, computed once per scale for a decoding
+        loop: (exp(s), the residual (B, L, V)), by output_logits' own operations (so the same bits); None
+        without a likelihood residual."""
+        if self.log_scale is None:
+            return None
+        dtype = torch.promote_types(dtype, torch.float32)
+        beta, V = self.cfg.residual_beta, self.cfg.vocab_size
+        return self.log_scale.to(dtype).exp(), torch.log(q_onestep_probs(x_t, beta, V, dtype))  # (), (B, L, V)
+
     def encode(self, x_t: torch.Tensor) -> torch.Tensor | None:
         """Encoder memory of x_t (B, L, D), computed once per scale; None for the decoder-only scale."""
         return None if self.encoder is None else self.encoder(x_t)  # (B, L, D)
@@ -521,6 +531,9 @@ class ImageBARTPrior(Prior):
             out[:, :first] = forced[:, :first]
             out[:, stop:] = forced[:, stop:]
         cache = model.decoder.new_cache() if use_cache else None
+        # The likelihood residual of every position, once: a cached step then adds its row instead of rebuilding
+        # it (one-hot, scale, log over (n, V)) per token.
+        table = model.residual_table(x_t, model.decoder.head.weight.dtype) if use_cache else None
         compiled_step = self.compile_mode == "on"
         step = compiled(self._decode_logits) if compiled_step else self._decode_logits
         tok = None  # the token of position i - 1, fed to the cached step at position i
@@ -536,7 +549,7 @@ class ImageBARTPrior(Prior):
             else:
                 # Only the new position goes through the cached decoder; the compiled step takes its position
                 # as a tensor (one graph for every step), the eager one as an int.
-                logits = step(model, tok[:, None], cache, positions[i:i + 1] if compiled_step else i, x_t)  # (n, V)
+                logits = step(model, tok[:, None], cache, positions[i:i + 1] if compiled_step else i, table)  # (n, V)
             tok = self._draw(logits, generator)  # (n,)
             if keep_mask is not None:
                 tok = torch.where(keep_mask[:, i], forced[:, i], tok)
@@ -545,11 +558,17 @@ class ImageBARTPrior(Prior):
 
     @staticmethod
     def _decode_logits(model: ScaleModel, tok: torch.Tensor, cache: KVCache, pos: int | torch.Tensor,
-                       x_t: torch.Tensor) -> torch.Tensor:
+                       table: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Logits (n, V) of x_{t-1} at position pos from the token before it (n, 1): one cached decoder step
-        plus the likelihood residual of x_t there. pos: int or (1,) tensor (Transformer.decode)."""
-        x_col = x_t[:, pos:pos + 1] if isinstance(pos, int) else x_t[:, pos]  # (n, 1)
-        return model.output_logits(model.decoder.decode(tok, cache, pos), x_col)[:, 0]  # (n, V)
+        plus the likelihood residual of x_t there (table: ScaleModel.residual_table, or None without one).
+        pos: int or (1,) tensor (Transformer.decode)."""
+        logits = model.decoder.decode(tok, cache, pos)[:, 0]  # (n, V)
+        if table is None:
+            return logits
+        scale, residual = table
+        # output_logits' arithmetic (logits * exp(s) + residual) in its order, on the precomputed operands.
+        return logits.to(scale.dtype) * scale + (residual[:, pos] if isinstance(pos, int) else residual[:, pos][:, 0])
+
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
