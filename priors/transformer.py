@@ -154,7 +154,8 @@ class SelfAttention(nn.Module):
         k, v = kv.write(qkv[:, 1:, :, 0].transpose(0, 1), pos)  # (B, H, n, hd), n = pos + 1 or capacity
         # One query's attention written out (two matmuls and a softmax) rather than the fused kernel, whose
         # setup outweighs its work at one query per row.
-        scores = torch.matmul(qkv[:, 0].mul_(hd ** -0.5), k.transpose(-1, -2))  # (B, H, 1, n)
+        # Scaled out of place: the product is a contiguous q, which the matmul would otherwise copy first.
+        scores = torch.matmul(qkv[:, 0] * hd ** -0.5, k.transpose(-1, -2))  # (B, H, 1, n)
         if not isinstance(pos, int):
             # The static form reads the whole buffer: positions after pos (zeros, not yet written) get weight 0.
             scores = scores.masked_fill(kv.positions > pos, float("-inf"))
@@ -182,7 +183,9 @@ class CrossAttention(nn.Module):
                 raise ValueError("cross_attn=True needs a memory (B, M, D) on the first call")
             k, v = rearrange(self.kv(memory), "b m (two h d) -> two b h m d", two=2, h=self.n_head)  # (B, H, M, hd)
             if kv is not None:
-                kv.cross_k, kv.cross_v = k, v
+                # Contiguous once here: the views rearrange returns would make every decode step's
+                # matmul copy the whole memory's keys and values again.
+                kv.cross_k, kv.cross_v = k.contiguous(), v.contiguous()
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
         return self.resid_drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))  # (B, l, D)
 
