@@ -243,6 +243,8 @@ def main() -> int:
     parser.add_argument("--absorbing-T", type=int, default=5, help="absorbing sampling steps (the sweep default T)")
     parser.add_argument("--peak-seconds", type=float, default=2.0)
     parser.add_argument("--bandwidth-seconds", type=float, default=2.0)
+    parser.add_argument("--decode-threads", type=int, default=priors.transformer.DECODE_THREADS,
+                        help="intra-op threads of the cached decoding loops (0: those of --threads)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each cached path: time, calls and bytes read per operator per step")
     parser.add_argument("--profile-rows", type=int, default=15, help="operators shown per profile (the rest summed)")
@@ -252,6 +254,7 @@ def main() -> int:
                         help="torch.compile backend of the compiled path (eager: graph capture only, for tests)")
     args = parser.parse_args()
     priors.transformer.COMPILE_BACKEND = args.compile_backend
+    priors.transformer.DECODE_THREADS = args.decode_threads or None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -259,6 +262,7 @@ def main() -> int:
     bandwidth = read_bandwidth(device, seconds=args.bandwidth_seconds)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"torch {torch.__version__}, device {device}, threads={torch.get_num_threads()}, "
+          f"decode threads {args.decode_threads or torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, ATen CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, compile backend {args.compile_backend}, measured matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s, load average {load}")

@@ -24,6 +24,8 @@ Callers apply bf16 autocast on CUDA; nothing here casts to float32 explicitly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -314,13 +316,36 @@ class Transformer(nn.Module):
         p = cache.layers[0].positions
         if p is None:
             raise ValueError("KVCache is empty: fill it with a forward(..., cache=cache) call first")
-        W = self.pos_emb.weight
-        x = F.embedding(idx[:, 0], self.tok_emb.weight) + (W[pos] if isinstance(pos, int) else W[pos][0])  # (B, D)
+        W = self.pos_emb.weight  # the row of position pos, added to every token's embedding: x (B, D)
+        x = F.embedding(idx[:, 0], self.tok_emb.weight) + (W[pos] if isinstance(pos, int) else W[pos][0])
         for block, kv in zip(self.blocks, cache.layers):
             x = block.decode(x, kv, pos)  # (B, D)
         ln = self.ln_f
         x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         return (F.linear(x, self.head.weight) if self.head is not None else x)[:, None]  # (B, 1, V) or (B, 1, D)
+
+
+# ---- the decoding loop's threads ---------------------------------------------
+
+# Intra-op CPU threads of a cached decoding loop (None: the caller's setting). A decode step is a few dozen
+# operators on B rows each, too small to split: a second thread adds a fork and join per operator, and on a
+# machine whose cores are busy each join waits for the slowest thread to be scheduled (docs/speed.md).
+DECODE_THREADS: int | None = 1
+
+
+@contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """Run a cached decoding loop on a CPU with at most DECODE_THREADS intra-op threads; restore the setting after.
+    Other devices, and a caller already at or below it, are left alone."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or DECODE_THREADS is None or before <= DECODE_THREADS:
+        yield
+        return
+    torch.set_num_threads(DECODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- compiled steps --------------------------------------------------------
