@@ -493,9 +493,9 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
                f"{fmt_value(first.get('batch_size'), 0)} on `{first.get('device')}` in "
                f"{first.get('compute_precision')} with {fmt_value(first.get('threads'), 0)} thread(s), "
                f"{'compiled' if first.get('compile') == 'on' else 'eager'} decode steps (token generation only, "
-               "warm-up batch excluded; decoding is in results.csv); % peak = model FLOPs of sampling per second "
-               f"over the device's measured matmul peak ({fmt_value((first.get('peak_flops') or float('nan')) / 1e9, 1)} "
-               "GFLOP/s)"
+               "warm-up batch excluded; decoding is in results.csv); % limit = sampling's roofline time, max(model "
+               f"FLOPs / the measured matmul peak ({fmt_value((first.get('peak_flops') or float('nan')) / 1e9, 1)} "
+               "GFLOP/s), bytes read / the measured read bandwidth), over its measured time"
                + (f"; completion with {', '.join(passes)} extra forward-backward pass(es) where a prior has the option "
                   "(0: ImageBART Tab. 3's single masked reverse pass)" if passes else "") + ".", ""]
 

@@ -59,3 +59,21 @@ def test_sampling_speed_reports_every_path_with_the_same_tokens(tmp_path):
         assert 0 < r["share_of_peak"] and (r["compile_seconds"] is not None) == (r["path"] == "compiled")
         if r["path"] != "uncached" and not r["sampler"].startswith("absorbing"):
             assert r["speedup_vs_uncached"] > 1  # the cache saves the prefix recomputation
+        # The roofline: the slower of the compute and the bandwidth bound, never below the compute bound alone.
+        assert r["bytes_per_image"] > 0 and r["share_of_roofline"] >= r["share_of_peak"]
+        assert r["share_of_roofline"] == pytest.approx(r["roofline_seconds"] / r["seconds"])
+
+
+def test_sampling_speed_profile_prints_the_operators_of_a_step(tmp_path):
+    """--profile: per cached path, the operators of one network call with their calls, time and bytes read."""
+    p = run_cli(["--shapes", "default", "--priors", "ar", "--paths", "eager", "--repeats", "1", "--threads", "1",
+                 "--peak-seconds", "0.1", "--bandwidth-seconds", "0.1", "--profile", "--profile-rows", "5"],
+                cwd=tmp_path, timeout=300, script=ROOT / "benchmarks" / "sampling_speed.py")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    out = p.stdout
+    assert "profile of ar, eager, per network call (64 per run, batch 50)" in out and "read bandwidth" in out
+    table = out[out.index("profile of ar"):].splitlines()[2:8]  # five operators, then the rest summed
+    assert len(table) == 6 and table[-1].split()[1] == "other"
+    # Every cached step runs the four projections of each of the 4 layers: 16 addmm per network call.
+    addmm = [line.split() for line in table if line.split()[0] == "aten::addmm"]
+    assert addmm and float(addmm[0][1]) == 16.0
