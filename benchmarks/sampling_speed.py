@@ -1,6 +1,8 @@
-"""Sampling speed per path (uncached, eager cached, compiled) and its share of the measured matmul peak.
+"""Sampling speed per path (uncached, eager cached, compiled), its share of the matmul peak and of its roofline.
 
-    python benchmarks/sampling_speed.py [--shapes default 256] [--threads N] [--repeats 3] [--json FILE]
+    python benchmarks/sampling_speed.py [--shapes default 256] [--priors ar imagebart absorbing]
+        [--paths uncached eager compiled] [--threads N] [--decode-threads N] [--repeats 3] [--json FILE]
+        [--profile [--profile-rows 15]]
 
 Shapes (random weights: speed does not depend on them):
 - default: the embedded default sweep's shapes: batch 50 (ImageBART Fig. 8), an 8x8 grid (64 tokens), V=130,
@@ -13,19 +15,24 @@ and compiled (`Prior.set_compile("on")`: torch.compile of the decode step / the 
 compiles, timed apart as "compile s"). All paths of a sampler draw from the same seed and must give the
 same tokens; the script checks it. Timings are interleaved rounds (every path once per round, uncached
 only in the first --uncached-repeats rounds) and the table shows medians, so a busy moment of a shared
-machine hits every path alike. FLOP/s use the model FLOPs of priors/flops.py and the peak of
-priors.flops.matmul_peak_flops (float32 square matmuls at the same thread count).
+machine hits every path alike; the load average at the start and the end is printed with them.
+
+Efficiency: FLOP/s use the model FLOPs of priors/flops.py and the peak of priors.flops.matmul_peak_flops
+(float32 square matmuls at the same thread count). "% of limit" is the path's share of its roofline
+(priors/roofline.py): max(FLOPs / peak, bytes read / read bandwidth) over the measured time, with the bytes
+counted from the architecture (weights once per call, the keys and values each call reads) and the bandwidth
+measured by priors.roofline.read_bandwidth; "(compute)" or "(bandwidth)" names the bound that sets it.
+
+--decode-threads: intra-op threads of the cached decoding loops (priors.transformer.DECODE_THREADS, 1 by
+default; 0 = all of --threads). --profile: after the timings, each cached path runs once under torch.profiler and
+once under a dispatch mode, and a table gives per network call each operator's calls, self time and bytes read
+(its tensor inputs; views read nothing), the heaviest --profile-rows first and the rest summed. The prefill and
+ImageBART's encoder pass are in the profiled run, spread over its calls; inside a compiled graph the bytes
+are not counted.
 
 On a CPU shared with other jobs, OpenMP's default spin-waiting makes every small per-token op wait for busy
 cores, so the script asks for passive waiting (OMP_WAIT_POLICY=PASSIVE) unless the caller set a policy (it
-must be set before torch is imported). With 2 threads each small op also pays for waking the second
-thread (a LayerNorm of (8, 1, 236): 6 us with 1 thread, 80-120 us with 2 on a loaded 2-core machine).
-
-Measured on the project's 2-core CPU while other jobs ran (medians of 3; peak ~115 GFLOP/s at 1 and at 2
-threads, i.e. about one free core), cached vs uncached at 256 tokens: AR 29.9x (2 threads) / 36.5x (1 thread),
-ImageBART decoder 27.9x / 33.4x; compiled vs eager: 0.91-1.0x at 256 tokens for the decoders (the static
-step reads the whole buffer), 1.05-1.26x at the default shapes, absorbing 1.03-1.12x; each graph compiles in
-3-25 s (less with inductor's on-disk cache warm).
+must be set before torch is imported). Measured figures: docs/speed.md.
 """
 from __future__ import annotations
 
