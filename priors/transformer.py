@@ -115,6 +115,13 @@ class KVCache:
         return self.length
 
 
+def _attention_scale(cfg: TransformerConfig) -> torch.Tensor:
+    """1 / sqrt(head dim) as a 0-dim tensor, for the decode steps: multiplying by a Python float makes torch wrap
+    and copy it into a tensor at every call (four more operators per layer and step); a 0-dim tensor multiplies
+    as is, and to the same bits (the float is rounded to the activations' dtype either way). Not in state_dict."""
+    return torch.tensor((cfg.d_model // cfg.n_head) ** -0.5)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -124,6 +131,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("scale", _attention_scale(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None, offset: int = 0) -> torch.Tensor:
         B, l, D = x.shape
@@ -157,7 +165,7 @@ class SelfAttention(nn.Module):
         # One query's attention written out (two matmuls and a softmax) rather than the fused kernel, whose
         # setup outweighs its work at one query per row.
         # Scaled out of place: the product is a contiguous q, which the matmul would otherwise copy first.
-        scores = torch.matmul(qkv[:, 0] * hd ** -0.5, k.transpose(-1, -2))  # (B, H, 1, n)
+        scores = torch.matmul(qkv[:, 0] * self.scale, k.transpose(-1, -2))  # (B, H, 1, n)
         if not isinstance(pos, int):
             # The static form reads the whole buffer: positions after pos (zeros, not yet written) get weight 0.
             scores = scores.masked_fill(kv.positions > pos, float("-inf"))
@@ -174,6 +182,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("scale", _attention_scale(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
         B, l, D = x.shape
@@ -198,7 +207,7 @@ class CrossAttention(nn.Module):
         B, D = x.shape
         H = self.n_head
         hd = D // H
-        q = F.linear(x, self.q.weight, self.q.bias).view(B, H, 1, hd).mul_(hd ** -0.5)
+        q = F.linear(x, self.q.weight, self.q.bias).view(B, H, 1, hd).mul_(self.scale)
         scores = torch.matmul(q, kv.cross_k.transpose(-1, -2))  # (B, H, 1, M)
         y = torch.matmul(scores.softmax(-1), kv.cross_v)  # (B, H, 1, hd)
         return F.linear(y.view(B, D), self.proj.weight, self.proj.bias)  # (B, D)
