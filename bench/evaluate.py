@@ -40,6 +40,7 @@ from bench.options import COMPILE_MODES, EvalConfig
 from bench.tokens import TokenSet, decode_tokens
 from priors.base import Prior
 from priors.flops import matmul_peak_flops, sample_flops_per_image
+from priors.roofline import read_bandwidth, roofline_seconds, sample_bytes
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +276,28 @@ def device_peak_flops(device: str, threads: int) -> float:
     return matmul_peak_flops(device)
 
 
-def efficiency(prior: Prior, seconds_per_image: float, device: torch.device) -> dict[str, float | None]:
-    """Model FLOPs per image of sample() (counted from the architecture), the FLOP/s achieved, and that as a
-    share of the device's measured matmul peak."""
+@functools.lru_cache(maxsize=None)
+def device_read_bandwidth(device: str, threads: int) -> float:
+    """The device's read bandwidth (bytes/s), measured once per process (and thread count)."""
+    return read_bandwidth(device)
+
+
+def efficiency(prior: Prior, seconds_per_image: float, device: torch.device, batch: int | None = None
+               ) -> dict[str, float | None]:
+    """Model FLOPs per image of sample() (counted from the architecture), the FLOP/s achieved, and the sampling
+    time's share of its roofline (priors/roofline.py): max(FLOPs / the measured matmul peak, bytes read at this
+    batch / the measured read bandwidth) over the time; the compute bound alone when the bytes are not counted."""
     flops = sample_flops_per_image(prior)
     peak = device_peak_flops(str(device), torch.get_num_threads())
     achieved = None if flops is None else flops / seconds_per_image
+    nbytes = None if batch is None or flops is None else sample_bytes(prior, batch)
+    if nbytes is None:
+        limit = None if flops is None else flops / peak
+    else:
+        bandwidth = device_read_bandwidth(str(device), torch.get_num_threads())
+        limit = roofline_seconds(flops, nbytes / batch, peak, bandwidth)
     return {K.SAMPLE_FLOPS_PER_IMAGE: flops, K.ACHIEVED_FLOPS: achieved, K.PEAK_FLOPS: peak,
-            K.SAMPLER_PEAK_PERCENT: None if achieved is None else 100 * achieved / peak}
+            K.SAMPLER_PEAK_PERCENT: None if limit is None else 100 * limit / seconds_per_image}
 
 
 # ---- the evaluation ------------------------------------------------------
@@ -408,7 +423,7 @@ def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
                K.BATCH_SIZE: bs, K.N_SAMPLES: len(images), K.PEAK_MEMORY_MB: None if memory_reason else peak,
                K.TIMED_BATCHES: len(t_gen) - 1, K.WARMUP_SECONDS: t_gen[0], K.COMPILE: compile_mode,
                K.COMPILE_SECONDS: max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None}
-    results.update(efficiency(prior, gen_s, device))
+    results.update(efficiency(prior, gen_s, device, bs))
     unavailable = {}
     if results[K.SAMPLE_FLOPS_PER_IMAGE] is None:
         unavailable[K.SAMPLER_PEAK_PERCENT] = f"prior={prior.name} does not count its sampling FLOPs (sample_flops)"

@@ -132,8 +132,9 @@ SAMPLE_FLOPS_PER_IMAGE = Key("sample_flops_per_image", "GFLOP/img", "FLOP", 0, s
     doc="model FLOPs of sample() per image, counted from the architecture, NFE and context lengths")
 ACHIEVED_FLOPS = Key("achieved_flops", "FLOP/s", "FLOP/s", 0, False, source="speed")
 PEAK_FLOPS = Key("peak_flops", "peak FLOP/s", "FLOP/s", 0, source="speed", doc="the device's measured matmul peak")
-SAMPLER_PEAK_PERCENT = Key("sampler_peak_percent", "% peak", "%", 1, False, source="speed", column=True,
-    doc="achieved FLOP/s of sampling as a percentage of the device's measured matmul peak")
+SAMPLER_PEAK_PERCENT = Key("sampler_peak_percent", "% limit", "%", 1, False, source="speed", column=True,
+    doc="sampling's roofline time, max(model FLOPs / matmul peak, bytes read / read bandwidth), as a "
+        "percentage of its measured time")
 COMPILE = Key("compile", "compile", source="speed", doc="eval.compile as resolved: on | off")
 COMPILE_SECONDS = Key("compile_seconds", "compile s", "s", 1, source="speed", doc="compiling, in the warm-up batch; never in s/img")
 COMPLETION_NFE = Key("completion_nfe", "completion NFE", digits=0, source="speed")

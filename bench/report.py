@@ -581,8 +581,9 @@ def protocol_section(sw: Sweep) -> list[str]:
                  f"{fmt_value(first.get(K.BATCH_SIZE), 0)} on `{first.get(K.DEVICE)}` in "
                  f"{first.get(K.COMPUTE_PRECISION)} with {fmt_value(first.get(K.THREADS), 0)} thread(s), "
                  f"{'compiled' if first.get(K.COMPILE) == 'on' else 'eager'} decode steps (token generation only, "
-                 "warm-up batch excluded; decoding is in results.csv); % peak = model FLOPs of sampling per second "
-                 f"over the device's measured matmul peak ({peak} GFLOP/s)"
+                 "warm-up batch excluded; decoding is in results.csv); % limit = sampling's roofline time, max(model "
+                 f"FLOPs / the measured matmul peak ({peak} GFLOP/s), bytes read / the measured read bandwidth), over "
+                 "its measured time"
                  + (f"; completion with {', '.join(passes)} extra forward-backward pass(es) where a prior has the "
                     "option `sample.completion_passes` (0: a single masked reverse pass)" if passes else "") + ".", ""]
 

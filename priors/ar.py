@@ -6,6 +6,7 @@ one network call per token (L calls, each on one new token through the KV cache)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -18,7 +19,8 @@ from torch import nn
 from priors.base import NLL, Prior, eval_mode, generated_span
 from priors.flops import decoder_sample_flops
 from priors.options import LogitSampling, TransformerPriorConfig, fit_arch, options_from
-from priors.transformer import Transformer, check_sampling, compiled, decode_logits, sample_logits
+from priors.transformer import (Transformer, check_sampling, compiled, decode_logits, decode_threads,
+                                sample_logits)
 
 
 @dataclass
@@ -136,7 +138,9 @@ class ARPrior(Prior):
         start = torch.full_like(out[:, :1], self.start_id)  # (B, 1)
         compiled_step = self.compile_mode == "on"
         step = compiled(decode_logits) if compiled_step else decode_logits
-        with eval_mode(self), torch.no_grad():
+        # The cached loop's steps are too small for several CPU threads; the uncached one runs whole prefixes.
+        threads = decode_threads(self.device) if use_cache else contextlib.nullcontext()
+        with eval_mode(self), torch.no_grad(), threads:
             cache = self.model.new_cache() if use_cache else None
             prev = None  # (B,) the tokens at position i - 1, fed to the cached step at position i
             for i in range(first, last + 1):

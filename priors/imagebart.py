@@ -20,6 +20,7 @@ alpha_bar_1 = 1), so every formula reads as in the paper.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ from priors.base import NLL, Prior, eval_mode, generated_span
 from priors.flops import decoder_sample_flops, encoder_flops
 from priors.options import LogitSampling, check_transformer, options_from
 from priors.transformer import (BUDGET_TOLERANCE, KVCache, Transformer, TransformerConfig, compiled, count_params,
-                                fit_d_model, sample_logits)
+                                decode_threads, fit_d_model, sample_logits)
 
 LN2 = math.log(2.0)
 
@@ -267,6 +268,16 @@ class ScaleModel(nn.Module):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 head outputs (autocast) go to fp32
         residual = torch.log(q_onestep_probs(x_t, beta, V, dtype))  # (B, l, V)
         return logits.to(dtype) * self.log_scale.to(dtype).exp() + residual
+
+    def residual_table(self, x_t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What output_logits adds and multiplies at every position, computed once per scale for a decoding
+        loop: (exp(s), the residual (B, L, V)), by output_logits' own operations (so the same bits); None
+        without a likelihood residual."""
+        if self.log_scale is None:
+            return None
+        dtype = torch.promote_types(dtype, torch.float32)
+        beta, V = self.cfg.residual_beta, self.cfg.vocab_size
+        return self.log_scale.to(dtype).exp(), torch.log(q_onestep_probs(x_t, beta, V, dtype))  # (), (B, L, V)
 
     def encode(self, x_t: torch.Tensor) -> torch.Tensor | None:
         """Encoder memory of x_t (B, L, D), computed once per scale; None for the decoder-only scale.
@@ -571,35 +582,49 @@ class ImageBARTPrior(Prior):
             out[:, :first] = forced[:, :first]
             out[:, stop:] = forced[:, stop:]
         cache = model.decoder.new_cache() if use_cache else None
+        # The likelihood residual of every position, once: a cached step then adds its row instead of rebuilding
+        # it (one-hot, scale, log over (n, V)) per token.
+        table = model.residual_table(x_t, model.decoder.head.weight.dtype) if use_cache else None
         compiled_step = self.compile_mode == "on"
         step = compiled(self._decode_logits) if compiled_step else self._decode_logits
-        tok = None  # the token of position i - 1, fed to the cached step at position i
-        for i in range(first, stop):
-            if not use_cache:
-                h = model.decoder(torch.cat([start, out[:, :i]], dim=1), memory=memory)[:, -1:]  # (n, 1, V)
-                logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
-            elif i == first:
-                # Prefill: the start id and the forced prefix in one call, which also projects the memory once.
-                h = model.decoder(torch.cat([start, out[:, :first]], dim=1), memory=memory, cache=cache)[:, -1:]
-                logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
-                positions = cache.layers[0].positions  # arange(L) on the device: the static step's positions
-            else:
-                # Only the new position goes through the cached decoder; the compiled step takes its position
-                # as a tensor (one graph for every step), the eager one as an int.
-                logits = step(model, tok[:, None], cache, positions[i:i + 1] if compiled_step else i, x_t)  # (n, V)
-            tok = self._draw(logits, generator)  # (n,)
-            if keep_mask is not None:
-                tok = torch.where(keep_mask[:, i], forced[:, i], tok)
-            out[:, i] = tok
+        # The cached loop's steps are too small for several CPU threads (the encoder pass above is not).
+        with decode_threads(x_t.device) if use_cache else contextlib.nullcontext():
+            tok = None  # the token of position i - 1, fed to the cached step at position i
+            for i in range(first, stop):
+                if not use_cache:
+                    h = model.decoder(torch.cat([start, out[:, :i]], dim=1), memory=memory)[:, -1:]  # (n, 1, V)
+                    logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
+                elif i == first:
+                    # Prefill: the start id and the forced prefix in one call, which also projects the memory once.
+                    prefix = torch.cat([start, out[:, :first]], dim=1)  # (n, first + 1)
+                    h = model.decoder(prefix, memory=memory, cache=cache)[:, -1:]  # (n, 1, V)
+                    logits = model.output_logits(h, x_t[:, i:i + 1])[:, 0]  # (n, V)
+                    positions = cache.layers[0].positions  # arange(L) on the device: the static step's positions
+                else:
+                    # Only the new position goes through the cached decoder; the compiled step takes its position
+                    # as a tensor (one graph for every step), the eager one as an int.
+                    pos = positions[i:i + 1] if compiled_step else i
+                    logits = step(model, tok[:, None], cache, pos, table)  # (n, V)
+                tok = self._draw(logits, generator)  # (n,)
+                if keep_mask is not None:
+                    tok = torch.where(keep_mask[:, i], forced[:, i], tok)
+                out[:, i] = tok
         return out
 
     @staticmethod
     def _decode_logits(model: ScaleModel, tok: torch.Tensor, cache: KVCache, pos: int | torch.Tensor,
-                       x_t: torch.Tensor) -> torch.Tensor:
+                       table: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Logits (n, V) of x_{t-1} at position pos from the token before it (n, 1): one cached decoder step
-        plus the likelihood residual of x_t there. pos: int or (1,) tensor (Transformer.decode)."""
-        x_col = x_t[:, pos:pos + 1] if isinstance(pos, int) else x_t[:, pos]  # (n, 1)
-        return model.output_logits(model.decoder.decode(tok, cache, pos), x_col)[:, 0]  # (n, V)
+        plus the likelihood residual of x_t there (table: ScaleModel.residual_table, or None without one).
+        pos: int or (1,) tensor (Transformer.decode)."""
+        logits = model.decoder.decode(tok, cache, pos)[:, 0]  # (n, V)
+        if table is None:
+            return logits
+        scale, residual = table
+        # output_logits' arithmetic (logits * exp(s) + residual) in its order, on the precomputed operands.
+        row = residual[:, pos] if isinstance(pos, int) else residual[:, pos][:, 0]  # (n, V)
+        return logits.to(scale.dtype) * scale + row
+
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

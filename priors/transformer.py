@@ -24,6 +24,8 @@ Callers apply bf16 autocast on CUDA; nothing here casts to float32 explicitly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,8 +68,10 @@ class LayerKV:
 
     def __init__(self, capacity: int):
         self.capacity = capacity  # the model's seq_len: buffers are allocated once at this length
-        self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
-        self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
+        # Keys and values share one buffer (2, B, H, capacity, hd), so that a decode step writes both with one copy.
+        self.kv: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # (B, H, capacity, hd), a view of kv[0]
+        self.v: torch.Tensor | None = None  # (B, H, capacity, hd), a view of kv[1]
         self.cross_k: torch.Tensor | None = None  # (B, H, M, hd), keys of the memory
         self.cross_v: torch.Tensor | None = None  # (B, H, M, hd), values of the memory
         self.positions: torch.Tensor | None = None  # arange(capacity) on the buffers' device: the static mask
@@ -75,35 +79,33 @@ class LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, H, l, hd) at [offset, offset + l); return all (B, H, offset + l, hd)."""
         B, H, l, hd = k.shape
-        if self.k is None:
+        if self.kv is None:
             # Preallocated instead of torch.cat per step: concatenation would copy the whole
             # cache at every token, O(L^2) memory traffic over one sample. Zeros, not empty:
             # the static decode step reads unwritten positions (masked, with weight 0, and
             # 0 * NaN garbage would still be NaN).
-            self.k = k.new_zeros(B, H, self.capacity, hd)
-            self.v = v.new_zeros(B, H, self.capacity, hd)
+            self.kv = k.new_zeros(2, B, H, self.capacity, hd)
             self.positions = torch.arange(self.capacity, device=k.device)
-        elif self.k.shape[0] != B:
-            raise ValueError(f"KVCache holds batch size {self.k.shape[0]}, got {B}; use a new cache")
-        self.k[:, :, offset:offset + l] = k
-        self.v[:, :, offset:offset + l] = v
+        elif self.kv.shape[1] != B:
+            raise ValueError(f"KVCache holds batch size {self.kv.shape[1]}, got {B}; use a new cache")
+        self.kv[0, :, :, offset:offset + l] = k
+        self.kv[1, :, :, offset:offset + l] = v
+        self.k, self.v = self.kv[0], self.kv[1]  # views taken after the writes (autograd tracks the base's version)
         return self.k[:, :, :offset + l], self.v[:, :, :offset + l]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one position's keys/values (B, H, 1, hd) into the allocated buffers.
+    def write(self, kv: torch.Tensor, pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position's keys and values kv (2, B, H, hd) into the allocated buffer, one copy for both.
 
-        pos int: return the prefix (B, H, pos + 1, hd). pos (1,) tensor: an index_put_ (which
-        torch.compile keeps in place) and the whole buffers (B, H, capacity, hd), for a masked read.
+        pos int: return the written prefixes k, v (B, H, pos + 1, hd): attention reads the filled part only.
+        pos (1,) tensor: an index_put_ (which torch.compile keeps in place) and the whole buffers
+        (B, H, capacity, hd), for a masked read.
         """
-        if self.k is None:
+        if self.kv is None:
             raise ValueError("KVCache is empty: fill it with a forward(..., cache=cache) call first")
         if isinstance(pos, int):
-            self.k[:, :, pos] = k[:, :, 0]
-            self.v[:, :, pos] = v[:, :, 0]
+            self.kv[:, :, :, pos] = kv
             return self.k[:, :, :pos + 1], self.v[:, :, :pos + 1]
-        self.k[:, :, pos] = k
-        self.v[:, :, pos] = v
+        self.kv[:, :, :, pos] = kv.unsqueeze(3)
         return self.k, self.v
 
 
@@ -124,6 +126,13 @@ class KVCache:
         return self.length
 
 
+def _attention_scale(cfg: TransformerConfig) -> torch.Tensor:
+    """1 / sqrt(head dim) as a 0-dim tensor, for the decode steps: multiplying by a Python float makes torch wrap
+    and copy it into a tensor at every call (four more operators per layer and step); a 0-dim tensor multiplies
+    as is, and to the same bits (the float is rounded to the activations' dtype either way). Not in state_dict."""
+    return torch.tensor((cfg.inner_dim // cfg.n_head) ** -0.5)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -133,6 +142,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.inner_dim)
         self.proj = nn.Linear(cfg.inner_dim, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("scale", _attention_scale(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None, offset: int = 0) -> torch.Tensor:
         B, l, D = x.shape
@@ -153,24 +163,26 @@ class SelfAttention(nn.Module):
         return self.resid_drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))  # (B, l, D)
 
     def decode(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor) -> torch.Tensor:
-        """One new position per row (see Transformer.decode). (B, 1, D) -> (B, 1, D)
+        """One new position per row (see Transformer.decode). (B, D) -> (B, D), the projection's output.
 
-        Plain views here, not einops: this step runs once per generated token, where a pattern lookup per call
-        is measurable overhead."""
+        Functional calls on 2-D rows, not the modules nor einops: this step runs once per generated token, where
+        every module call, pattern lookup and reshape of a (B, 1, D) activation is overhead of the same order
+        as the work."""
         B = x.shape[0]
         D = self.proj.in_features  # the attention's width (d_model unless attn_dim is set)
-        hd = D // self.n_head
-        qkv = self.qkv(x).view(B, 3, self.n_head, 1, hd)  # (B, 3, H, 1, hd): one matmul for q, k, v
-        k, v = kv.write(qkv[:, 1], qkv[:, 2], pos)  # (B, H, n, hd), n = pos + 1 or capacity
+        H = self.n_head
+        hd = D // H
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, H, 1, hd)  # one matmul for q, k, v
+        k, v = kv.write(qkv[:, 1:, :, 0].transpose(0, 1), pos)  # (B, H, n, hd), n = pos + 1 or capacity
         # One query's attention written out (two matmuls and a softmax) rather than the fused kernel, whose
-        # setup outweighs its work at one query per row: on 2 CPU cores at the default shapes a compiled step
-        # took 0.80 ms instead of 0.97 ms (inductor fuses the scale, mask and softmax), an eager one no longer.
-        scores = torch.matmul(qkv[:, 0] * hd ** -0.5, k.transpose(-1, -2))  # (B, H, 1, n)
+        # setup outweighs its work at one query per row.
+        # Scaled out of place: the product is a contiguous q, which the matmul would otherwise copy first.
+        scores = torch.matmul(qkv[:, 0] * self.scale, k.transpose(-1, -2))  # (B, H, 1, n)
         if not isinstance(pos, int):
             # The static form reads the whole buffer: positions after pos (zeros, not yet written) get weight 0.
             scores = scores.masked_fill(kv.positions > pos, float("-inf"))
         y = torch.matmul(scores.softmax(-1), v)  # (B, H, 1, hd): every key up to pos precedes the query
-        return self.proj(y.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+        return F.linear(y.view(B, D), self.proj.weight, self.proj.bias)  # (B, D): heads are contiguous in y
 
 
 class CrossAttention(nn.Module):
@@ -182,6 +194,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.inner_dim)
         self.proj = nn.Linear(cfg.inner_dim, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("scale", _attention_scale(cfg), persistent=False)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
         B, l, D = x.shape
@@ -193,9 +206,24 @@ class CrossAttention(nn.Module):
                 raise ValueError("cross_attn=True needs a memory (B, M, D) on the first call")
             k, v = rearrange(self.kv(memory), "b m (two h d) -> two b h m d", two=2, h=self.n_head)  # (B, H, M, hd)
             if kv is not None:
-                kv.cross_k, kv.cross_v = k, v
+                # Contiguous once here: the views rearrange returns would make every decode step's
+                # matmul copy the whole memory's keys and values again.
+                kv.cross_k, kv.cross_v = k.contiguous(), v.contiguous()
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, l, hd)
         return self.resid_drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))  # (B, l, D)
+
+    def decode(self, x: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """One new position per row against the memory's cached keys/values. (B, D) -> (B, D)
+
+        Written out like SelfAttention.decode: the fused kernel's setup costs more than one query's work."""
+        B = x.shape[0]
+        D = self.proj.in_features  # the attention's width (d_model unless attn_dim is set)
+        H = self.n_head
+        hd = D // H
+        q = F.linear(x, self.q.weight, self.q.bias).view(B, H, 1, hd).mul_(self.scale)
+        scores = torch.matmul(q, kv.cross_k.transpose(-1, -2))  # (B, H, 1, M)
+        y = torch.matmul(scores.softmax(-1), kv.cross_v)  # (B, H, 1, hd)
+        return F.linear(y.view(B, D), self.proj.weight, self.proj.bias)  # (B, D)
 
 
 class MLP(nn.Module):
@@ -229,11 +257,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
     def decode(self, x: torch.Tensor, kv: LayerKV, pos: int | torch.Tensor) -> torch.Tensor:
-        """One new position per row through the cache; the memory's K/V are already in it. (B, 1, D)"""
-        x = x + self.attn.decode(self.ln_attn(x), kv, pos)
+        """One new position per row through the cache; the memory's K/V are already in it. (B, D) -> (B, D)
+
+        Each residual branch's output buffer takes the residual in place (add_): no extra allocation per branch."""
+        ln = self.ln_attn
+        x = self.attn.decode(F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps), kv, pos).add_(x)
         if self.cross is not None:
-            x = x + self.cross(self.ln_cross(x), None, kv)
-        return x + self.mlp(self.ln_mlp(x))
+            ln = self.ln_cross
+            x = self.cross.decode(F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps), kv).add_(x)
+        ln, mlp = self.ln_mlp, self.mlp
+        h = F.gelu(F.linear(F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps), mlp.fc.weight,
+                            mlp.fc.bias))  # (B, 4D)
+        return F.linear(h, mlp.proj.weight, mlp.proj.bias).add_(x)
 
 
 class Transformer(nn.Module):
@@ -303,11 +338,36 @@ class Transformer(nn.Module):
         p = cache.layers[0].positions
         if p is None:
             raise ValueError("KVCache is empty: fill it with a forward(..., cache=cache) call first")
-        x = self.tok_emb(idx) + self.pos_emb(p[pos:pos + 1] if isinstance(pos, int) else pos)  # (B, 1, D)
+        W = self.pos_emb.weight  # the row of position pos, added to every token's embedding: x (B, D)
+        x = F.embedding(idx[:, 0], self.tok_emb.weight) + (W[pos] if isinstance(pos, int) else W[pos][0])
         for block, kv in zip(self.blocks, cache.layers):
-            x = block.decode(x, kv, pos)  # (B, 1, D)
-        x = self.ln_f(x)
-        return self.head(x) if self.head is not None else x  # (B, 1, vocab_out) or (B, 1, D)
+            x = block.decode(x, kv, pos)  # (B, D)
+        ln = self.ln_f
+        x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return (F.linear(x, self.head.weight) if self.head is not None else x)[:, None]  # (B, 1, V) or (B, 1, D)
+
+
+# ---- the decoding loop's threads ---------------------------------------------
+
+# Intra-op CPU threads of a cached decoding loop (None: the caller's setting). A decode step is a few dozen
+# operators on B rows each, too small to split: a second thread adds a fork and join per operator, and on a
+# machine whose cores are busy each join waits for the slowest thread to be scheduled (docs/speed.md).
+DECODE_THREADS: int | None = 1
+
+
+@contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """Run a cached decoding loop on a CPU with at most DECODE_THREADS intra-op threads; restore the setting after.
+    Other devices, and a caller already at or below it, are left alone."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or DECODE_THREADS is None or before <= DECODE_THREADS:
+        yield
+        return
+    torch.set_num_threads(DECODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- compiled steps --------------------------------------------------------
@@ -415,11 +475,21 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B,) int64; temperature, then top-k, then top-p."""
+    """One token per row of logits (B, V) -> (B,) int64; temperature, then top-k, then top-p.
+
+    The draw is torch.multinomial(probs, 1)'s own algorithm, written out: argmax(probs / q) with q ~ Exp(1) drawn
+    by exponential_ from the same generator (the exponential race, i.e. the Gumbel-max trick), so the tokens and
+    the generator's state are those of multinomial, bit for bit. multinomial first checks the probabilities
+    (min, max, row sums: ten more operations per call, a quarter of a cached decode step's operations at the
+    default shapes); softmax of logits that are finite or -inf cannot fail them.
+    """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # softmax/cumsum of a bf16 head output would distort the tail
-    logits = filter_logits(logits / temperature, top_k, top_p)  # (B, V)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+    if temperature != 1.0:  # x / 1.0 is x exactly: skipping it changes no bit
+        logits = logits / temperature
+    probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)  # (B, V)
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return torch.argmax(probs / q, dim=-1)  # (B,)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -49,13 +49,37 @@ def test_sampling_speed_reports_every_path_with_the_same_tokens(tmp_path):
                  "--compile-backend", "eager", "--json", str(out)],
                 cwd=tmp_path, timeout=300, script=ROOT / "benchmarks" / "sampling_speed.py")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    # The shares use the better of the peaks (and bandwidths) measured at the start and at the end.
+    assert report["peak_flop_per_s"] == max(report["measured"]["peak_flop_per_s"])
+    assert report["read_bytes_per_s"] == max(report["measured"]["read_bytes_per_s"])
     got = {(r["sampler"].split()[0], r["path"]) for r in rows}
     assert got == {(s, path) for s in ("ar", "imagebart") for path in ("uncached", "eager", "compiled")} | {
         ("absorbing", "eager"), ("absorbing", "compiled")}
     for r in rows:
         assert r["same_tokens"] and r["batch"] == 50 and r["threads"] == 1
         assert r["flop_per_s"] == pytest.approx(r["flops_per_image"] * 50 / r["seconds"])  # a few roundings
+        assert r["share_of_peak"] == pytest.approx(r["flop_per_s"] / report["peak_flop_per_s"])
         assert 0 < r["share_of_peak"] and (r["compile_seconds"] is not None) == (r["path"] == "compiled")
         if r["path"] != "uncached" and not r["sampler"].startswith("absorbing"):
             assert r["speedup_vs_uncached"] > 1  # the cache saves the prefix recomputation
+        # The roofline: the slower of the compute and the bandwidth bound, never below the compute bound alone.
+        # (equal when compute-bound, up to the two routes' four float64 roundings of 2^-53 each)
+        assert r["bytes_per_image"] > 0 and r["share_of_roofline"] >= r["share_of_peak"] * (1 - 4 * 2.0 ** -53)
+        assert r["share_of_roofline"] == pytest.approx(r["roofline_seconds"] / r["seconds"])
+
+
+def test_sampling_speed_profile_prints_the_operators_of_a_step(tmp_path):
+    """--profile: per cached path, the operators of one network call with their calls, time and bytes read."""
+    p = run_cli(["--shapes", "default", "--priors", "ar", "--paths", "eager", "--repeats", "1", "--threads", "1",
+                 "--peak-seconds", "0.1", "--bandwidth-seconds", "0.1", "--profile", "--profile-rows", "5"],
+                cwd=tmp_path, timeout=300, script=ROOT / "benchmarks" / "sampling_speed.py")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    out = p.stdout
+    assert "profile of ar, eager, per network call (64 per run, batch 50)" in out and "read bandwidth" in out
+    table = out[out.index("profile of ar"):].splitlines()[2:8]  # five operators, then the rest summed
+    assert len(table) == 6 and table[-1].split()[1] == "other"
+    # Every cached step runs the four projections of each of the 4 layers: 16 addmm per network call.
+    addmm = [line.split() for line in table if line.split()[0] == "aten::addmm"]
+    assert addmm and float(addmm[0][1]) == 16.0

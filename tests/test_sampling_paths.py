@@ -192,3 +192,32 @@ def test_uncached_flops_exceed_cached_by_the_prefix_recomputation():
 def test_matmul_peak_is_measured():
     peak = matmul_peak_flops("cpu", seconds=0.05, n=256)
     assert 1e8 < peak < 1e13  # FLOP/s of one or two CPU cores
+
+
+@pytest.mark.parametrize("name", ["ar", "imagebart"])
+def test_cached_loop_runs_on_decode_threads_and_restores_the_callers(name, monkeypatch):
+    """The cached decoding loop runs with DECODE_THREADS intra-op threads; the uncached path and ImageBART's encoder
+    keep the caller's, and the caller's setting is back afterwards (also with DECODE_THREADS = None: untouched)."""
+    prior = smoke_prior(name)
+    seen = {"decode": set(), "forward": set()}
+    for m in prior.modules():
+        if isinstance(m, tf.Transformer):
+            m.register_forward_hook(lambda *a: seen["forward"].add(torch.get_num_threads()))
+            real = m.decode
+            m.decode = lambda *a, real=real, **k: seen["decode"].add(torch.get_num_threads()) or real(*a, **k)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        draw(prior, use_cache=True)
+        assert seen["decode"] == {1} and torch.get_num_threads() == 2
+        if name == "imagebart":
+            assert 2 in seen["forward"]  # the encoder pass, before the loop
+        seen["forward"].clear()
+        draw(prior, use_cache=False)
+        assert seen["forward"] == {2} and torch.get_num_threads() == 2
+        monkeypatch.setattr(tf, "DECODE_THREADS", None)
+        seen["decode"].clear()
+        draw(prior, use_cache=True)
+        assert seen["decode"] == {2}
+    finally:
+        torch.set_num_threads(before)

@@ -259,3 +259,55 @@ def test_sample_logits_follows_temperature():
         freq = torch.bincount(tokens, minlength=3).double() / 20000
         expected = (logits[0].double() / temperature).softmax(-1)
         assert (freq - expected).abs().max() < 4 * (0.25 / 20000) ** 0.5
+
+
+@pytest.mark.parametrize("V, B", [(5, 1), (130, 50), (1024, 8)])
+def test_sample_logits_draws_what_multinomial_draws(V, B):
+    """sample_logits writes out torch.multinomial's exponential race without its checks: for every seed the same
+    tokens and the same generator state afterwards (what keeps samples of earlier runs reproducible)."""
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(V)) * 3
+    logits[:, 0] = float("-inf")  # a filtered-out token: probability exactly 0, never drawn
+    for temperature in (1.0, 0.7):
+        for seed in range(20):
+            g_ref, g = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            ref = torch.multinomial((logits / temperature).softmax(-1), 1, generator=g_ref).squeeze(-1)
+            got = sample_logits(logits, temperature, generator=g)
+            assert torch.equal(got, ref)
+            assert torch.equal(g.get_state(), g_ref.get_state())
+            assert (got != 0).all()
+
+
+class CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Elements written by copy-like operators (copy_, clone, index_put_; contiguous() copies through them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        if name in ("aten::copy_", "aten::clone"):
+            self.elements += out.numel()
+        elif name in ("aten::index_put_", "aten::_index_put_impl_"):
+            self.elements += args[2].numel()  # the values written, not the whole destination
+        return out
+
+
+@pytest.mark.parametrize("form", ["int", "tensor"])
+def test_decode_step_copies_only_the_new_position(form):
+    """A decode step writes each layer's new keys and values (2 B D elements) and copies nothing else: not the
+    cache's earlier positions, not the memory's cross-attention keys and values (which would make the step's
+    cost grow with the context beyond the attention's own reads)."""
+    model = tiny(causal=True, cross_attn=True, n_layer=2)
+    B, D, M = 3, model.cfg.d_model, 7
+    memory = torch.randn(B, M, D, generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 13, (B, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(idx[:, :4], memory=memory, cache=cache)
+        pos = 4 if form == "int" else cache.layers[0].positions[4:5]
+        counter = CopyCounter()
+        with counter:
+            model.decode(idx[:, 4:5], cache, pos)
+    assert counter.elements == model.cfg.n_layer * 2 * B * D
