@@ -52,7 +52,7 @@ from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokens_key, val
 from bench.train import StopFlag, resolve_unit_workers, train_units
 from priors import Prior, build_prior, prior_class
 from priors.flops import matmul_peak_flops
-from tokenizers import Tokenizer, TokensOptions
+from image_tokenizers import Tokenizer, TokensOptions
 
 log = logging.getLogger("priorbench")
 

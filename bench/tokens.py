@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from bench.cache import cached_stage, content_key, read_meta
 from bench.data import ImageData
 from bench.errors import ConfigError
-from tokenizers import Tokenizer, TokensOptions, build_tokenizer
+from image_tokenizers import Tokenizer, TokensOptions, build_tokenizer
 
 log = logging.getLogger(__name__)
 

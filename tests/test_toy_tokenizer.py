@@ -14,7 +14,7 @@ from bench.errors import ConfigError
 from bench.tokens import job_tokenizer
 from tests.clitools import ROOT, job_results, run_cli
 from tests.toy_tokenizer import ToyOptions, ToyTokenizer
-from tokenizers import TOKENIZERS, build_tokenizer
+from image_tokenizers import TOKENIZERS, build_tokenizer
 
 CONF = Path(__file__).resolve().parent / "conf"
 TOY = {"name": "toy", "class": "tests.toy_tokenizer:ToyTokenizer", "patch": 4, "levels": 3,
