@@ -344,7 +344,8 @@ class Transformer(nn.Module):
             x = block.decode(x, kv, pos)  # (B, D)
         ln = self.ln_f
         x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return (F.linear(x, self.head.weight) if self.head is not None else x)[:, None]  # (B, 1, V) or (B, 1, D)
+        out = F.linear(x, self.head.weight, self.head.bias) if self.head is not None else x  # (B, V) or (B, D)
+        return out[:, None]
 
 
 # ---- the decoding loop's threads ---------------------------------------------

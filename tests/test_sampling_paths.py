@@ -19,6 +19,7 @@ from priors import build_prior
 from priors.flops import (call_flops, decoder_sample_flops, encoder_flops, matmul_peak_flops,
                           matmul_weights_per_token, sample_flops_per_image)
 from priors.transformer import TransformerConfig
+from tests.toy_prior import ToyPrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +187,7 @@ def test_uncached_flops_exceed_cached_by_the_prefix_recomputation():
     L = prior.seq_len
     # Roughly (L + 1) / 2 times the matmul work: the call at position i recomputes i + 1 positions.
     assert 0.8 * (L + 1) / 2 < uncached / cached < 1.2 * (L + 1) / 2
-    assert sample_flops_per_image(object()) is None  # a prior that declares no count
+    assert sample_flops_per_image(ToyPrior(4, (2, 2))) is None  # a prior that declares no count (Prior's default)
 
 
 def test_matmul_peak_is_measured():

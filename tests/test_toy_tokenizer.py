@@ -48,7 +48,7 @@ def test_the_registry_builds_a_tokenizer_named_by_class():
 @pytest.mark.parametrize("change, message", [
     ({"name": "nope", "class": None}, r"^tokenizer\.name=nope is not one of: vqgan, taming$"),
     ({"class": "tests.toy_prior:ToyPrior"}, r"^tokenizer\.class=tests\.toy_prior:ToyPrior is not a "
-                                            r"tokenizers\.base\.Tokenizer subclass$"),
+                                            r"image_tokenizers\.base\.Tokenizer subclass$"),
     ({"patchh": 4}, r"^tokenizer\.patchh is not an option of tokenizer=toy \(options: patch, levels, "
                     r"encode_batch_size, hflip_train\)$"),
     ({"levels": "3"}, r"^tokenizer\.levels='3': expected an integer$"),
