@@ -89,7 +89,8 @@ class WandbLogger(NullLogger):
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         import wandb
 
-        self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        # str(): W&B accepts exactly str column names, not a str subclass such as a bench.keys.Key.
+        self.run.log({key: wandb.Table(columns=[str(c) for c in columns], data=rows)})
 
     def log_artifact(self, name: str, kind: str, paths: list[Path]) -> None:
         import wandb
@@ -107,7 +108,7 @@ class WandbLogger(NullLogger):
         """Evaluation metrics once, in the summary (eval/<key>), and results.json as an artifact."""
         values = {f"eval/{k.name}": results.get(k.name) for k in SCHEMA}
         for key in (K.STATUS, K.ERROR):
-            values[key] = results.get(key)
+            values[str(key)] = results.get(key)
         for k, v in results.items():
             if k.endswith("_ci") and isinstance(v, list) and len(v) == 2:
                 values[f"eval/{k}_lo"], values[f"eval/{k}_hi"] = v

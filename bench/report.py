@@ -438,10 +438,11 @@ def summary_frame(points: list[Point], ref: Point | None) -> pd.DataFrame:
     """One row per point: mean, standard error, 95% interval, p-value against the reference, significance."""
     rows = []
     for pt in points:
-        row: dict[str, Any] = {K.PRIOR: pt.prior, K.T: pt.T, **pt.settings, "n_seeds": pt.n_seeds,
+        # Plain str column names (not bench.keys.Key): the table goes on to W&B, which checks exact types.
+        row: dict[str, Any] = {str(K.PRIOR): pt.prior, str(K.T): pt.T, **pt.settings, "n_seeds": pt.n_seeds,
                                "is_reference": pt is ref}
         for k, e in pt.est.items():
-            row[k] = e.value if finite(e.value) else None
+            row[str(k)] = e.value if finite(e.value) else None
             row[f"{k}_se"] = e.se
             row[f"{k}_ci_lo"], row[f"{k}_ci_hi"] = e.ci if e.ci else (None, None)
             if k in pt.p:

@@ -37,12 +37,13 @@ class ResultsError(ValueError):
 
 
 def empty_results() -> dict[str, Any]:
-    """Every schema key (None), every interval key, and the maps each job fills."""
-    r: dict[str, Any] = {k: None for k in SCHEMA}
+    """Every schema key (None), every interval key, and the maps each job fills; plain str keys, so the dict and
+    the DataFrame built on it carry no bench.keys.Key objects into libraries that check exact types (W&B)."""
+    r: dict[str, Any] = {str(k): None for k in SCHEMA}
     for k in INTERVAL_KEYS:
         r[k.ci] = None
         r[k.se] = None
-    r.update({K.STATUS: "ok", K.UNAVAILABLE: {}, K.STAGE_SECONDS: {}})
+    r.update({str(K.STATUS): "ok", str(K.UNAVAILABLE): {}, str(K.STAGE_SECONDS): {}})
     return r
 
 

@@ -127,3 +127,8 @@ def test_an_evaluation_part_written_with_key_constants_resumes_without_recomputi
     assert len(calls) == 1
     assert again["results"] == {"fid": 1.5} and again[K.UNAVAILABLE] == {"is_mean": "no logits"}
     assert torch.equal(again["per_sequence"], first["per_sequence"])
+
+
+def test_tables_handed_to_other_libraries_have_plain_str_names():
+    """W&B's Table accepts exactly str column names: results and report summaries carry no Key objects."""
+    assert all(type(k) is str for k in empty_results())

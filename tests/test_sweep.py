@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.keys import KEYS
+from bench.keys import SCHEMA
 from bench.results import load_results
 from tests import wandbtools as W
 
@@ -151,7 +151,7 @@ def test_load_results_is_one_row_per_job_with_every_key_and_override(sweep):
     root, _ = sweep
     df = load_results(root / "multirun" / "smoke")
     assert len(df) == 12 and not df["stale"].any()
-    assert set(KEYS) <= set(df.columns)
+    assert set(SCHEMA) <= set(df.columns)
     assert {"override.prior", "override.T", "override.experiment", "cfg.train.steps", "job_dir", "sweep"} <= set(df.columns)
     # AR's T does not apply: its four jobs are one point; every other (prior, T) is its own point.
     assert df["point"].nunique() == 9
