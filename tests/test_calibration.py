@@ -43,6 +43,7 @@ NEW = pytest.param(False, id="protocol")
 
 def check_ratio(cal: C.Calibration, label: str) -> None:
     lo, hi = cal.band(CLAIM, Z)
+    print(label, dict(zip(cal.names, np.round(cal.ratio, 2))), "Monte Carlo sd (log)", np.round(cal.log_sd, 3))
     assert (hi < MAX_RATIO).all() and (lo > 1 / MAX_RATIO).all(), (label, "simulation too small", lo, hi)
     ok = (lo <= cal.ratio) & (cal.ratio <= hi)
     assert ok.all(), (label, dict(zip(cal.names, np.round(cal.ratio, 3))), lo, hi)
