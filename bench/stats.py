@@ -19,11 +19,12 @@ true spread on simulated features (tests/test_calibration.py; docs/protocol.md h
   matrix (`KIDResampler.variance`). A bootstrap duplicate adds k(x, x) to the fake-fake term.
 - PRDC: subsets of distinct fakes. Precision and density are means over the fakes (given the fixed reals): the
   delete-d jackknife on subsets of r = 0.6 n, variance (r / d) var(replicates) (Shao & Wu 1989), is exact for
-  them; recall (whose fake radii grow as fakes are deleted) matched its true spread at that size. Coverage near 1 falls faster with the number of fakes than a fixed power (a real stays
-  uncovered with probability (1 - q)^m): `rate_variance` estimates its rate from subsets of 0.4 n and 0.8 n (Bertail, Politis &
-  Romano 1999). Recall and coverage, shares of m real rows, keep the binomial sqrt(p (1 - p) / m) as a floor on
-  their se (p clipped to [1/m, 1 - 1/m]): near 0 or 1 a share barely moves under any resampling, but another
-  sample set still can flip a real row.
+  them; recall (whose fake radii grow as fakes are deleted) matched its true spread at that size. Coverage near 1
+  falls faster with the number of fakes than a fixed power (a real stays uncovered with probability (1 - q)^m):
+  `rate_variance` estimates its rate from subsets of 0.4 n and 0.8 n (Bertail, Politis & Romano 1999).
+  Recall and coverage, shares of m real rows, keep the binomial sqrt(p (1 - p) / m) as a floor on their se
+  (p clipped to [1/m, 1 - 1/m]): near 0 or 1 a share barely moves under any resampling, but another sample set
+  still can flip a real row.
 - IS: the bootstrap. IS is a mean of ten splits' scores, each a smooth function of its rows' mean p(y|x) that a
   duplicated row barely moves; subsets are the wrong tool for it, since a subset's splits are smaller and IS
   changes with the split size itself.

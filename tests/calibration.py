@@ -7,12 +7,12 @@ this N (the reference held fixed, as in a table column). The estimator under tes
 the same sets; calibration = sqrt(mean se^2) / true spread, which is 1 for a correct estimator.
 
 Its Monte Carlo error is computed from the replicates, not assumed: the sample sd of R values has
-var(log sd) ~ (kurtosis - 1) / (4 R), and the rms of S standard errors has var(log rms) ~ var(se^2) / (4 S mean(se^2)^2).
+var(log sd) ~ (kurtosis - 1) / (4 R), and the rms of S standard errors has
+var(log rms) ~ var(se^2) / (4 S mean(se^2)^2).
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 

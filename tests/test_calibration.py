@@ -36,8 +36,8 @@ MAX_RATIO = 2.0  # every widened band must exclude 2 and 1/2 (the several-fold e
 MIN_Z = 3.5  # the power settings' true difference, in true sds of the difference
 POWER = 0.8  # a calibrated z-test finds a 3.5-sd difference 94% of the time; one 15% too wide still 86%
 
-OLD = pytest.param(True, marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason="the bootstrap's se is too wide")],
-                   id="bootstrap")
+OLD = pytest.param(True, id="bootstrap",
+                   marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason="the bootstrap's se is too wide")])
 NEW = pytest.param(False, id="protocol")
 
 
