@@ -405,9 +405,11 @@ def prdc_estimates(real: np.ndarray, fake: np.ndarray, k: int, values: dict[str,
     """The four PRDC metrics of `values` (computed on all rows) with their standard errors from `resamples`
     subsets of distinct fakes per size: precision, recall and density by the delete-d jackknife on subsets of
     PRDCResampler.KEEP n, coverage by rate_variance on subsets of PRDCResampler.COVERAGE_SHARES n."""
-    prdc = PRDCResampler(real, fake, k)
     n = len(fake)
-    jack = delete_d_indices(n, resamples, seed, PRDCResampler.KEEP)
+    if n <= k + 1:  # a subset needs more than k fakes for their k-th neighbour radii
+        return {name: Estimate(float(values[name]), None, None) for name in PRDCResampler.NAMES}
+    prdc = PRDCResampler(real, fake, k)
+    jack = delete_d_indices(n, resamples, seed, max(PRDCResampler.KEEP, (k + 1) / n))
     reps = np.stack([prdc(i) for i in jack])  # (resamples, 4)
     out = {}
     for j, name in enumerate(PRDCResampler.NAMES[:3]):

@@ -234,6 +234,17 @@ def test_prdc_false_positive_rate_near_five_percent(shift):
     assert sum(rejected.values()) >= 4 * lo, rejected  # not a test that never rejects
 
 
+def test_prdc_estimates_with_few_samples_keep_more_than_k_fakes_per_subset():
+    real = gaussian(8, 4, 0)
+    for n in (7, 8, 9):
+        fake = gaussian(n, 4, n)
+        values = dict(zip(S.PRDCResampler.NAMES, S.PRDCResampler(real, fake, 5)(np.arange(n))))
+        est = S.prdc_estimates(real, fake, 5, values, 20, 0)
+        assert all(e.se is not None for e in est.values()), n
+    est = S.prdc_estimates(real, gaussian(6, 4, 1), 5, dict.fromkeys(S.PRDCResampler.NAMES, 0.5), 20, 0)
+    assert all(e.se is None and e.value == 0.5 for e in est.values())
+
+
 def test_prdc_detects_a_clearly_worse_model():
     d, n = 16, 100
     real = gaussian(n, d, 0)
