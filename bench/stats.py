@@ -306,6 +306,12 @@ class KIDResampler:
         n = self.n
         if n < 4:
             return math.nan
+        zeta1, zeta2 = self.zetas()
+        return float((4 * (n - 2) * zeta1 + 2 * zeta2) / (n * (n - 1)))
+
+    def zetas(self) -> tuple[float, float]:
+        """Unbiased estimates of (zeta_1, zeta_2) from the n x n matrix H (n >= 4), as `variance` describes."""
+        n = self.n
         H = self.k_ff - self.k_fr_mean[:, None] - self.k_fr_mean[None, :]
         np.fill_diagonal(H, 0.0)
         sq = H * H
@@ -317,11 +323,21 @@ class KIDResampler:
         theta2 = s4 / (n * (n - 1) * (n - 2) * (n - 3))
         zeta2 = s2 / (n * (n - 1)) - theta2
         zeta1 = s3 / (n * (n - 1) * (n - 2)) - theta2
-        return float((4 * (n - 2) * zeta1 + 2 * zeta2) / (n * (n - 1)))
+        return float(zeta1), float(zeta2)
+
+    def variance_clipped(self) -> float:
+        """`variance` with each zeta clipped at 0 (both are variances). When the fakes match the reference zeta_1
+        is ~0 and its unbiased estimate, weighted 2 (n - 2) times zeta_2's, is negative for about a quarter of
+        sample sets: the unclipped sum then reads as a zero standard error and any difference as certain."""
+        n = self.n
+        if n < 4:
+            return math.nan
+        zeta1, zeta2 = self.zetas()
+        return float((4 * (n - 2) * max(zeta1, 0.0) + 2 * max(zeta2, 0.0)) / (n * (n - 1)))
 
     def estimate(self, key: str | None = None) -> Estimate:
-        """KID of all fakes with the standard error of `variance` (floored at 0)."""
-        var = self.variance()
+        """KID of all fakes with the standard error of `variance_clipped`."""
+        var = self.variance_clipped()
         se = math.sqrt(max(var, 0.0)) if math.isfinite(var) else None
         return bounded_estimate(self(np.arange(self.n)), se, key)
 

@@ -158,6 +158,20 @@ def test_kid_variance_is_hoeffdings_formula_by_brute_force_and_unbiased():
     assert abs(np.mean(var) - true) < 5 * mc, (np.mean(var), true, mc)
 
 
+def test_kid_se_is_never_zero_and_its_false_positive_rate_is_bounded_at_the_smoke_shapes():
+    """16 fakes against 64 reals of 2048-d features drawn alike: the unbiased zeta_1 estimate is negative for
+    about a quarter of such sets, so the estimate clips each zeta at 0 (a zero se would make any gap certain)."""
+    rng = np.random.default_rng(4)
+    sd = np.sqrt(1.0 / np.arange(1, 2049))
+    real = 0.4 + rng.standard_normal((64, 2048)) * sd
+    trials, false = 200, 0
+    for _ in range(trials):
+        a, b = (S.KIDResampler(real, 0.4 + rng.standard_normal((16, 2048)) * sd).estimate() for _ in range(2))
+        assert a.se > 0 and b.se > 0
+        false += S.independent_test(a.value, a.se, b.value, b.se) < 0.05
+    assert false <= binomial_bounds(trials, 0.05)[1], false
+
+
 def test_is_resampler_is_torch_fidelitys_inception_score():
     logits = np.random.default_rng(0).normal(0, 3, size=(57, 30))
     isc = S.ISResampler(logits, splits=10, seed=2020)
