@@ -2,7 +2,7 @@
 
     reference   Inception features of a seeded random sample of the train split (cached once)
     baselines   real val images and the tokenizer's reconstructions of them, at each column's N (cached once)
-    a job       NLL per validation sequence; samples, their metrics with bootstrap intervals; upper-half
+    a job       NLL per validation sequence; samples, their metrics with intervals; upper-half
                 completion FID on a seeded random sample of val; speed at batch 50 after a warm-up batch;
                 how close the samples' token grids come to training grids (train_match, train_copies)
 
@@ -89,10 +89,10 @@ def load_reference(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarr
 def fid_with_interval(ref_stats: dict[str, np.ndarray], pool: np.ndarray, resamples: int, seed: int,
                       value: float | None = None) -> S.Estimate:
     """FID (bench.metrics.features_to_fid, tested equal to torch-fidelity; `value` if already computed) with its
-    bootstrap interval."""
+    interval from subsampling without replacement (bench.stats.subsample_estimate)."""
     value = M.features_to_fid(ref_stats, pool) if value is None else value
     fid = S.FIDResampler(ref_stats["mu"], ref_stats["sigma"], pool)
-    return S.bootstrap_estimate(value, S.bootstrap(fid, len(pool), resamples, seed), K.FID)
+    return S.subsample_estimate(value, fid, len(pool), resamples, seed, K.FID)
 
 
 def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fake: dict[str, torch.Tensor],
@@ -100,8 +100,9 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
     """FID, KID, IS, PRDC of one sample set against the reference, each with `<key>_ci` and `<key>_se`.
 
     Point values come from bench.metrics (torch-fidelity, prdc); PRDC uses as many reference rows as there are
-    samples (seeded subsample). Intervals: eval.bootstrap resamples of the samples, the reference fixed (PRDC:
-    delete-d jackknife subsets, bench.stats)."""
+    samples (seeded subsample). Intervals, the reference fixed (bench.stats): FID from eval.bootstrap subsets of
+    the samples drawn without replacement at two sizes; KID from its U-statistic variance; PRDC from subsets at
+    two sizes; IS from eval.bootstrap resamples."""
     n = len(fake[FE.FEATURE_POOL])
     resamples = cfg.bootstrap
     real_prdc = M.subsample_rows(ref_pool.double().numpy(), n, cfg.split_seed + PRDC_DRAW)
@@ -115,16 +116,15 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
         out.update(fid_with_interval(ref_stats, pool, resamples, seed, value=values[K.FID]).as_results(K.FID))
     if values.get(K.KID_MEAN) is not None:
         kid = resamplers["kid"]
-        out.update(S.bootstrap_estimate(values[K.KID_MEAN], S.bootstrap(kid, kid.n, resamples, seed + 1))
-                   .as_results(K.KID_MEAN))
+        out.update(kid.estimate().as_results(K.KID_MEAN))
     if values.get(K.PRDC_PRECISION) is not None:
         for name, est in S.prdc_estimates(real_prdc, pool, cfg.prdc_k, values, resamples, seed + 2).items():
             out.update(est.as_results(name))
     if values.get(K.IS_MEAN) is not None:
-        logits = fake[FE.FEATURE_LOGITS]
-        reps = S.bootstrap(lambda idx: M.logits_to_isc(logits[torch.from_numpy(idx)], splits=cfg.isc_splits,
-                                                       seed=seed)[0], n, resamples, seed + 3)
-        out.update(S.bootstrap_estimate(values[K.IS_MEAN], reps, K.IS_MEAN).as_results(K.IS_MEAN))
+        logits = fake[FE.FEATURE_LOGITS].double().numpy()
+        isc = S.ISResampler(logits, min(cfg.isc_splits, n), seed + 2020)  # logits_to_isc's splits and seed
+        out.update(S.bootstrap_estimate(values[K.IS_MEAN], S.bootstrap(isc, n, resamples, seed + 3), K.IS_MEAN)
+                   .as_results(K.IS_MEAN))
     out[K.N_BOOTSTRAP] = resamples
     return out, missing
 

@@ -55,7 +55,7 @@ class EvalConfig:
     inception_weights: str | None = None  # null, download, a URL or a PATH (bench/weights.py)
     num_reference: int | None = 1000  # reference train images; null: all
     split_seed: int = 0  # seed of the protocol's random draws
-    bootstrap: int = 200  # bootstrap resamples for the intervals and tests
+    bootstrap: int = 200  # replicates per interval (subsets or resamples, docs/protocol.md) for the intervals and tests
     max_samples: int = 1_000_000  # typo guard on num_samples / completion_samples
     prdc_k: int = 5  # PRDC nearest neighbours
     prdc_samples: int = 10000  # at most this many samples per side for PRDC and KID

@@ -261,7 +261,7 @@ def plan(job: Job) -> list[str]:
          + (f", {s.unit_workers} at once" if s.unit_workers > 1 else "")),
         ("eval", "eval", ekey, f"{e.num_samples} samples, {e.completion_samples or len(val_files)} "
                                f"completions, NLL of {len(val_files)} val sequences, {e.bootstrap} "
-                               "bootstrap resamples"),
+                               "interval replicates"),
     ]
     last = {"plan": "eval", "tokens": "baselines", "train": "train", "all": "eval"}[cfg.stage]
     lines = []

@@ -4,7 +4,7 @@
 
 Needs no torch: every table is a groupby of `bench.results.load_results(...)`. A point is every override
 except seed and name; seeds are aggregated within a point (mean and 95% t-interval), a single seed shows its
-bootstrap interval. Each point is tested against the `compare_to` prior's row (bench/stats.py), with Holm's
+interval over its samples. Each point is tested against the `compare_to` prior's row (bench/stats.py), with Holm's
 correction over the table. Prose that depends on a prior (what its NLL and validation values are, its
 extra bounds) comes from what the prior declared and its jobs recorded, never from its name.
 """
@@ -66,7 +66,7 @@ def row_estimate(row: Any, key: str) -> S.Estimate:
 
 
 def estimate(jobs: pd.DataFrame, key: str) -> S.Estimate:
-    """One seed: the job's value and bootstrap interval. Several: mean over seeds and the t-interval."""
+    """One seed: the job's value and interval over its samples. Several: mean over seeds and the t-interval."""
     values = [v for v in jobs[key] if finite(v)]
     if not values:
         return S.Estimate(float("nan"), None, None)
@@ -544,10 +544,12 @@ def main_section(sw: Sweep) -> list[str]:
            f"sample of {fmt_value(first.get(K.N_REFERENCE), 0)} train images, the same for every row and "
            f"column. Baseline rows are at the same N: real val images (the best a prior can reach at that N) "
            f"and the tokenizer's reconstructions of them (a perfect prior over these tokens).", "",
-           f"Intervals: 95%. One seed: bootstrap over the generated samples ({fmt_value(first.get(K.N_BOOTSTRAP), 0)} "
-           "resamples, reference fixed; an interval for the metric at this N; PRDC: delete-d jackknife over "
-           "subsets of 3/4 of the samples, recall and coverage with a binomial floor); NLL: mean ± 1.96 standard errors "
-           "over validation sequences. Several seeds: mean and t-interval over seeds.", "",
+           f"Intervals: 95%, for the metric at this N with the reference fixed. One seed: FID and completion FID "
+           f"from subsets of the samples drawn without replacement at two sizes "
+           f"({fmt_value(first.get(K.N_BOOTSTRAP), 0)} replicates); KID from its U-statistic variance; PRDC from "
+           "subsets (coverage at two sizes), recall and coverage with a binomial floor; IS from the bootstrap "
+           "(docs/protocol.md); NLL: mean ± 1.96 standard errors over validation sequences. Several seeds: mean "
+           "and t-interval over seeds.", "",
            "NLL rule: every prior's NLL is its exact likelihood or the upper bound it declares (NLL kind) of the model "
            "at temperature 1 without top-k/top-p truncation, whatever the sampling settings of the row; the samples, "
            "completions and their metrics use the sampling settings. Data: each prior picks its best checkpoint on a "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -102,10 +103,10 @@ def test_fid_interval_covers_the_expected_fid_at_this_n():
     for t in range(trials):
         x = draw(t)
         fid = S.FIDResampler(ref["mu"], ref["sigma"], x)
-        est = S.bootstrap_estimate(fid(np.arange(n)), S.bootstrap(fid, n, 200, seed=t))
+        est = S.subsample_estimate(fid(np.arange(n)), fid, n, 200, seed=t)
         covered += est.ci[0] <= expected <= est.ci[1]
     lo, hi = binomial_bounds(trials, 0.95)
-    assert lo - 4 <= covered <= hi, (covered, trials)  # a little slack below: the bootstrap sd is itself noisy
+    assert lo - 4 <= covered <= hi, (covered, trials)  # a little slack below: the subsampling sd is itself noisy
 
 
 def test_false_positive_rate_near_five_percent_and_a_worse_model_always_detected():
@@ -116,7 +117,7 @@ def test_false_positive_rate_near_five_percent_and_a_worse_model_always_detected
 
     def fid_estimate(x: np.ndarray, seed: int) -> S.Estimate:
         fid = S.FIDResampler(ref["mu"], ref["sigma"], x)
-        return S.bootstrap_estimate(fid(np.arange(len(x))), S.bootstrap(fid, len(x), 200, seed))
+        return S.subsample_estimate(fid(np.arange(len(x))), fid, len(x), 200, seed)
 
     same = worse = 0
     for t in range(trials):
@@ -128,6 +129,84 @@ def test_false_positive_rate_near_five_percent_and_a_worse_model_always_detected
     lo, hi = binomial_bounds(trials, 0.05)
     assert lo <= same <= hi, same
     assert worse == trials
+
+
+def test_kid_variance_is_hoeffdings_formula_by_brute_force_and_unbiased():
+    rng = np.random.default_rng(0)
+    kid = S.KIDResampler(rng.normal(size=(30, 5)), rng.normal(0.2, 1, size=(7, 5)))
+    n = kid.n
+    H = kid.k_ff - kid.k_fr_mean[:, None] - kid.k_fr_mean[None, :]
+    perms = lambda k: list(itertools.permutations(range(n), k))  # noqa: E731
+    # The moments over every ordered tuple of distinct fakes, by enumeration (7 fakes: 840 quadruples).
+    e2 = np.mean([H[i, j] ** 2 for i, j in perms(2)])
+    e3 = np.mean([H[i, j] * H[i, l] for i, j, l in perms(3)])
+    e4 = np.mean([H[i, j] * H[a, b] for i, j, a, b in perms(4)])
+    brute = (4 * (n - 2) * (e3 - e4) + 2 * (e2 - e4)) / (n * (n - 1))
+    # Sums of at most 840 products of kernel values (~1-10) in two orders: gamma_840 relative to the sum of
+    # |terms|, which is below 10^4 times the result here; 1e-9 relative is 100x that bound.
+    assert kid.variance() == pytest.approx(brute, rel=1e-9)
+    # Unbiased: over 3000 independent sets of 20 fakes the mean estimate equals the variance of KID over them,
+    # within 5 Monte Carlo standard errors of the difference (sd of the variance of 3000 values: var sqrt(2/2999)).
+    real = rng.normal(size=(200, 8))
+    vals, var = [], []
+    for _ in range(3000):
+        k = S.KIDResampler(real, rng.normal(0.1, 1.1, size=(20, 8)))
+        vals.append(k(np.arange(20)))
+        var.append(k.variance())
+    true = np.var(vals, ddof=1)
+    mc = np.hypot(true * np.sqrt(2 / 2999), np.std(var) / np.sqrt(3000))
+    assert abs(np.mean(var) - true) < 5 * mc, (np.mean(var), true, mc)
+
+
+def test_kid_se_is_never_zero_and_its_false_positive_rate_is_bounded_at_the_smoke_shapes():
+    """16 fakes against 64 reals of 2048-d features drawn alike: the unbiased zeta_1 estimate is negative for
+    about a quarter of such sets, so the estimate clips each zeta at 0 (a zero se would make any gap certain)."""
+    rng = np.random.default_rng(4)
+    sd = np.sqrt(1.0 / np.arange(1, 2049))
+    real = 0.4 + rng.standard_normal((64, 2048)) * sd
+    trials, false = 200, 0
+    for _ in range(trials):
+        a, b = (S.KIDResampler(real, 0.4 + rng.standard_normal((16, 2048)) * sd).estimate() for _ in range(2))
+        assert a.se > 0 and b.se > 0
+        false += S.independent_test(a.value, a.se, b.value, b.se) < 0.05
+    assert false <= binomial_bounds(trials, 0.05)[1], false
+
+
+def test_is_resampler_is_torch_fidelitys_inception_score():
+    logits = np.random.default_rng(0).normal(0, 3, size=(57, 30))
+    isc = S.ISResampler(logits, splits=10, seed=2020)
+    # Both: softmax in float64, 10 chunk means and logs of 30 terms, exp: a few hundred roundings of values ~1-30.
+    assert isc(np.arange(57)) == pytest.approx(M.logits_to_isc(torch.from_numpy(logits), 10, 2020)[0], rel=1e-10)
+    idx = np.sort(np.random.default_rng(1).choice(57, size=33, replace=False))
+    assert isc(idx) == pytest.approx(M.logits_to_isc(torch.from_numpy(logits[idx]), 10, 2020)[0], rel=1e-10)
+    assert isc(idx[:4]) == pytest.approx(M.logits_to_isc(torch.from_numpy(logits[idx[:4]]), 10, 2020)[0], rel=1e-10)
+
+
+def test_subsampling_recovers_the_variance_of_a_mean_and_of_a_degenerate_u_statistic():
+    """Var(T_m) = a/m + b/m^2: a mean (b = 0) and a degenerate U-statistic (a = 0) are both recovered; the
+    delete-d jackknife alone overstates the second by (n/r + 1) (= 2.25 at r = 0.8 n)."""
+    n, sizes = 200, S.subsample_sizes(200)
+    assert sizes == (80, 160)
+    # Exact conditional variances over subsets (the expectations the replicates estimate) for each model:
+    lin = [1 / r - 1 / n for r in sizes]
+    quad = [1 / r ** 2 - 1 / n ** 2 for r in sizes]
+    # Each is a handful of float64 operations on numbers ~1e-2..1e-5: pytest.approx's 1e-6 relative is 1e10 ulps.
+    assert S.subsample_variance(n, sizes, [3.0 * v for v in lin]) == pytest.approx(3.0 / n)
+    assert S.subsample_variance(n, sizes, [5.0 * v for v in quad]) == pytest.approx(5.0 / n ** 2)
+    assert S.subsample_variance(n, sizes, [3 * a + 5 * b for a, b in zip(lin, quad)]) == pytest.approx(
+        3.0 / n + 5.0 / n ** 2)
+    # A variance that falls faster than m^-2 (rate 4): the fixed-form fit stays non-negative, rate_variance is exact.
+    fast = [r ** -4.0 - n ** -4.0 for r in sizes]
+    assert S.subsample_variance(n, sizes, fast) >= 0
+    assert S.rate_variance(n, sizes, tuple(fast)) == pytest.approx(n ** -4.0)
+    assert S.rate_variance(n, sizes, (lin[0], lin[1])) == pytest.approx(1 / n)
+    # On data: the mean of 200 Gaussians, whose subset means vary by exactly s^2 (1/r - 1/n) (s: ddof=1), so the
+    # fit's target is s / sqrt(n). Monte Carlo error: each size's variance from 1000 subsets has relative sd
+    # sqrt(2/999); the fit is se^2 = -2/3 var_80 + 8 var_160 with var_80 = 1.5 and var_160 = 0.25 in units of
+    # s^2/n, so se^2 has relative sd sqrt((1 + 4) * 2/999) = 0.10 and se 0.05: 20% is 4 sd.
+    x = np.random.default_rng(3).normal(size=n)
+    se = S.subsample_se(lambda idx: x[idx].mean(), n, 2000, seed=2)
+    assert se[0] == pytest.approx(x.std(ddof=1) / np.sqrt(n), rel=0.2)
 
 
 def test_delete_d_jackknife_of_a_mean_is_its_standard_error_and_shares_get_the_binomial_floor():
@@ -167,6 +246,17 @@ def test_prdc_false_positive_rate_near_five_percent(shift):
     lo, hi = binomial_bounds(trials, 0.05)
     assert all(count <= hi for count in rejected.values()), (rejected, hi)
     assert sum(rejected.values()) >= 4 * lo, rejected  # not a test that never rejects
+
+
+def test_prdc_estimates_with_few_samples_keep_more_than_k_fakes_per_subset():
+    real = gaussian(8, 4, 0)
+    for n in (7, 8, 9):
+        fake = gaussian(n, 4, n)
+        values = dict(zip(S.PRDCResampler.NAMES, S.PRDCResampler(real, fake, 5)(np.arange(n))))
+        est = S.prdc_estimates(real, fake, 5, values, 20, 0)
+        assert all(e.se is not None for e in est.values()), n
+    est = S.prdc_estimates(real, gaussian(6, 4, 1), 5, dict.fromkeys(S.PRDCResampler.NAMES, 0.5), 20, 0)
+    assert all(e.se is None and e.value == 0.5 for e in est.values())
 
 
 def test_prdc_detects_a_clearly_worse_model():
