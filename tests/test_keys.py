@@ -51,11 +51,10 @@ OTHER_MEANINGS = {
     ("stats.py", "train_match"): "the range table of bounded estimates",
     ("stats.py", "train_copies"): "the range table of bounded estimates",
     ("tokens.py", "tokenizer"): "the tokenizer's cache folder and config group",
-    ("tokens.py", "train_seconds"): "a field of the tokenizer's manifest",
     ("tokens.py", "n_val"): "a field of the token cache's manifest",
     ("train.py", "params"): "AdamW's parameter-group field",
+    ("train.py", "prior"): "who a resumable checkpoint belongs to (Steps.owner), for messages",
     ("train.py", "error"): "the message tag of a training worker's pipe",
-    ("vqgan.py", "params"): "a field of a taming-transformers yaml",
 }
 
 
