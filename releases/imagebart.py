@@ -22,7 +22,6 @@ alone), or, when that checkpoint carries none, the VQGAN checkpoint of the confi
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.cache import file_sha256
 from image_tokenizers.taming import (TAMING_TARGETS, check_keys, config_from_taming_model, read_lightning_state_dict,
                                read_yaml, taming_vqgan_from_state_dict)
 from image_tokenizers.vqmodel import VQGANConfig, VQModel
@@ -463,7 +463,7 @@ def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None
         else:
             weights = xt_state_dict(w, spec, L)
         prior.scales[f"scale{spec.s + 1}"].load_state_dict(weights)
-    sha = [sha256_of(p) for p in ckpt_paths]
+    sha = [file_sha256(Path(p)) for p in ckpt_paths]
     return ImageBARTRelease(prior.eval(), tokenizer, [Path(p).name for p in ckpt_paths], sha,
                             dict(PAPER_SAMPLING), [s.top_k for s in specs])
 
@@ -480,10 +480,3 @@ def load_sampling_config(path: str, root: str | None = None, data_dir: str | Non
     return load([str(base / c) for c in ckpts], [str(base / c) for c in configs], str(base), data_dir,
                 option=option)
 
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -10,12 +10,12 @@ Its minGPT maps onto priors/transformer.py as releases/mingpt.py describes.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
+from bench.cache import file_sha256
 from image_tokenizers.taming import (check_keys, config_from_taming_model, read_lightning_state_dict, read_yaml,
                                taming_vqgan_from_state_dict, vqgan_keys)
 from image_tokenizers.vqmodel import VQModel
@@ -100,12 +100,6 @@ def load(ckpt_path: str, config_path: str, option: str = "prior.release") -> Tam
     prior = ARPrior(shape.vocab_size, grid, n_layer=shape.n_layer, n_head=shape.n_head, d_model=shape.n_embd,
                     start_id=sos)
     prior.model.load_state_dict(project_state_dict(rest, shape, side * side, "transformer."))
-    return TamingRelease(prior.eval(), tokenizer, Path(ckpt_path).name, sha256_of(ckpt_path), dict(PAPER_SAMPLING))
+    return TamingRelease(prior.eval(), tokenizer, Path(ckpt_path).name, file_sha256(Path(ckpt_path)),
+                         dict(PAPER_SAMPLING))
 
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

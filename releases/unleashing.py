@@ -17,7 +17,6 @@ N = L, so a config where they differ is refused.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench.cache import file_sha256
 from image_tokenizers.taming import check_keys, read_lightning_state_dict, read_yaml
 from priors.absorbing import AbsorbingPrior
 from releases.mingpt import GPTShape, gpt_keys, project_state_dict
@@ -150,12 +150,6 @@ def load(sampler_path: str, vqgan_path: str, hparams: str, option: str = "prior.
     # the authors' mask_id = codebook_size is the prior's mask_id = V: the last row of the input embedding
     prior.model.load_state_dict(project_state_dict(sd, h.gpt, h.grid[0] * h.grid[1], DENOISER))
     return UnleashingRelease(prior.eval(), tokenizer.eval(), (Path(sampler_path).name, Path(vqgan_path).name),
-                             (sha256_of(sampler_path), sha256_of(vqgan_path)), dict(PAPER_SAMPLING))
+                             (file_sha256(Path(sampler_path)), file_sha256(Path(vqgan_path))),
+                             dict(PAPER_SAMPLING))
 
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
