@@ -156,7 +156,8 @@ def can_show(r: Report) -> str:
         f"{f(r.baseline('reconstruction', 'recall'), 2)} for the reconstructions). The A/A pair (ImageBART T = 2 "
         f"is AR's model) {aa_text}. At 0.4M parameters and 500 steps per model AR's FID is still far above the "
         f"tokenizer's floor ({f(r.value('ar', 'fid'), 0)} against {f(r.baseline('reconstruction', 'fid'), 0)}): "
-        f"what limits it is the data (3,625 training images), not the budget "
+        f"what limits it is the data ({int(r.results.n_train_sequences.max()):,} training images, the train split "
+        f"less the {int(r.results.n_selection.max())} held out for checkpoint selection), not the budget "
         f"([docs/default.md](docs/default.md#what-limits-the-samples)). So the default shows that the protocol "
         f"resolves differences; which prior wins at paper scale is what `experiment=ffhq_tab3` is for.")
 
