@@ -29,7 +29,12 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "reports" / "2026-11-28_04-13-11"
+REPORT = ROOT / "reports" / "2026-12-04_23-46-09"
+# The studies of docs/default.md (temperature, capacity, data limit, memorisation) ran on the earlier split (before
+# pictogram families were grouped and the selection split held out): their "default report" rows are that split's
+# report, so each study compares like with like.
+EARLIER = ROOT / "reports" / "2026-11-28_04-13-11"
+EARLIER_BLOCKS = ("temperature-table", "temperature-gap", "capacity", "data-limit-table", "memorised", "codebook")
 BLOCK = re.compile(r"(<!-- numbers:begin (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- numbers:end -->)", re.S)
 
 # The sample metrics of the A/A check (the NLL of the same weights is equal by construction, so it is left out).
@@ -131,6 +136,25 @@ def main_table(r: Report) -> str:
     return "\n".join(lines)
 
 
+def trend(r: Report, prior: str, key: str, direction: str) -> str:
+    """How key moves over the chain's T, in words: 'get worse' / 'get better' (lower is better) when every step goes
+    that way, else 'not move in one direction'."""
+    v = [r.value(prior, key, T) for T in CHAIN]
+    steps = np.diff(v)
+    if (steps > 0).all():
+        return "get worse" if direction == "worse" else "not improve"
+    if (steps < 0).all():
+        return "get better" if direction == "better" else "not get worse"
+    return "not move in one direction"
+
+
+def worse_at(r: Report, prior: str, key: str) -> str:
+    """The T at which the prior's key is significantly worse (higher) than AR's, as '3, 5 and 9' (or 'none')."""
+    Ts = [str(T) for T in CHAIN if bool(r.row(prior, T).get(f"{key}_significant"))
+          and r.value(prior, key, T) > r.value("ar", key)]
+    return "none" if not Ts else Ts[0] if len(Ts) == 1 else ", ".join(Ts[:-1]) + " and " + Ts[-1]
+
+
 def can_show(r: Report) -> str:
     fid_h, nll_h = r.median_half_width("fid"), r.median_half_width("nll_bits_per_token")
     kid_h, cfid_h = r.median_half_width("kid_mean"), r.median_half_width("completion_fid")
@@ -145,11 +169,13 @@ def can_show(r: Report) -> str:
         f"At one seed the default resolves FID differences above about {f(rs2 * fid_h, 0)} (median 95% "
         f"half-width {f(fid_h, 1)}), KID above about {f(rs2 * kid_h, 3)}, completion FID above about "
         f"{f(rs2 * cfid_h, 0)} and NLL above about {f(rs2 * nll_h, 2)} bits/token. That is enough to see the "
-        f"ImageBART chain get worse with T at equal steps per model (FID {series(r, 'imagebart', 'fid', 0)} for "
-        f"T = 2, 3, 5, 9; ELBO {series(r, 'imagebart', 'nll_bits_per_token', 2)} bits/token), absorbing get "
-        f"better with more sampling steps (FID {series(r, 'absorbing', 'fid', 0)}; sampler bound "
-        f"{series(r, 'absorbing', 'nll_bits_per_token', 2)}) and AR ahead of both (FID "
-        f"{f(r.value('ar', 'fid'), 0)}, NLL {f(r.value('ar', 'nll_bits_per_token'), 2)}). It cannot rank the "
+        f"ImageBART chain {trend(r, 'imagebart', 'fid', 'worse')} with T at equal steps per model (FID "
+        f"{series(r, 'imagebart', 'fid', 0)} for T = 2, 3, 5, 9; ELBO {series(r, 'imagebart', 'nll_bits_per_token', 2)} "
+        f"bits/token), absorbing's sampler bound {trend(r, 'absorbing', 'nll_bits_per_token', 'better')} with more "
+        f"sampling steps ({series(r, 'absorbing', 'nll_bits_per_token', 2)}; FID {series(r, 'absorbing', 'fid', 0)}) "
+        f"and AR (FID {f(r.value('ar', 'fid'), 0)}, NLL {f(r.value('ar', 'nll_bits_per_token'), 2)}) ahead of "
+        f"ImageBART at T = {worse_at(r, 'imagebart', 'fid')} and of absorbing at T = {worse_at(r, 'absorbing', 'fid')} "
+        f"in FID. It cannot rank the "
         f"completion column (all within {f(cfid.min(), 0)}-{f(cfid.max(), 0)}), and PRDC is near its floor for "
         f"every prior (AR: precision {f(r.value('ar', 'prdc_precision'), 2)}, recall "
         f"{f(r.value('ar', 'recall'), 2)}, against {f(r.baseline('reconstruction', 'prdc_precision'), 2)} / "
@@ -269,13 +295,16 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def render(text: str, report: Report) -> str:
-    """`text` with every block's body rendered anew; an unknown block name is an error, not a skipped block."""
+def render(text: str, report: Report, earlier: Report | None = None) -> str:
+    """`text` with every block's body rendered anew; an unknown block name is an error, not a skipped block.
+    EARLIER_BLOCKS read `earlier` (default: the EARLIER report)."""
+    earlier = earlier or Report(EARLIER)
+
     def body(m: re.Match) -> str:
         name = m["name"]
         if name not in BLOCKS:
             raise KeyError(f"unknown numbers block {name!r}; known: {', '.join(BLOCKS)}")
-        text = BLOCKS[name](report).rstrip("\n")
+        text = BLOCKS[name](earlier if name in EARLIER_BLOCKS else report).rstrip("\n")
         if not text.startswith("|"):  # prose is wrapped like the hand-written text around it; tables are not
             text = textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
         return m.group(1) + text + "\n" + m.group(4)
