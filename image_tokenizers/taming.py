@@ -170,7 +170,10 @@ def read_lightning_state_dict(path: str, option: str) -> dict[str, torch.Tensor]
 
     The checkpoint is read with weights_only=True: no pickled code runs. Lightning checkpoints also hold plain
     metadata (epoch, global_step, optimizer states, callbacks); anything beyond tensors and containers must be on
-    the allow-list of _lightning_safe_globals or loading fails, with one line naming `option`."""
+    the allow-list of _lightning_safe_globals or loading fails, with one line naming `option`; so does a missing
+    file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{option}={path}: file not found")
     try:
         with torch.serialization.safe_globals(_lightning_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

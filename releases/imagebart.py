@@ -450,8 +450,6 @@ def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None
     tokenizer = None
     for i, (spec, path) in enumerate(zip(specs, ckpt_paths)):
         ckpt = f"{option}.checkpoints[{i}]"
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{ckpt}={path}: file not found")
         full = read_lightning_state_dict(path, ckpt)
         sd = {k: v for k, v in full.items() if not k.startswith("first_stage_model.")}  # scales > 1: unused copies
         check_keys(sd, scale_keys(spec), f"{ckpt}={path} does not match {option}.configs[{i}]={config_paths[i]}")

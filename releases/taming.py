@@ -87,8 +87,6 @@ def load(ckpt_path: str, config_path: str, option: str = "prior.release") -> Tam
         raise ValueError(f"{where}: block_size={shape.block_size} is shorter than the {side}x{side} token grid")
 
     ckpt = f"{option}.ckpt"
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"{ckpt}={ckpt_path}: file not found")
     sd = read_lightning_state_dict(ckpt_path, ckpt)
     mismatch = f"{ckpt}={ckpt_path} does not match {where}"
     sd = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.loss.")}  # LPIPS, discriminator

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench.cache import file_sha256
@@ -119,12 +118,6 @@ def sampler_keys(h: UnleashingHparams) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-def read_state_dict(path: str, option: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{option}={path}: file not found")
-    return read_lightning_state_dict(path, option)  # a bare state dict reads the same, safely
-
-
 def load(sampler_path: str, vqgan_path: str, hparams: str, option: str = "prior.release") -> UnleashingRelease:
     """The release as an AbsorbingPrior and its UnleashingVQGAN, both in eval mode on the CPU; hparams is a
     released dataset's name (RELEASE_HPARAMS) or a YAML file of the authors' hyperparameters."""
@@ -132,9 +125,9 @@ def load(sampler_path: str, vqgan_path: str, hparams: str, option: str = "prior.
     where = f"{option}.hparams={hparams}"
 
     s_opt, v_opt = f"{option}.sampler", f"{option}.vqgan"
-    sd = read_state_dict(sampler_path, s_opt)
+    sd = read_lightning_state_dict(sampler_path, s_opt)
     check_keys(sd, sampler_keys(h), f"{s_opt}={sampler_path} does not match {where}")
-    vsd = read_state_dict(vqgan_path, v_opt)
+    vsd = read_lightning_state_dict(vqgan_path, v_opt)
     outside = sorted(k for k in vsd if not k.startswith(VQGAN_PARTS))
     if outside:  # e.g. a sampler file given as the VQGAN
         raise ValueError(f"{v_opt}={vqgan_path} does not match {where}: unexpected key {outside[0]}")
