@@ -246,7 +246,7 @@ def official_betas(redraw_prob: Any, n_scales: int, data_dir: str | None, where:
         dset, dist, metric = parts if len(parts) == 3 else ["in", *parts]
         if data_dir is None:
             raise ValueError(f"{where}: redraw_prob={redraw_prob} reads data/{dset}_schedule_vs_metric.p: give "
-                             "the repository's data folder (prior.release.data_dir)")
+                             "the repository's folder (release.root), whose data/ holds it")
         betas = table_betas(str(Path(data_dir) / f"{dset}_schedule_vs_metric.p"), dist, metric, n_scales + 1,
                             where)[1:]
     else:
@@ -390,11 +390,11 @@ def read_chain(config_paths: list[str], option: str, data_dir: str | None = None
                ) -> tuple[list[ScaleSpec], list[float]]:
     """The scales' specs (scale 1 first) and the schedule's betas beta_1 .. beta_n, checked as one chain."""
     if not config_paths:
-        raise ValueError(f"{option}.configs is empty: a release lists one config per scale")
-    specs = [read_scale_config(p, f"{option}.configs[{i}]") for i, p in enumerate(config_paths)]
+        raise ValueError(f"{option}.config is empty: a release lists one config per scale")
+    specs = [read_scale_config(p, f"{option}.config[{i}]") for i, p in enumerate(config_paths)]
     first, n = specs[0], len(specs)
     for i, spec in enumerate(specs):
-        where = f"{option}.configs[{i}]={config_paths[i]}"
+        where = f"{option}.config[{i}]={config_paths[i]}"
         if spec.n_scales != n or spec.s != i + 1:
             raise ValueError(f"{where}: scale {spec.s} of n_scales={spec.n_scales}, but it is entry {i} of {n} "
                              "(list the scales in order, scale 1 first)")
@@ -407,7 +407,7 @@ def read_chain(config_paths: list[str], option: str, data_dir: str | None = None
             raise ValueError(f"{where}: {heads} attention heads; the project's chain has one head count")
         if spec.gpt is None and spec.residual != first.residual:
             raise ValueError(f"{where}: residual-scaled logits in some encoder-decoder scales only")
-    betas = official_betas(first.redraw_prob, n, data_dir, f"{option}.configs[0]={config_paths[0]}")
+    betas = official_betas(first.redraw_prob, n, data_dir, f"{option}.config[0]={config_paths[0]}")
     return specs, betas
 
 
@@ -433,7 +433,7 @@ def prior_from_specs(specs: list[ScaleSpec], betas: list[float]) -> ImageBARTPri
 
 
 def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None, data_dir: str | None = None,
-         vqgan_ckpt: str | None = None, option: str = "prior.release") -> ImageBARTRelease:
+         vqgan_ckpt: str | None = None, option: str = "release") -> ImageBARTRelease:
     """The chain of per-scale checkpoints/configs (scale 1 first) as an ImageBARTPrior in eval mode on the CPU,
     with its first stage. root: the repository's folder, against which the configs' relative paths (remap lists,
     the VQGAN's ckpt_path) resolve (default: scale 1's config's folder); data_dir: its data/ folder, for schedules
@@ -444,15 +444,15 @@ def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None
     if data_dir is None and root is not None:
         data_dir = str(Path(root) / "data")
     specs, betas = read_chain(config_paths, option, data_dir)
-    vq_cfg, vq_ckpt = first_stage_config(config_paths[0], root, f"{option}.configs[0]")
+    vq_cfg, vq_ckpt = first_stage_config(config_paths[0], root, f"{option}.config[0]")
     prior = prior_from_specs(specs, betas)
     L = specs[0].grid[0] * specs[0].grid[1]
     tokenizer = None
     for i, (spec, path) in enumerate(zip(specs, ckpt_paths)):
-        ckpt = f"{option}.checkpoints[{i}]"
+        ckpt = f"{option}.ckpt[{i}]"
         full = read_lightning_state_dict(path, ckpt)
         sd = {k: v for k, v in full.items() if not k.startswith("first_stage_model.")}  # scales > 1: unused copies
-        check_keys(sd, scale_keys(spec), f"{ckpt}={path} does not match {option}.configs[{i}]={config_paths[i]}")
+        check_keys(sd, scale_keys(spec), f"{ckpt}={path} does not match {option}.config[{i}]={config_paths[i]}")
         if i == 0:
             tokenizer = load_first_stage(full, vq_cfg, vqgan_ckpt or vq_ckpt, spec.vocab_size, f"{ckpt}={path}")
         w = _weights(sd, spec)
@@ -467,14 +467,14 @@ def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None
 
 
 def load_sampling_config(path: str, root: str | None = None, data_dir: str | None = None,
-                         option: str = "prior.release") -> ImageBARTRelease:
+                         option: str = "release") -> ImageBARTRelease:
     """A configs/sampling/*.yaml (checkpoints: [...], configs: [...]), its paths relative to root (default: the
     folder of path), as load()."""
-    node = read_yaml(path, f"{option}.sampling")
+    node = read_yaml(path, f"{option}.config")
     base = Path(root) if root is not None else Path(path).parent
     ckpts, configs = node.get("checkpoints"), node.get("configs")
     if not ckpts or not configs:
-        raise ValueError(f"{option}.sampling={path}: expected lists `checkpoints` and `configs` (one per scale)")
+        raise ValueError(f"{option}.config={path}: expected lists `checkpoints` and `configs` (one per scale)")
     return load([str(base / c) for c in ckpts], [str(base / c) for c in configs], str(base), data_dir,
                 option=option)
 

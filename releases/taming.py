@@ -69,7 +69,7 @@ def read_config(config_path: str, option: str) -> tuple[Any, GPTShape, int]:
     return p.get("first_stage_config"), shape, int(p.get("sos_token", 0))
 
 
-def load(ckpt_path: str, config_path: str, option: str = "prior.release") -> TamingRelease:
+def load(ckpt_path: str, config_path: str, option: str = "release") -> TamingRelease:
     """The release at ckpt_path/config_path as an ARPrior and its VQModel, both in eval mode on the CPU."""
     first_node, shape, sos = read_config(config_path, f"{option}.config")
     vq = config_from_taming_model(first_node, f"{option}.config={config_path} (first_stage_config)")

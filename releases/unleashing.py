@@ -118,13 +118,13 @@ def sampler_keys(h: UnleashingHparams) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-def load(sampler_path: str, vqgan_path: str, hparams: str, option: str = "prior.release") -> UnleashingRelease:
+def load(sampler_path: str, vqgan_path: str, hparams: str, option: str = "release") -> UnleashingRelease:
     """The release as an AbsorbingPrior and its UnleashingVQGAN, both in eval mode on the CPU; hparams is a
     released dataset's name (RELEASE_HPARAMS) or a YAML file of the authors' hyperparameters."""
-    h = read_hparams(hparams, f"{option}.hparams")
-    where = f"{option}.hparams={hparams}"
+    h = read_hparams(hparams, f"{option}.config")
+    where = f"{option}.config={hparams}"
 
-    s_opt, v_opt = f"{option}.sampler", f"{option}.vqgan"
+    s_opt, v_opt = f"{option}.ckpt", f"{option}.first_stage"
     sd = read_lightning_state_dict(sampler_path, s_opt)
     check_keys(sd, sampler_keys(h), f"{s_opt}={sampler_path} does not match {where}")
     vsd = read_lightning_state_dict(vqgan_path, v_opt)

@@ -155,16 +155,16 @@ def test_release_sized_keys_equal_the_official_modules(release_keys, tmp_path, n
         path = tmp_path / f"scale{i + 1}.yaml"
         path.write_text(yaml.safe_dump(scale["config"]))
         paths.append(str(path))
-        spec = ib.read_scale_config(str(path), "prior.release.configs")
+        spec = ib.read_scale_config(str(path), "release.config")
         listed = {k: s for k, s in scale["keys"].items() if not k.startswith("first_stage_model.")}
         assert {k: list(s) for k, s in ib.scale_keys(spec).items()} == listed
         if i == 0:  # the first stage the loader reads, with the release's remap list
-            cfg, _ = ib.first_stage_config(str(path), str(FIXTURES / "release"), "prior.release.configs[0]")
+            cfg, _ = ib.first_stage_config(str(path), str(FIXTURES / "release"), "release.config[0]")
             expected = {f"first_stage_model.{k}": list(s) for k, s in vqgan_keys(cfg).items()}
             expected["first_stage_model.quantize.used"] = [spec.vocab_size]
             assert len(np.load(cfg.remap)) == spec.vocab_size
             assert {k: s for k, s in scale["keys"].items() if k.startswith("first_stage_model.")} == expected
-    specs, betas = ib.read_chain(paths, "prior.release", data_dir=str(FIXTURES / "custom" / "data"))
+    specs, betas = ib.read_chain(paths, "release", data_dir=str(FIXTURES / "custom" / "data"))
     assert [abs(a - b) <= EPS32 * b for a, b in zip(betas, scales[0]["betas"][1:])] == [True] * n_scales
     with torch.device("meta"):
         prior = ib.prior_from_specs(specs, betas)
@@ -198,7 +198,7 @@ def test_truncated_download_is_one_line(tmp_path):
     cut = tmp_path / "scale2.ckpt"
     cut.write_bytes(Path(ckpts[1]).read_bytes()[:50_000])
     message = one_line_error([ckpts[0], str(cut), ckpts[2]], configs)
-    assert f"prior.release.checkpoints[1]={cut}" in message and "cannot be loaded" in message
+    assert f"release.ckpt[1]={cut}" in message and "cannot be loaded" in message
 
 
 def test_another_config_names_the_first_mismatching_key(tmp_path):
@@ -209,7 +209,7 @@ def test_another_config_names_the_first_mismatching_key(tmp_path):
     other.write_text(yaml.safe_dump(conf))
     message = one_line_error(ckpts, [configs[0], str(other), configs[2]])
     assert message.endswith("missing key transformer.encoder.attn_layers.layers.4.0.weight")
-    assert f"prior.release.checkpoints[1]={ckpts[1]} does not match prior.release.configs[1]={other}" in message
+    assert f"release.ckpt[1]={ckpts[1]} does not match release.config[1]={other}" in message
     conf["model"]["params"]["transformer_config"]["params"].update(enc_depth=2, enc_attn_dim_head=8,
                                                                    dec_attn_dim_head=8)
     other.write_text(yaml.safe_dump(conf))
@@ -252,7 +252,7 @@ def test_another_familys_files_are_refused(tmp_path):
 
 def test_a_metric_schedule_needs_its_table(tmp_path):
     ckpts, configs = chain_files("custom")
-    assert "give the repository's data folder" in one_line_error(ckpts, configs)
+    assert "give the repository's folder (release.root)" in one_line_error(ckpts, configs)
     message = one_line_error(ckpts, configs, str(tmp_path))
     assert "in_schedule_vs_metric.p is not there" in message
     shutil.copy(FIXTURES / "custom" / "data" / "in_schedule_vs_metric.p", tmp_path)

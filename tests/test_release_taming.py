@@ -100,7 +100,7 @@ def test_release_sized_keys_equal_the_official_modules(tmp_path):
     listed = json.loads((FIXTURES / "release_keys.json").read_text())
     config = tmp_path / "project.yaml"
     config.write_text(yaml.safe_dump(listed["config"]))
-    first, shape, _ = taming.read_config(str(config), "prior.release.config")
+    first, shape, _ = taming.read_config(str(config), "release.config")
     vq = taming.config_from_taming_model(first, "first stage")
     from image_tokenizers.taming import vqgan_keys
 
@@ -123,7 +123,7 @@ def test_truncated_download_is_one_line(tmp_path):
     cut = tmp_path / "last.ckpt"
     cut.write_bytes(Path(CKPT).read_bytes()[:200_000])
     message = one_line_error(str(cut), CONFIG)
-    assert f"prior.release.ckpt={cut}" in message and "cannot be loaded" in message
+    assert f"release.ckpt={cut}" in message and "cannot be loaded" in message
 
 
 def test_another_config_names_the_first_mismatching_key(tmp_path):

@@ -150,7 +150,7 @@ def test_release_samples_completes_and_decodes(release):
 def test_release_sized_keys_equal_the_official_modules(dataset):
     """The loader expects exactly the keys and shapes the official code builds from its per-dataset defaults."""
     listed = json.loads((FIXTURES / "release_keys.json").read_text())[dataset]
-    h = unleashing.read_hparams(dataset, "prior.release.hparams")
+    h = unleashing.read_hparams(dataset, "release.config")
     for k, v in listed["hparams"].items():
         if k in unleashing.RELEASE_HPARAMS[dataset]:
             assert unleashing.RELEASE_HPARAMS[dataset][k] == v, k
@@ -165,7 +165,7 @@ def test_release_sized_keys_equal_the_official_modules(dataset):
 def test_release_sized_denoiser_maps_onto_the_absorbing_prior():
     """At the released size, the mapped weights are exactly the AbsorbingPrior's (built on the meta device),
     and the paper's sampling settings apply to it."""
-    h = unleashing.read_hparams("ffhq", "prior.release.hparams")
+    h = unleashing.read_hparams("ffhq", "release.config")
     with torch.device("meta"):
         prior = AbsorbingPrior(1024, h.grid, n_layer=h.gpt.n_layer, n_head=h.gpt.n_head, d_model=h.gpt.n_embd)
         sd = {k: torch.empty(s) for k, s in unleashing.sampler_keys(h).items()}
@@ -195,12 +195,12 @@ def one_line_error(sampler: str, vqgan: str, hparams) -> str:
 
 
 def test_truncated_downloads_are_one_line(tmp_path):
-    for name, path in (("sampler", SAMPLER), ("vqgan", VQGAN)):
+    for name, path in (("ckpt", SAMPLER), ("first_stage", VQGAN)):
         cut = tmp_path / Path(path).name
         cut.write_bytes(Path(path).read_bytes()[:20_000])
-        args = (str(cut), VQGAN) if name == "sampler" else (SAMPLER, str(cut))
+        args = (str(cut), VQGAN) if name == "ckpt" else (SAMPLER, str(cut))
         message = one_line_error(*args, HPARAMS)
-        assert f"prior.release.{name}={cut}" in message and "cannot be loaded" in message
+        assert f"release.{name}={cut}" in message and "cannot be loaded" in message
 
 
 def test_other_hparams_name_the_first_mismatching_key(tmp_path):
@@ -213,7 +213,7 @@ def test_other_hparams_name_the_first_mismatching_key(tmp_path):
             in one_line_error(SAMPLER, VQGAN, str(other)))
     other.write_text(yaml.safe_dump({**h, "nf": 64}))
     message = one_line_error(SAMPLER, VQGAN, str(other))
-    assert message.startswith(f"prior.release.vqgan={VQGAN} does not match") and message.endswith(
+    assert message.startswith(f"release.first_stage={VQGAN} does not match") and message.endswith(
         "ae.encoder.blocks.0.weight has shape (32, 3, 3, 3), config gives (64, 3, 3, 3)")
     # a released preset against the tiny files: the first key of the sampler differs
     assert "_denoise_fn.pos_emb has shape (1, 64, 16), config gives (1, 256, 512)" in one_line_error(
