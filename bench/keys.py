@@ -183,6 +183,9 @@ BASELINES = Key("baselines", source="eval", in_schema=False,
 N_VAL = Key("n_val", "N val", digits=0, in_schema=False, doc="in `baselines`: val images")
 TRAIN_UNITS = Key("train_units", source="train", in_schema=False,
                   doc="{unit: best_val, best_step, seconds, steps} of each trained model")
+RELEASE = Key("release", source="train", in_schema=False,
+               doc="a released prior's row: {family, files: [[name, sha256]], paper_sampling, sampling, differs, "
+                   "notes}: its weights files, the sampling settings its paper used, this job's, and which differ")
 VALIDATION_NOTE = Key("validation_note", source="job", in_schema=False,
                       doc="what the prior's validation value is (Prior.validation_note)")
 EXTRA_BOUNDS = Key("extra_bounds", source="eval", in_schema=False,

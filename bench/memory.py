@@ -61,8 +61,10 @@ def sampling_floats_per_token(t: Transformer) -> int:
     return c.n_layer * 2 * c.d_model + max(c.vocab_out, 0) + 16 * c.d_model
 
 
-def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_workers: int = 1) -> Peak:
-    """The least memory of the job's phases; units training at once (unit_workers) add up."""
+def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_workers: int = 1,
+             train: bool = True) -> Peak:
+    """The least memory of the job's phases; units training at once (unit_workers) add up. train=False: a
+    released prior, evaluated only (its weights alone, no training phase)."""
     batch = int(train_cfg.batch_size)
     units = transformers(prior)
     per_unit = [sum(batch * t.cfg.seq_len * training_floats_per_token(t) for t in ts) for ts in units]
@@ -73,6 +75,8 @@ def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_work
     feature_rows = int(eval_cfg.feature_batch_size)
     matrix = min(n, int(eval_cfg.prdc_samples))
     evaluation = FLOAT * (feature_rows * INCEPTION_FLOATS_PER_IMAGE + 3 * matrix * matrix)
+    if not train:
+        return Peak(params * FLOAT, 0, sampling, evaluation)
     return Peak(params * TRAIN_BYTES_PER_PARAM, training, sampling, evaluation)
 
 

@@ -52,7 +52,8 @@ from bench.tokens import TokenSet, build_tokens, load_tokenizer, tokens_key, val
 from bench.train import StopFlag, resolve_unit_workers, train_units
 from priors import Prior, build_prior, prior_class
 from priors.flops import matmul_peak_flops
-from image_tokenizers import Tokenizer, TokensOptions
+from image_tokenizers import ReleaseTokenizer, Tokenizer, TokensOptions
+from releases import Release, ReleaseOptions, load_release
 
 log = logging.getLogger("priorbench")
 
@@ -110,6 +111,59 @@ def build_prior_checked(cfg: DictConfig, vocab_size: int, grid: tuple[int, int],
         raise ConfigError(msg if "=" in msg or "prior" in msg else f"prior={name}: {msg}") from None
 
 
+def job_release(cfg: DictConfig) -> Release | None:
+    """The released model the job evaluates (the top-level `release:` block), loaded and checked key by key, or
+    None when the job trains its own prior. Any wrong file is a one-line ConfigError naming it."""
+    node = cfg.get("release")
+    if node is None or node.get("family") is None:
+        return None
+    try:
+        return load_release(ReleaseOptions.from_config(container(node)))
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def release_prior(cfg: DictConfig, release: Release, tokenizer: Tokenizer) -> Prior:
+    """The release's prior with the job's evaluation-only options (conf/prior's `sample` block, T where it applies
+    to sampling) set; a prior or tokenizer that does not belong to the release is a one-line ConfigError."""
+    name, options = prior_settings(cfg)
+    family = release.family
+    if name != release.prior_name:
+        raise ConfigError(f"prior={name}: release.family={family} loads as prior={release.prior_name} "
+                          f"(experiment=release_{family} sets it)")
+    if not isinstance(tokenizer, ReleaseTokenizer):
+        raise ConfigError(f"tokenizer={tokenizer.name}: a release is evaluated on its own first stage's codes "
+                          f"(tokenizer=release; experiment=release_{family} sets it)")
+    prior = release.prior
+    T = check_int(cfg.T, "T", minimum=1)
+    try:
+        prior.set_eval_options(None if prior.T_applies == "none" else T, options)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return prior
+
+
+def release_record(release: Release, prior: Prior, cfg: DictConfig) -> dict[str, Any]:
+    """What the report says of a released row: its files (name, sha256), the sampling settings its paper used,
+    ours, and which of them differ."""
+    _, options = prior_settings(cfg)
+    ours = dict(options.get("sample") or {})
+    if prior.T_applies == "sampling":
+        ours[K.T] = int(cfg.T)
+    paper = release.paper_sampling
+
+    def same(k: str) -> bool:
+        a, b = paper.get(k), ours.get(k)
+        if k == "top_p":  # keeping the whole mass is no nucleus
+            a, b = (None if v in (None, 1.0) else v for v in (a, b))
+        if isinstance(a, list):  # per-scale settings (a chain's scales)
+            return all(v == b for v in a)
+        return a == b
+
+    return {"family": release.family, "files": [list(f) for f in release.files], "paper_sampling": paper,
+            "sampling": ours, "differs": [k for k in paper if not same(k)], "notes": release.notes}
+
+
 @dataclass
 class Settings:
     """What validation resolves once per job."""
@@ -128,6 +182,7 @@ class Settings:
     peak: memory.Peak | None = None  # the least memory of each phase (bench/memory.py)
     memory_problem: str | None = None  # why the job cannot fit this machine (stage=plan reports it, others stop)
     selection: list[str] = field(default_factory=list)  # train files held out for checkpoint selection
+    release: Release | None = None  # the released model evaluated instead of a trained prior
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -141,20 +196,26 @@ def validate(cfg: DictConfig) -> Settings:
     validate_logger(cfg)
     train, eval_cfg, _ = check_groups(cfg)  # train, eval, data: unknown keys, types and ranges
     check_folder(Path(str(cfg.paths.cache)), "paths.cache", cfg.paths.cache)
+    release = job_release(cfg)  # before the tokenizer: a release's first stage is the tokenizer
     tokenizer, tokens_options = validate_tokenizer(cfg)
     files = resolve_files(cfg.data)
     selection = selection_files(cfg.data, files)
-    # The effective codebook is at most the codebook: checking the budget at that size catches a budget too small.
-    prior = build_prior_checked(cfg, tokenizer.codebook_size, tokenizer.grid, device="meta")
+    if release is not None:
+        prior = release_prior(cfg, release, tokenizer)
+    else:
+        # The effective codebook is at most the codebook: checking the budget at that size catches a budget too
+        # small.
+        prior = build_prior_checked(cfg, tokenizer.codebook_size, tokenizer.grid, device="meta")
     params = prior.num_params()
     units = list(prior.units())
     workers = resolve_unit_workers(cfg.unit_workers, len(units), device, threads)
-    peak = memory.estimate(prior, params, cfg.train, eval_cfg, workers if device.type == "cpu" else 1)
+    peak = memory.estimate(prior, params, cfg.train, eval_cfg, workers if device.type == "cpu" else 1,
+                           train=release is None)
     problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
     if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
     return Settings(device, precision, threads, type(prior), tokenizer, tokens_options, params, units, workers, files,
-                    train, eval_cfg, peak, problem, selection)
+                    train, eval_cfg, peak, problem, selection, release)
 
 
 # ---- cache keys ---------------------------------------------------------------
@@ -174,6 +235,18 @@ def train_key(cfg: DictConfig, prior_cls: type[Prior], tokens_key: str, precisio
     T = int(cfg.T) if prior_cls.T_applies == "training" else None
     return content_key("train-v2", tokens_key, name, options, T, int(cfg.budget.params),
                        container(cfg.train), int(cfg.seed), list(selection), *_precision_part(precision))
+
+
+def release_key(tokens_key: str, release: Release) -> str:
+    """The train stage's key of a released prior: the release's weights, on the job's tokens."""
+    return content_key("release-v1", tokens_key, release.key)
+
+
+def job_train_key(cfg: DictConfig, s: "Settings", tokens_key: str) -> str:
+    """The job's train key: the trained prior's, or the release's."""
+    if s.release is not None:
+        return release_key(tokens_key, s.release)
+    return train_key(cfg, s.prior_cls, tokens_key, s.precision, s.selection)
 
 
 def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, precision: str = "fp32") -> str:
@@ -234,7 +307,7 @@ def stage_keys(job: Job) -> dict[str, str]:
     dkey, _, _, _ = data_key(cfg.data, s.files)
     tkey = tokens_key(s.tokenizer.content_key(dkey), s.tokens_options)
     rkey = reference_key(dkey, job.extractor.weights_sha256, s.eval)
-    trkey = train_key(cfg, s.prior_cls, tkey, s.precision, s.selection)
+    trkey = job_train_key(cfg, s, tkey)
     return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, s.eval),
             "train": trkey, "eval": eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)}
 
@@ -256,8 +329,8 @@ def plan(job: Job) -> list[str]:
          + (f" (+ {len(train_files)} train images mirrored)" if s.tokens_options.hflip_train else "")),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),
         ("baselines", "baselines", bkey, "real val images and reconstructions at each column's N"),
-        ("train", "train", trkey, f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size}"
-                                  f" ({s.params:,} parameters)"
+        ("train", "train", trkey, release_line(s.release, s.params) if s.release else
+         f"{len(s.units)} model(s) x {cfg.train.steps} steps x batch {cfg.train.batch_size} ({s.params:,} parameters)"
          + (f", {s.unit_workers} at once" if s.unit_workers > 1 else "")),
         ("eval", "eval", ekey, f"{e.num_samples} samples, {e.completion_samples or len(val_files)} "
                                f"completions, NLL of {len(val_files)} val sequences, {e.bootstrap} "
@@ -267,10 +340,18 @@ def plan(job: Job) -> list[str]:
     lines = []
     for stage, folder, key, work in rows:
         state = "cached" if _cached(cache, folder, key) else "runs"
+        if stage == "train" and s.release is not None:
+            state = "loads"  # nothing to cache: the release's files are its checkpoint
         lines.append(f"plan: {stage:<9} {state:<6} {work}")
         if stage == last:
             break
     return lines
+
+
+def release_line(release: Release, params: int) -> str:
+    """The plan's train line of a release: what is loaded instead of trained."""
+    files = ", ".join(f"{name} (sha256 {sha[:12]})" for name, sha in release.files)
+    return f"released {release.family} prior, {params:,} parameters, evaluated as released: {files}"
 
 
 def memory_line(peak: memory.Peak) -> str:
@@ -285,7 +366,10 @@ def cost_plan(job: Job) -> C.Cost:
     """The job's cost (bench/cost.py) from its configuration and file counts alone, the prior built at n_embed
     codes (the effective codebook is at most that); the job's device peak measured in a fraction of a second."""
     cfg, s = job.cfg, job.settings
-    prior = build_prior_checked(cfg, s.tokenizer.codebook_size, s.tokenizer.grid, device="meta")  # shapes only
+    if s.release is not None:
+        prior = s.release.prior
+    else:
+        prior = build_prior_checked(cfg, s.tokenizer.codebook_size, s.tokenizer.grid, device="meta")  # shapes only
     _, train_files, val_files = s.files
     n_train, n_val = len(train_files), len(val_files)
     counts = {"n_train": n_train, K.N_VAL: n_val, K.N_REFERENCE: min(s.eval.num_reference or n_train, n_train),
@@ -294,8 +378,8 @@ def cost_plan(job: Job) -> C.Cost:
     own = (torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "this CPU",
            matmul_peak_flops(s.device, seconds=0.2))
     return C.estimate(prior, s.params, cfg, counts, int(cfg.data.resolution),
-                      C.inception_flops_per_image(job.extractor), own, codec=s.tokenizer.flops(),
-                      tokenizer_training=s.tokenizer.training_work())
+                      C.inception_flops_per_image(job.extractor), own, train=s.release is None,
+                      codec=s.tokenizer.flops(), tokenizer_training=s.tokenizer.training_work())
 
 
 def plan_warnings(cfg: DictConfig, settings: Settings) -> list[str]:
@@ -433,6 +517,29 @@ def train_stage(job: Job, tokens: TokenSet, data: ImageData) -> tuple[Prior, str
     return prior, key
 
 
+def release_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
+    """The train stage of a release: nothing to train; the release's files are the checkpoint it reports."""
+    t0 = time.time()
+    cfg, s = job.cfg, job.settings
+    release = s.release
+    if tokens.vocab_size != release.prior.vocab_size or tuple(tokens.grid) != tuple(release.prior.grid):
+        raise ConfigError(f"the tokens ({tokens.vocab_size} codes, grid {tokens.grid[0]}x{tokens.grid[1]}) do not "
+                          f"fit the released prior ({release.prior.vocab_size} codes, grid "
+                          f"{release.prior.grid[0]}x{release.prior.grid[1]})")
+    prior = release.prior.to(job.device)
+    key = release_key(tokens.key, release)
+    record = release_record(release, prior, cfg)
+    log.info("train: nothing to train: %s", release_line(release, s.params))
+    if record["differs"]:
+        log.info("train: sampling differs from the release's paper in %s (paper: %s; this job: %s)",
+                 ", ".join(record["differs"]), {k: record["paper_sampling"][k] for k in record["differs"]},
+                 {k: record["sampling"].get(k) for k in record["differs"]})
+    job.results.update({K.PARAMS: s.params, K.TRAIN_KEY: key, K.TRAIN_STEPS: 0, K.TRAIN_UNITS: {},
+                        K.RELEASE: record})
+    job.timed("train", t0)
+    return prior, key
+
+
 def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: str) -> None:
     t0 = time.time()
     cfg, s = job.cfg, job.settings
@@ -519,7 +626,8 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         results.update(env_info(settings.device))
         results.update({K.COMPUTE_PRECISION: settings.precision, K.THREADS: settings.threads,
                         K.UNIT_WORKERS: settings.unit_workers, K.T_APPLIES: settings.prior_cls.T_applies,
-                        K.PRIOR_LABEL: settings.prior_cls.label or settings.prior_cls.name})
+                        K.PRIOR_LABEL: (settings.prior_cls.label or settings.prior_cls.name)
+                        + (" (released)" if settings.release else "")})
         extractor = FE.load_feature_extractor(settings.eval.inception_weights, device=str(settings.device))
         job = Job(cfg, job_dir, settings, results, extractor)
         plan_stage(job)
@@ -536,7 +644,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         if cfg.stage == "tokens":
             log.info("stage=tokens: stopping after the shared tokens, reference features and baselines")
             return finish(job, t_job)
-        prior, tkey = train_stage(job, tokens, data)
+        prior, tkey = release_stage(job, tokens) if settings.release else train_stage(job, tokens, data)
         if cfg.stage == "train":
             log.info("stage=train: stopping after training")
             return finish(job, t_job)

@@ -552,13 +552,64 @@ def main_section(sw: Sweep) -> list[str]:
            "and t-interval over seeds.", "",
            "NLL rule: every prior's NLL is its exact likelihood or the upper bound it declares (NLL kind) of the model "
            "at temperature 1 without top-k/top-p truncation, whatever the sampling settings of the row; the samples, "
-           "completions and their metrics use the sampling settings. Data: each prior picks its best checkpoint on a "
-           f"selection split of {fmt_value(first.get(K.N_SELECTION), 0)} train images (whole split groups, like val; "
-           f"data.selection_seed={fmt_value(first.get(K.SELECTION_SEED), 0)}) that it does not train on; the NLL and "
-           "the completion inputs are on the val split, which neither training nor checkpoint selection sees.", ""]
+           "completions and their metrics use the sampling settings. " + data_text(sw), ""]
     md += bounds_text(sw)
     md += copies_text(sw.points)
     return md + resolution_text(sw.points, sw.ref, sw.n_tests) + [""]
+
+
+def released_rows(sw: Sweep) -> list[pd.Series]:
+    return [r for _, r in sw.ok.iterrows() if isinstance(r.get(K.RELEASE), dict)]
+
+
+def data_text(sw: Sweep) -> str:
+    """Which data the rows' models saw: trained priors' selection split, released priors' none."""
+    trained = [r for _, r in sw.ok.iterrows() if not isinstance(r.get(K.RELEASE), dict)]
+    out = []
+    if trained:
+        first = trained[0]
+        out.append(f"Data: each prior picks its best checkpoint on a selection split of "
+                   f"{fmt_value(first.get(K.N_SELECTION), 0)} train images (whole split groups, like val; "
+                   f"data.selection_seed={fmt_value(first.get(K.SELECTION_SEED), 0)}) that it does not train on; the "
+                   "NLL and the completion inputs are on the val split, which neither training nor checkpoint "
+                   "selection sees.")
+    if released_rows(sw):
+        out.append("Released rows (\"(released)\") are the authors' checkpoints evaluated as released: nothing is "
+                   "trained or selected here, and what their authors trained on is theirs (Released checkpoints, "
+                   "below).")
+    return " ".join(out)
+
+
+def released_section(sw: Sweep) -> list[str]:
+    """The released rows' sources and sampling settings beside their papers'."""
+    rows = released_rows(sw)
+    if not rows:
+        return []
+
+    def settings(d: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in d.items()) or "defaults"
+
+    lines = ["| Prior | T | files (sha256 prefix) | paper's sampling | this row's sampling | differs |",
+             "|---|---|---|---|---|---|"]
+    seen = set()
+    notes: list[str] = []
+    for r in rows:
+        rec = r[K.RELEASE]
+        T = "–" if r.get(K.T_APPLIES) == "none" else r.get(K.T)
+        row = (f"| {label_of(r)} | {T} | " + "; ".join(f"`{name}` ({sha[:12]})" for name, sha in rec["files"])
+               + f" | {settings(rec['paper_sampling'])} | {settings(rec['sampling'])} | "
+               + (", ".join(rec["differs"]) or "none") + " |")
+        if row not in seen:
+            seen.add(row)
+            lines.append(row)
+        notes += [n for n in rec.get("notes") or [] if n not in notes]
+    md = ["## Released checkpoints", "",
+          "Each released row loads its authors' files (docs/releases.md) with their own first stage, and runs "
+          "through the same sampler, NLL, completion and metric code as every other row, on this report's data and "
+          "reference. Its numbers compare with the other rows of this report, not with its paper's (another "
+          "reference set, N and Inception port). The sampling settings its paper reports with are listed beside the "
+          "row's own; set `prior.sample.*` (and T) to match them.", "", *lines, ""]
+    return md + [f"- {n}" for n in notes] + ([""] if notes else [])
 
 
 def bounds_text(sw: Sweep) -> list[str]:
@@ -592,16 +643,27 @@ def protocol_section(sw: Sweep) -> list[str]:
 
 
 def tokenizer_section(sw: Sweep) -> list[str]:
-    toks = [t for t in sw.ok.get(K.TOKENIZER, []) if isinstance(t, dict)]
-    if not toks:
+    """One row per set of tokens the rows use (released rows bring their own first stage)."""
+    by_tokens: dict[Any, tuple[dict[str, Any], list[str]]] = {}
+    for _, r in sw.ok.iterrows():
+        if isinstance(r.get(K.TOKENIZER), dict):
+            t, users = by_tokens.setdefault(r.get(K.TOKENS_KEY), (r[K.TOKENIZER], []))
+            if label_of(r) not in users:
+                users.append(label_of(r))
+    if not by_tokens:
         return []
-    t = toks[0]
-    rfid = f"{t[K.RECON_FID]:.2f} ({t.get(K.RECON_FID_N)})" if finite(t.get(K.RECON_FID)) else "n/a"
-    return ["## Tokenizer", "", "| K_eff | codebook | usage | perplexity | grid | val PSNR (dB) | rFID (N) |",
-            "|---|---|---|---|---|---|---|",
-            f"| {t.get('vocab_size')} | {t.get('n_embed')} | {100 * (t.get('codebook_usage') or 0):.1f}% | "
-            f"{(t.get('codebook_perplexity') or 0):.1f} | {'x'.join(map(str, t.get('grid') or []))} | "
-            f"{(t.get('recon_psnr') or 0):.2f} | {rfid} |", ""]
+    several = len(by_tokens) > 1
+    lines = ["| " + ("rows | " if several else "") + "K_eff | codebook | usage | perplexity | grid | val PSNR (dB) | "
+             "rFID (N) |", "|" + "---|" * (8 if several else 7)]
+    for t, users in by_tokens.values():
+        rfid = f"{t[K.RECON_FID]:.2f} ({t.get(K.RECON_FID_N)})" if finite(t.get(K.RECON_FID)) else "n/a"
+        lines.append("| " + (f"{', '.join(users)} | " if several else "")
+                     + f"{t.get('vocab_size')} | {t.get('n_embed')} | {100 * (t.get('codebook_usage') or 0):.1f}% | "
+                       f"{(t.get('codebook_perplexity') or 0):.1f} | {'x'.join(map(str, t.get('grid') or []))} | "
+                       f"{(t.get('recon_psnr') or 0):.2f} | {rfid} |")
+    note = (["The rows use different tokens: the main table's baseline rows are those of the first row's tokenizer; "
+             "each tokenizer's reconstruction FID is here.", ""] if several else [])
+    return ["## Tokenizer", "", *lines, "", *note]
 
 
 def training_section(sw: Sweep) -> list[str]:
@@ -707,7 +769,7 @@ def write_report(sweep_dirs: list[Path], out: Path, title: str | None = None
     summary.to_csv(out / "summary.csv", index=False)
     (out / "table.tex").write_text(latex_table(sw.points))
     md = header_section(sw, title)
-    for section in (main_section, protocol_section, tokenizer_section, training_section, cost_section,
+    for section in (main_section, released_section, protocol_section, tokenizer_section, training_section, cost_section,
                     figures_section, grids_section, failed_section, environment_section):
         md += section(sw)
     (out / "report.md").write_text("\n".join(md))

@@ -2,7 +2,7 @@
 
 tokenizer: the tokenizer built once per content key (`Tokenizer.build`: trained here, or the release recorded).
 tokens: the train/val images encoded once, remapped to the effective codebook
-(ImageBART appendix A.1.1), with the tokenizer's reconstruction quality. With
+(ImageBART appendix A.1.1; a tokenizer that `keeps_codebook`, a release's first stage, keeps its ids), with the tokenizer's reconstruction quality. With
 `tokenizer.hflip_train` the train images are also encoded mirrored left-right:
 twice the priors' training sequences; validation is never mirrored.
 """
@@ -66,7 +66,7 @@ def validate_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, TokensOptions]:
 def config_error(e: Exception) -> ConfigError:
     """A tokenizer's error as the job's one-line ConfigError, naming the tokenizer option where it does not."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return ConfigError(msg if msg.startswith("tokenizer") else f"tokenizer: {msg}")
+    return ConfigError(msg if msg.startswith(("tokenizer", "release.", "data.")) else f"tokenizer: {msg}")
 
 
 def tokens_key(tokenizer_key: str, options: TokensOptions) -> str:
@@ -164,7 +164,10 @@ def encode_dataset(tokenizer: Tokenizer, tok_dir: Path, tok_key: str, options: T
         train_codes = torch.cat([train_codes, encode_images(tokenizer, np.ascontiguousarray(data.train[..., ::-1]),
                                                             batch_size, "encode train mirrored")])
     val_codes = encode_images(tokenizer, data.val, batch_size, "encode val")
-    remap, inverse = effective_codebook(train_codes, n_embed)
+    if tokenizer.keeps_codebook:  # a released prior reads the codebook's own ids
+        remap = inverse = torch.arange(n_embed)
+    else:
+        remap, inverse = effective_codebook(train_codes, n_embed)
     train, val = remap[train_codes], remap[val_codes]
     k_eff = len(inverse)
     counts = torch.bincount(train.flatten(), minlength=k_eff).double()

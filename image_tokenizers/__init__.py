@@ -13,11 +13,13 @@ from typing import Any
 
 from priors.options import import_class, options_from
 from image_tokenizers.base import CLASS_KEY, NAME_KEY, TOKENS_OPTIONS, Tokenizer, TokensOptions
+from image_tokenizers.release import ReleaseTokenizer
 from image_tokenizers.taming import TamingTokenizer
 from image_tokenizers.vqgan import VQGANTokenizer
 
 # name -> class; this order is the order error messages list them in
-TOKENIZERS: dict[str, type[Tokenizer]] = {"vqgan": VQGANTokenizer, "taming": TamingTokenizer}
+TOKENIZERS: dict[str, type[Tokenizer]] = {"vqgan": VQGANTokenizer, "taming": TamingTokenizer,
+                                          "release": ReleaseTokenizer}
 
 
 def tokenizer_class(config: Mapping[str, Any]) -> type[Tokenizer]:
@@ -44,5 +46,5 @@ def build_tokenizer(config: Mapping[str, Any], resolution: int) -> tuple[Tokeniz
     return cls.from_config(own, resolution), tokens
 
 
-__all__ = ["TOKENIZERS", "Tokenizer", "TokensOptions", "build_tokenizer", "tokenizer_class", "TamingTokenizer",
-           "VQGANTokenizer"]
+__all__ = ["TOKENIZERS", "Tokenizer", "TokensOptions", "build_tokenizer", "tokenizer_class", "ReleaseTokenizer",
+           "TamingTokenizer", "VQGANTokenizer"]

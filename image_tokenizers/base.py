@@ -47,6 +47,10 @@ class Tokenizer(abc.ABC):
     """A tokenizer as configured; after `load`, a codec between uint8 images and (B, h, w) codebook ids."""
     name: ClassVar[str]
     Options: ClassVar[type]  # dataclass of the tokenizer's own options (its yaml minus name, class, TokensOptions)
+    # False: the tokens stage renumbers the codes the train split uses as 0 .. K_eff - 1 (ImageBART A.1.1), the
+    # vocabulary priors trained here see. True: codes keep the tokenizer's own ids (a released prior was trained
+    # on them, over the whole codebook).
+    keeps_codebook: ClassVar[bool] = False
 
     def __init__(self, options: Any, config: Mapping[str, Any], resolution: int):
         self.options = options  # an instance of Options

@@ -108,6 +108,11 @@ class SampleConfig:
             raise ValueError(f"prior.sample.temperature={self.temperature} must be > 0")
 
 
+def check_nll_samples(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"prior.nll_samples={n!r} must be an integer >= 1 (Monte Carlo draws per sequence)")
+
+
 class AbsorbingPrior(Prior):
     name = "absorbing"
     label = "Absorbing (Unleashing)"  # how reports name it
@@ -124,9 +129,7 @@ class AbsorbingPrior(Prior):
         super().__init__(vocab_size, grid)
         self.arch = AbsorbingConfig(vocab_size=self.vocab_size, grid=list(self.grid), n_layer=n_layer,
                                     n_head=n_head, d_model=d_model, dropout=dropout, loss=loss)
-        if isinstance(nll_samples, bool) or not isinstance(nll_samples, numbers.Integral) or nll_samples < 1:
-            raise ValueError(f"prior.nll_samples={nll_samples!r} must be an integer >= 1 "
-                             "(Monte Carlo draws per sequence)")
+        check_nll_samples(nll_samples)
         self.mask_id = self.vocab_size  # the absorbing state m = V; real codes are 0..V-1
         self.n_steps = self.seq_len  # N: diffusion steps in training = number of tokens, as in the paper
         self.loss_type = loss
@@ -153,6 +156,13 @@ class AbsorbingPrior(Prior):
             settings = SampleConfig(sampler=self.sampler if sampler is None else sampler,
                                     temperature=self.temperature if temperature is None else temperature)
             self.sampler, self.temperature = settings.sampler, float(settings.temperature)
+
+    def set_eval_options(self, T: int | None, options: Mapping[str, Any]) -> None:
+        settings = options_from(SampleConfig, options.get("sample"), "prior.sample", owner=self.name)
+        nll_samples = options.get("nll_samples", self.nll_samples)
+        check_nll_samples(nll_samples)
+        self.nll_samples = int(nll_samples)
+        self.set_sampling(T=T, sampler=settings.sampler, temperature=settings.temperature)
 
     @classmethod
     def from_budget(cls, vocab_size: int, grid: tuple[int, int], budget: int, T: int | None = None, *,

@@ -67,6 +67,10 @@ class ARPrior(Prior):
         arch = fit_arch(ARConfig, options, vocab_size, grid, budget, owner=cls.name, others=("sample",))
         return cls(**asdict(arch), **asdict(settings))
 
+    def set_eval_options(self, T: int | None, options: Mapping[str, Any]) -> None:
+        s = options_from(LogitSampling, options.get("sample"), "prior.sample", owner=self.name)
+        self.temperature, self.top_k, self.top_p = s.temperature, s.top_k, s.top_p
+
     def arch_config(self) -> dict[str, Any]:
         # Architecture only; sampling settings are not part of a checkpoint (they never retrain).
         return asdict(self.arch)

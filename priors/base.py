@@ -66,7 +66,7 @@ class Prior(nn.Module, abc.ABC):
     """Everything the harness needs from a prior is declared here; bench/ never tests a prior's name.
 
     Construction: `from_budget` (the width that fits budget.params). Evaluation: `nll`, `sample`, `complete`,
-    `nfe`, `completion_nfe`, `sample_flops`. Reporting: `label`, `T_applies`, `extra_bounds`, `validation_keys`,
+    `nfe`, `completion_nfe`, `sample_flops`, `set_eval_options` (a release's prior). Reporting: `label`, `T_applies`, `extra_bounds`, `validation_keys`,
     `validation_note`. Caching: `eval_only_options`, `arch_config`.
     """
 
@@ -141,6 +141,13 @@ class Prior(nn.Module, abc.ABC):
     @abc.abstractmethod
     def arch_config(self) -> dict[str, Any]:
         """Everything needed to rebuild this prior's modules; stored in every checkpoint."""
+
+    def set_eval_options(self, T: int | None, options: Mapping[str, Any]) -> None:
+        """Apply conf/prior's evaluation-only options (`eval_only_options`: the `sample` block and the like) and T
+        where it applies to sampling, to a prior whose weights were made elsewhere (a release): the options a
+        trained prior gets from `from_budget`. Options outside eval_only_options are not read; a bad value is a
+        one-line ValueError naming it. A prior that cannot be loaded from a release need not implement it."""
+        raise NotImplementedError(f"prior={self.name} takes its evaluation options only at construction")
 
     def sample_flops(self, use_cache: bool | None = None) -> int | None:
         """Model FLOPs one image of sample() costs, counted from the architecture (priors/flops.py's convention);

@@ -466,6 +466,11 @@ class ImageBARTPrior(Prior):
                                  f"at most {BUDGET_TOLERANCE:.0%} allowed)")
         return cls(**asdict(replace(arch, d_model=d_models)), sample=sample)
 
+    def set_eval_options(self, T: int | None, options: Mapping[str, Any]) -> None:
+        if T is not None and int(T) != self.T:
+            raise ValueError(f"T={T}: this chain has T={self.T} ({self.T - 1} trained scales); T is its length")
+        self.sample_cfg = options_from(SampleConfig, options.get("sample"), "prior.sample", owner=self.name)
+
     def arch_config(self) -> dict[str, Any]:
         arch = asdict(self.arch)
         if arch["scale_options"] is None:  # chains trained here: the same dict as before the option existed, so
