@@ -13,6 +13,15 @@ checked against what a released file holds.
     python tools/release_fixtures.py imagebart --checkout PATH/imagebart --taming PATH/taming-transformers \
         --out tests/fixtures/releases/imagebart
 
+With --e2e (and --out tests/fixtures/releases/FAMILY/e2e) it writes instead, per family, a model shaped for 256 x
+256 images as the releases are: an f = 16 first stage (the narrowest channels the official modules allow, one
+residual block per level) to a 16 x 16 grid of 32 codes under a one-layer, two-head, 16-wide transformer, in the
+release's own file layout, with the official outputs on a fixed uint8 image and fixed codes. taming: last.ckpt
+and project.yaml; unleashing: absorbing_ema_0.th, vqgan_ema_0.th and an hparams.yaml of the authors' names;
+imagebart: the FFHQ 2-scale custom chain's layout (T = 3): scale1/2.ckpt and .yaml, sampling.yaml, the VQGAN
+checkpoint the configs name (vqgan/vqgan-e2e.ckpt, 32 of its 40 codes in data/vqgan_indices/e2e_indices.npy)
+and the FFHQ schedule table (data/). It has its own seed: the tiny fixtures regenerate byte-identical.
+
 Running it needs the official code's own dependencies beside this project's (for taming-transformers:
 pytorch-lightning 1.x with torchmetrics, tensorboardX, and transformers < 4.40 for an import in its minGPT;
 install them with `pip install --target DIR` and put DIR on PYTHONPATH after the checkout). The official code was
