@@ -313,3 +313,78 @@ def test_the_cached_decoder_steps_give_the_full_forwards_logits(releases, offici
             steps.append(model.decoder.decode(x_prev[:, i - 1:i], cache, pos)[:, 0])
     assert memory.shape[1] == 17 and model.decoder.cfg.inner_dim == 24 != model.decoder.cfg.d_model
     assert (torch.stack(steps, 1) - full).abs().max() <= scale_error(model) * full.abs().max()
+
+
+# ---- the 256-px release-shaped chain (tests/fixtures/releases/imagebart/e2e, tools/release_fixtures.py --e2e) ----
+# Laid out as the release: scale checkpoints without first-stage weights, the VQGAN checkpoint the configs name
+# by ckpt_path (vqgan/), its remap list and the FFHQ schedule table (data/), all relative to the folder.
+E2E = FIXTURES / "e2e"
+
+
+@pytest.fixture(scope="module")
+def e2e_release() -> ib.ImageBARTRelease:
+    return ib.load_sampling_config(str(E2E / "sampling.yaml"))
+
+
+@pytest.fixture(scope="module")
+def e2e_official() -> dict:
+    return torch.load(E2E / "outputs.pt", weights_only=True)
+
+
+def test_e2e_chain_maps_256px_images_to_the_priors_16x16_grid(e2e_release, e2e_official):
+    prior, vq = e2e_release.prior, e2e_release.tokenizer
+    assert vq is not None  # from vqgan/vqgan-e2e.ckpt: scale 1's checkpoint holds no first stage
+    assert prior.T == 3 and prior.grid == (16, 16) and prior.seq_len == 256
+    assert prior.vocab_size == vq.vocab_size == 32 and len(vq.quantize.used) == 32  # 32 used codes of 40
+    with torch.no_grad():
+        idx = vq.encode_to_indices(e2e_official["pixels"].float() / 127.5 - 1)
+        images = vq.decode_indices(idx)
+    assert idx.shape == (1, 16, 16) and 0 <= int(idx.min()) and int(idx.max()) < 32 and len(idx.unique()) > 8
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+    assert e2e_release.sources == ["scale1.ckpt", "scale2.ckpt"] and e2e_release.top_k == [32, 32]
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_e2e_each_scales_logits_equal_the_official_ones(e2e_release, e2e_official, s):
+    """As test_each_scales_logits_equal_the_official_ones, at L = 256 with x-transformers' default heads of 64."""
+    model = e2e_release.prior.scales[f"scale{s + 1}"]
+    o = e2e_official
+    with torch.no_grad():
+        logits = model(o["x_prev"], o["x_t"] if model.encoder is not None else None)
+    theirs = o[f"scale{s}_logits"]
+    assert logits.shape == theirs.shape == (3, 256, 32)
+    assert (logits - theirs).abs().max() <= scale_error(model) * theirs.abs().max()
+    if model.encoder is not None:
+        assert model.decoder.cfg.inner_dim == 2 * ib.DEFAULT_DIM_HEAD and model.encoder.cfg.seq_len == 257
+
+
+def test_e2e_schedule_is_the_official_ffhq_table_schedule(e2e_release, e2e_official):
+    ours = torch.tensor(e2e_release.prior.betas[2:], dtype=torch.float64)
+    theirs = e2e_official["betas"][1:].double()
+    # as test_schedule_is_the_official_one: the metric-table roots, float32 on both sides
+    assert ((ours - theirs).abs() <= EPS32 * theirs.abs()).all() and ours[-1] == 1.0 and 0 < ours[0] < 1
+
+
+def test_e2e_first_stage_encodes_and_decodes_as_the_official_vqgan(e2e_release, e2e_official):
+    """The VQGAN checkpoint with the remap list, as the official chain builds it from the config: the near-tie and
+    remap rules of test_first_stage_encodes_and_decodes_as_the_official_vqgan."""
+    vq, o = e2e_release.tokenizer, e2e_official
+    images = o["pixels"].float() / 127.5 - 1
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(images))
+        ours = vq.encode_to_indices(images).flatten()
+        decoded = vq.decode_indices(o["x_prev"][:1].reshape(1, 16, 16))
+    rel = conv_network_error(vq.encoder)
+    assert rows_close(z.flatten(1), o["prequant"].flatten(1), rel)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    e = vq.quantize.embedding.weight.double()
+    dist = torch.cdist(rows, e) ** 2  # (256, 40)
+    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
+    ranked = dist.sort(dim=1)
+    known = (ranked.values[:, 1] - ranked.values[:, 0] > band) & torch.isin(ranked.indices[:, 0], vq.quantize.used)
+    assert known.float().mean() > 0.4
+    theirs = o["encoded"].flatten()
+    assert torch.equal(ours[known], theirs[known])
+    assert torch.equal(vq.quantize.used[ours[known]], ranked.indices[known, 0])
+    assert decoded.shape == o["decoded"].shape == (1, 3, 256, 256)
+    assert rows_close(decoded.flatten(1), o["decoded"].flatten(1), conv_network_error(vq.decoder))

@@ -158,3 +158,72 @@ def test_another_familys_files_are_refused(tmp_path):
     # a missing file
     shutil.copy(CONFIG, tmp_path / "p.yaml")
     assert "file not found" in one_line_error(str(tmp_path / "nope.ckpt"), str(tmp_path / "p.yaml"))
+
+
+# ---- the 256-px release-shaped model (tests/fixtures/releases/taming/e2e, tools/release_fixtures.py --e2e) -------
+E2E = FIXTURES / "e2e"
+
+
+@pytest.fixture(scope="module")
+def e2e_release() -> taming.TamingRelease:
+    return taming.load(str(E2E / "last.ckpt"), str(E2E / "project.yaml"))
+
+
+@pytest.fixture(scope="module")
+def e2e_official() -> dict:
+    return torch.load(E2E / "outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def e2e_encoded(e2e_release, e2e_official) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prequant z, code indices) of the fixture's 256-px image by the loaded first stage."""
+    vq = e2e_release.tokenizer
+    images = e2e_official["pixels"].float() / 127.5 - 1  # the same float32 operations as the official run's input
+    with torch.no_grad():
+        return vq.quant_conv(vq.encoder(images)), vq.encode_to_indices(images)
+
+
+def test_e2e_release_maps_256px_images_to_the_priors_16x16_grid(e2e_release, e2e_encoded):
+    prior, vq = e2e_release.prior, e2e_release.tokenizer
+    assert prior.grid == (16, 16) and prior.seq_len == 256 and prior.vocab_size == vq.vocab_size == 32
+    assert vq.cfg.resolution == 256 and len(vq.cfg.ch_mult) == 5  # f = 2^4 = 16
+    z, idx = e2e_encoded
+    assert z.shape == (1, 4, 16, 16) and idx.shape == (1, 16, 16)
+    assert len(idx.unique()) > 8  # the random first stage uses many codes, not one
+    with torch.no_grad():
+        images = vq.decode_indices(idx)
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+
+
+def test_e2e_next_token_logits_equal_the_official_minGPT(e2e_release, e2e_official):
+    cfg = e2e_release.prior.model.cfg
+    with torch.no_grad():
+        logits = e2e_release.prior.logits(e2e_official["codes"])  # (B, 256, 32) on [sos, z_0 .. z_254]
+    theirs = e2e_official["code_logits"]
+    assert logits.shape == theirs.shape == (3, 256, 32)
+    # as test_next_token_logits_equal_the_official_minGPT: float32 rounding of the same function
+    bound = transformer_error(cfg.d_model, cfg.n_layer, cfg.seq_len) * theirs.abs().max()
+    assert (logits - theirs).abs().max() <= bound
+
+
+def test_e2e_first_stage_encodes_and_decodes_as_the_official_vqgan(e2e_release, e2e_official, e2e_encoded):
+    vq, o = e2e_release.tokenizer, e2e_official
+    z, idx = e2e_encoded
+    with torch.no_grad():
+        decoded = vq.decode_indices(o["codes"][:1].reshape(1, 16, 16))
+    rel = conv_network_error(vq.encoder)
+    assert rows_close(z.flatten(1), o["prequant"].flatten(1), rel)
+    # Near-tie rule of test_first_stage_encodes_and_decodes_as_the_official_vqgan: outside the distances'
+    # rounding band the nearest code is fixed on every kernel and must be the official one.
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    e = vq.quantize.embedding.weight.double()
+    dist = torch.cdist(rows, e) ** 2  # (256, 32)
+    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
+    ranked = dist.sort(dim=1)
+    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
+    assert decided.float().mean() > 0.9
+    ours, theirs = idx.flatten(), o["encoded"].flatten()
+    assert torch.equal(ours[decided], theirs[decided])
+    assert (dist[~decided, theirs[~decided]] - dist[~decided, ours[~decided]] <= band[~decided]).all()
+    assert decoded.shape == o["decoded"].shape == (1, 3, 256, 256)
+    assert rows_close(decoded.flatten(1), o["decoded"].flatten(1), conv_network_error(vq.decoder))

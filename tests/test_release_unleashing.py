@@ -254,3 +254,74 @@ def test_another_familys_files_are_refused(tmp_path):
     # a missing file
     shutil.copy(HPARAMS, tmp_path / "h.yaml")
     assert "file not found" in one_line_error(str(tmp_path / "nope.th"), VQGAN, str(tmp_path / "h.yaml"))
+
+
+# ---- the 256-px release-shaped model (tests/fixtures/releases/unleashing/e2e, tools/release_fixtures.py --e2e) ---
+E2E = FIXTURES / "e2e"
+E2E_FILES = tuple(str(E2E / n) for n in ("absorbing_ema_0.th", "vqgan_ema_0.th", "hparams.yaml"))
+
+
+@pytest.fixture(scope="module")
+def e2e_release() -> unleashing.UnleashingRelease:
+    sampler, vqgan, hparams = E2E_FILES
+    return unleashing.load(sampler, vqgan, hparams=hparams)
+
+
+@pytest.fixture(scope="module")
+def e2e_official() -> dict:
+    return torch.load(E2E / "outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def e2e_encoded(e2e_release, e2e_official) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, code indices) of the fixture's 256-px image by the loaded VQGAN."""
+    vq = e2e_release.tokenizer
+    images = e2e_official["pixels"].float() / 255  # the official run's input, the authors' [0, 1]
+    with torch.no_grad():
+        return vq.encoder(images), vq.encode_to_indices(images * 2 - 1)
+
+
+def test_e2e_release_maps_256px_images_to_the_priors_16x16_grid(e2e_release, e2e_encoded):
+    prior, vq = e2e_release.prior, e2e_release.tokenizer
+    assert prior.grid == (16, 16) and prior.seq_len == 256 and prior.vocab_size == vq.vocab_size == 32
+    assert prior.mask_id == 32 and prior.n_steps == 256  # one diffusion step per token, as the releases
+    z, idx = e2e_encoded
+    assert z.shape == (1, 4, 16, 16) and idx.shape == (1, 16, 16)
+    assert len(idx.unique()) > 8  # the random VQGAN uses many codes, not one
+    with torch.no_grad():
+        images = vq.decode_indices(idx)
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+
+
+def test_e2e_denoiser_logits_equal_the_official_transformer(e2e_release, e2e_official):
+    x_t = e2e_official["x_t"]  # none, some, most and all of the 256 positions masked
+    assert (x_t == 32).sum(1).tolist()[0] == 0 and (x_t[-1] == 32).all()
+    with torch.no_grad():
+        logits = e2e_release.prior.model(x_t)
+    theirs = e2e_official["logits"]
+    assert logits.shape == theirs.shape == (4, 256, 32)
+    # as test_denoiser_logits_equal_the_official_transformer: float32 rounding of the same function
+    assert (logits - theirs).abs().max() <= logit_error(e2e_release) * theirs.abs().max()
+
+
+def test_e2e_vqgan_encodes_and_decodes_as_the_official_autoencoder(e2e_release, e2e_official, e2e_encoded):
+    vq, o = e2e_release.tokenizer, e2e_official
+    z, idx = e2e_encoded
+    with torch.no_grad():
+        decoded = vq.decode_indices(o["codes"][:1].view(1, 16, 16))
+    rel = conv_network_error(vq.encoder) + 4 * EPS32  # as the tiny test: plus the [0, 1] <-> [-1, 1] round trip
+    assert rows_close(z.flatten(1), o["latents"].flatten(1), rel)
+    # the near-tie rule of test_vqgan_encodes_and_decodes_as_the_official_autoencoder
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    e = vq.quantize.embedding.weight.double()
+    dist = torch.cdist(rows, e) ** 2  # (256, 32)
+    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
+    ranked = dist.sort(dim=1)
+    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
+    assert decided.float().mean() > 0.9
+    ours, theirs = idx.flatten(), o["encoded"].flatten()
+    assert torch.equal(ours[decided], theirs[decided])
+    assert (dist[~decided, theirs[~decided]] - dist[~decided, ours[~decided]] <= band[~decided]).all()
+    assert decoded.shape == o["decoded"].shape == (1, 3, 256, 256)
+    assert rows_close(((decoded + 1) / 2).flatten(1), o["decoded"].flatten(1),
+                      conv_network_error(vq.generator) + 4 * EPS32)

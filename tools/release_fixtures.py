@@ -13,6 +13,15 @@ checked against what a released file holds.
     python tools/release_fixtures.py imagebart --checkout PATH/imagebart --taming PATH/taming-transformers \
         --out tests/fixtures/releases/imagebart
 
+With --e2e (and --out tests/fixtures/releases/FAMILY/e2e) it writes instead, per family, a model shaped for 256 x
+256 images as the releases are: an f = 16 first stage (the narrowest channels the official modules allow, one
+residual block per level) to a 16 x 16 grid of 32 codes under a one-layer, two-head, 16-wide transformer, in the
+release's own file layout, with the official outputs on a fixed uint8 image and fixed codes. taming: last.ckpt
+and project.yaml; unleashing: absorbing_ema_0.th, vqgan_ema_0.th and an hparams.yaml of the authors' names;
+imagebart: the FFHQ 2-scale custom chain's layout (T = 3): scale1/2.ckpt and .yaml, sampling.yaml, the VQGAN
+checkpoint the configs name (vqgan/vqgan-e2e.ckpt, 32 of its 40 codes in data/vqgan_indices/e2e_indices.npy)
+and the FFHQ schedule table (data/). It has its own seed: the tiny fixtures regenerate byte-identical.
+
 Running it needs the official code's own dependencies beside this project's (for taming-transformers:
 pytorch-lightning 1.x with torchmetrics, tensorboardX, and transformers < 4.40 for an import in its minGPT;
 install them with `pip install --target DIR` and put DIR on PYTHONPATH after the checkout). The official code was
@@ -395,6 +404,12 @@ def import_imagebart(checkout: Path, taming: Path) -> types.ModuleType:
 def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Every parameter and EMA copy random (LayerNorm gains near 1): a loader that drops, swaps or mixes up any
     tensor, or reads the live weights where the release samples with the EMA ones, gives other outputs."""
+    randomise_transformer(model, generator)
+    randomise_conv(model.first_stage_model, generator)  # convolutions at unit gain, norms near 1
+
+
+def randomise_transformer(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """A scale's transformer and its EMA copy random, LayerNorm gains near 1 (every Linear weight is 2-D)."""
     with torch.no_grad():
         tensors = list(model.transformer.named_parameters())
         if getattr(model, "transformer_ema", None) is not None:
@@ -404,11 +419,18 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
             gain = name.endswith("weight") and p.dim() == 1  # LayerNorms (every Linear weight is 2-D)
             noise = torch.randn(p.shape, generator=generator)
             p.copy_(noise * (0.3 if p.dim() > 1 else 0.1) + (1.0 if gain else 0.0))
-        for name, p in model.first_stage_model.named_parameters():  # convolutions at unit gain, norms near 1
+
+
+def randomise_conv(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """A convolutional network's weights random at unit gain (N(0, 1 / fan_in)), norm gains near 1, biases near 0,
+    so that activations keep their scale through many layers and every tensor matters."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
-            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-            p.copy_(noise / math.sqrt(fan_in) if p.dim() > 1 else noise * 0.1 + (1.0 if name.endswith("weight")
-                                                                                  else 0.0))
+            if p.dim() > 1:
+                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
+            else:
+                p.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
@@ -489,17 +511,229 @@ def imagebart_fixtures(checkout: Path, taming: Path, out: Path) -> None:
     print(f"wrote {out}/geometric, custom, outputs.pt, release_keys.json.gz")
 
 
+# ---- 256-px release-shaped models (--e2e) ------------------------------------------------------------------------
+# Per family, the smallest model the official code builds with a release's shape: 256 x 256 RGB images through an
+# f = 16 first stage (ch_mult of length 5, the narrowest channels its GroupNorms allow, one residual block per
+# level, attention at 16 x 16) to a 16 x 16 grid (L = 256) of 32 codes, under a 2-layer, 2-head, 16-wide
+# transformer; random weights, saved in the release's own file layout. An evaluate-only run on a 256-px image
+# folder goes through these end to end; the official outputs next to them check the loaders at that shape.
+E2E_SEED = SEED + 256  # its own stream: the tiny fixtures above regenerate unchanged
+E2E_SIDE, E2E_GRID, E2E_V = 256, 16, 32
+E2E_DDCONFIG = {"double_z": False, "z_channels": 4, "resolution": E2E_SIDE, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [E2E_GRID], "dropout": 0.0}
+# One layer: each minGPT layer carries its causal mask as a (block_size, block_size) buffer, 256 kB at L = 256.
+E2E_GPT = {"vocab_size": E2E_V, "block_size": E2E_GRID ** 2, "n_layer": 1, "n_head": 2, "n_embd": 16}
+E2E_TAMING = release_shaped(TINY_TAMING, E2E_GPT, {"embed_dim": 4, "n_embed": E2E_V, "ddconfig": E2E_DDCONFIG},
+                            grid=E2E_GRID)
+E2E_UNLEASHING = {**TINY_UNLEASHING, "nf": 32, "ch_mult": [1, 1, 1, 1, 1], "img_size": E2E_SIDE,
+                  "attn_resolutions": [E2E_GRID], "latent_shape": [1, E2E_GRID, E2E_GRID],
+                  "block_size": E2E_GRID ** 2, "total_steps": E2E_GRID ** 2, "bert_n_layers": 1}
+# One 256-px image encoded and one code grid decoded: the decoded float32 image is most of the outputs' size and
+# the convolutions at 256 px most of the tests' time. The image is uint8, as read from an image folder.
+E2E_IMAGES = 1
+
+
+def e2e_image(generator: torch.Generator) -> torch.Tensor:
+    """(E2E_IMAGES, 3, 256, 256) uint8 noise, an image file's pixels."""
+    return torch.randint(0, 256, (E2E_IMAGES, 3, E2E_SIDE, E2E_SIDE), generator=generator, dtype=torch.uint8)
+
+
+def randomise_gpt(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """A minGPT's weights random (LayerNorm gains near 1), as the tiny fixtures' transformers."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            parts = name.split(".")
+            gain = len(parts) > 1 and parts[-2].startswith("ln") and parts[-1] == "weight"
+            p.copy_(torch.randn(p.shape, generator=generator) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if gain else 0.0))
+
+
+def taming_e2e(checkout: Path, out: Path) -> None:
+    """last.ckpt + project.yaml of a 256-px unconditional Net2NetTransformer, with its official outputs."""
+    from omegaconf import OmegaConf
+
+    main = import_taming(checkout)
+    torch.manual_seed(E2E_SEED)
+    config = OmegaConf.create(E2E_TAMING)
+    model = main.instantiate_from_config(config.model).eval()
+    g = torch.Generator().manual_seed(E2E_SEED)
+    randomise_conv(model.first_stage_model, g)
+    randomise_gpt(model.transformer, g)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(lightning_checkpoint(model.state_dict()), out / "last.ckpt")
+    OmegaConf.save(config, out / "project.yaml")
+
+    pixels = e2e_image(g)
+    images = pixels.float() / 127.5 - 1  # taming's [-1, 1]
+    codes = torch.randint(0, E2E_V, (3, E2E_GRID ** 2), generator=g)
+    with torch.no_grad():
+        first = model.first_stage_model
+        prequant = first.quant_conv(first.encoder(images))
+        _, encoded = model.encode_to_z(images)  # (B, L) code indices, raster order
+        sos = torch.full((3, 1), model.sos_token, dtype=torch.long)
+        code_logits, _ = model.transformer(torch.cat([sos, codes[:, :-1]], dim=1))
+        decoded = model.decode_to_img(codes[:E2E_IMAGES], (E2E_IMAGES, 4, E2E_GRID, E2E_GRID))
+    torch.save({"pixels": pixels, "prequant": prequant, "encoded": encoded, "codes": codes,
+                "code_logits": code_logits, "decoded": decoded, "checkout_commit": commit_of(checkout)},
+               out / "outputs.pt")
+    print(f"wrote {out}/last.ckpt, project.yaml, outputs.pt")
+
+
+def unleashing_e2e(checkout: Path, out: Path) -> None:
+    """absorbing_ema_0.th + vqgan_ema_0.th + hparams.yaml of a 256-px sampler and VQGAN, with official outputs."""
+    import yaml
+
+    models = import_unleashing(checkout)
+    torch.manual_seed(E2E_SEED)
+    H = unleashing_H(E2E_UNLEASHING)
+    ae = on_cpu(lambda: models.VQAutoEncoder(H)).eval()
+    disc = models.vqgan.Discriminator(H.n_channels, H.ndf, n_layers=H.disc_layers)
+    denoiser = models.Transformer(H)
+    g = torch.Generator().manual_seed(E2E_SEED)
+    randomise_conv(ae, g)
+    randomise_conv(disc, g)
+    codebook = ae.quantize.embedding.weight.detach().clone()
+    sampler = models.AbsorbingDiffusion(H, denoiser, H.codebook_size, codebook).eval()
+    randomise_gpt(sampler, g)
+    with torch.no_grad():
+        for _, b in sampler.named_buffers():
+            b.copy_(torch.rand(b.shape, generator=g))
+    out.mkdir(parents=True, exist_ok=True)
+    # as the tiny fixture: the VQGAN file without the LPIPS network no loader reads
+    vqgan_sd = ({f"ae.{k}": v for k, v in ae.state_dict().items()}
+                | {f"disc.{k}": v for k, v in disc.state_dict().items()})
+    torch.save(vqgan_sd, out / "vqgan_ema_0.th")
+    torch.save(sampler.state_dict(), out / "absorbing_ema_0.th")
+    (out / "hparams.yaml").write_text(yaml.safe_dump(E2E_UNLEASHING))
+
+    B, L, V = 4, E2E_GRID ** 2, H.codebook_size
+    pixels = e2e_image(g)
+    images = pixels.float() / 255  # the authors' [0, 1] range
+    codes = torch.randint(0, V, (B, L), generator=g)
+    masked = torch.rand(B, L, generator=g) < torch.tensor([0.0, 0.3, 0.8, 1.0]).unsqueeze(1)
+    x_t = codes.masked_fill(masked, V)
+    with torch.no_grad():
+        latents = ae.encoder(images)
+        _, _, stats = ae.quantize(latents)
+        encoded = stats["min_encoding_indices"].view(E2E_IMAGES, E2E_GRID, E2E_GRID)
+        one_hot = torch.nn.functional.one_hot(codes[:E2E_IMAGES].reshape(-1), V).float()
+        decoded = ae.generator(sampler.embed(one_hot.view(E2E_IMAGES, L, V)))  # utils/sampler_utils.get_samples
+        logits = sampler._denoise_fn(x_t)
+    torch.save({"pixels": pixels, "latents": latents, "encoded": encoded, "codes": codes, "decoded": decoded,
+                "x_t": x_t, "logits": logits, "checkout_commit": commit_of(checkout)}, out / "outputs.pt")
+    print(f"wrote {out}/absorbing_ema_0.th, vqgan_ema_0.th, hparams.yaml, outputs.pt")
+
+
+# ImageBART's FFHQ 2-scale custom chain in shape (T = 3): a plain XTransformer scale with x-transformers' default
+# heads of 64, then a decoder-only minGPT; the ffhq_bernoulli_PSIM schedule read from the FFHQ metric table; the
+# first stage a separate taming VQGAN checkpoint (the release's vqgan.zip) that the scale configs name by
+# ckpt_path, shrunk by a remap list to its 32 used codes of 40. Paths relative to the folder, which stands for the
+# repository (configs/sampling/*.yaml's checkpoints and configs, the configs' ckpt_path, remap and data/).
+E2E_IB_REMAP = "data/vqgan_indices/e2e_indices.npy"
+E2E_IB_VQGAN_CKPT = "vqgan/vqgan-e2e.ckpt"
+E2E_IB_FIRST_STAGE = {"target": IB_VQGAN["target"],
+                      "params": {"ckpt_path": E2E_IB_VQGAN_CKPT, "remap": E2E_IB_REMAP, "sane_index_shape": True,
+                                 "embed_dim": 4, "n_embed": 40, "ddconfig": E2E_DDCONFIG,
+                                 "lossconfig": IB_VQGAN["params"]["lossconfig"]}}
+E2E_IB_SCHEDULE = "ffhq_bernoulli_PSIM"
+E2E_IMAGEBART = [
+    {"model": {"base_learning_rate": 0.0625, "target": "imagebart.models.diffusion.DenoisingXTransformer",
+               "params": {"first_stage_key": "image", "monitor": "val/loss", "n_scales": 2, "single_scale": 1,
+                          "top_k": E2E_V, "alpha": 0.0, "redraw_prob": E2E_IB_SCHEDULE, "use_ema": True,
+                          "transformer_config": {
+                              "target": "imagebart.modules.xtransformers.x_transformer.XTransformer",
+                              "params": {"wrap_decoder": False, "dim": 16, "enc_num_tokens": E2E_V, "enc_depth": 2,
+                                         "enc_heads": 2, "enc_max_seq_len": E2E_GRID ** 2 + 1,
+                                         "dec_num_tokens": E2E_V, "dec_depth": 1, "dec_heads": 2,
+                                         "tie_token_emb": False, "dec_max_seq_len": E2E_GRID ** 2}},
+                          "first_stage_config": E2E_IB_FIRST_STAGE}}},
+    {"model": {"base_learning_rate": 0.0625, "target": "imagebart.models.diffusion.DecoderOnlyDenoiser",
+               "params": {"first_stage_key": "image", "monitor": "val/loss", "n_scales": 2, "single_scale": 2,
+                          "top_k": E2E_V, "alpha": 1.0, "redraw_prob": E2E_IB_SCHEDULE, "use_ema": True,
+                          "transformer_config": {"target": "imagebart.modules.transformer.mingpt.GPT",
+                                                 "params": E2E_GPT},
+                          "first_stage_config": E2E_IB_FIRST_STAGE}}},
+]
+
+
+def imagebart_e2e(checkout: Path, taming: Path, out: Path) -> None:
+    """A 256-px 2-scale chain laid out as the release (scale checkpoints and configs, a configs/sampling-style
+    list, the VQGAN checkpoint, its remap list, the schedule's table), with the official outputs."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    main = import_imagebart(checkout, taming)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data" / "vqgan_indices").mkdir(parents=True, exist_ok=True)
+    (out / "vqgan").mkdir(exist_ok=True)
+    shutil.copy(checkout / "data" / "ffhq_schedule_vs_metric.p", out / "data")
+    os.chdir(out)  # the official code reads ckpt_path, remap and data/ relative to the repository, here `out`
+    g = torch.Generator().manual_seed(E2E_SEED)
+    n_embed = E2E_IB_FIRST_STAGE["params"]["n_embed"]
+    used = torch.randperm(n_embed, generator=g)[:E2E_V].sort().values.numpy()
+    np.save(E2E_IB_REMAP, used)
+    # the VQGAN as taming-transformers trains and saves it (no remap: vqgan.zip's checkpoints predate the lists)
+    torch.manual_seed(E2E_SEED)
+    vq_params = {k: v for k, v in E2E_IB_FIRST_STAGE["params"].items() if k not in ("ckpt_path", "remap")}
+    vqgan = main.instantiate_from_config(OmegaConf.create({"target": "taming.models.vqgan.VQModel",
+                                                           "params": vq_params}))
+    randomise_conv(vqgan, g)
+    torch.save(lightning_checkpoint(vqgan.state_dict()), E2E_IB_VQGAN_CKPT)
+
+    L = E2E_GRID ** 2
+    x_prev = torch.randint(0, E2E_V, (3, L), generator=g)
+    x_t = torch.randint(0, E2E_V, (3, L), generator=g)
+    outputs: dict = {"x_prev": x_prev, "x_t": x_t, "checkout_commit": commit_of(checkout)}
+    n = len(E2E_IMAGEBART)
+    for s, config in enumerate(E2E_IMAGEBART, start=1):
+        torch.manual_seed(E2E_SEED + s)
+        model = main.instantiate_from_config(OmegaConf.create(config).model).eval()  # loads the VQGAN checkpoint
+        randomise_transformer(model, g)  # the first stage stays the checkpoint's
+        # the release's scale files: transformer, EMA copy and the chain's buffers; the first stage is vqgan/'s
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("first_stage_model.")}
+        torch.save(lightning_checkpoint(sd), f"scale{s}.ckpt")
+        OmegaConf.save(OmegaConf.create(config), f"scale{s}.yaml")
+        scale = torch.full((3, 1), s, dtype=torch.long)
+        with torch.no_grad(), model.ema_scope():
+            if s == n:
+                logits, _ = model(x_prev, scale)  # [s, x_0 .. x_{L-2}] -> p(x_{s-1})
+            else:
+                logits, _ = model(x_prev, x_t, scale)  # encoder [s, x_s], decoder [sos, x_{s-1}]
+        outputs[f"scale{s}_logits"] = logits
+        outputs["betas"] = model.temperature_range.clone()
+        if s == 1:  # the first stage as the official chain builds it from the config (checkpoint + remap)
+            first = model.first_stage_model
+            pixels = e2e_image(g)
+            images = pixels.float() / 127.5 - 1
+            with torch.no_grad():
+                outputs["pixels"] = pixels
+                outputs["prequant"] = first.encode_to_prequant(images)
+                outputs["encoded"] = first.encode(images)[2][2]  # (B, h, w) positions in the remap list
+                outputs["decoded"] = model.decode_to_img(x_prev[:E2E_IMAGES], (E2E_IMAGES, 4, E2E_GRID, E2E_GRID))
+    sampling = {"checkpoints": [f"scale{s}.ckpt" for s in range(1, n + 1)],
+                "configs": [f"scale{s}.yaml" for s in range(1, n + 1)]}
+    Path("sampling.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(sampling)))
+    torch.save(outputs, "outputs.pt")
+    print(f"wrote {out}: scale1/2.ckpt and .yaml, sampling.yaml, {E2E_IB_VQGAN_CKPT}, {E2E_IB_REMAP}, "
+          "data/ffhq_schedule_vs_metric.p, outputs.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=["taming", "unleashing", "imagebart"])
     parser.add_argument("--checkout", type=Path, required=True, help="the official repository's checkout")
     parser.add_argument("--taming", type=Path, help="imagebart: a taming-transformers checkout (its first stage)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the fixture files")
+    parser.add_argument("--e2e", action="store_true",
+                        help="write the 256-px release-shaped model (f = 16, 16 x 16 grid) instead of the tiny one")
     args = parser.parse_args()
     if args.family == "imagebart":
         if args.taming is None:
             parser.error("imagebart needs --taming PATH/taming-transformers")
-        imagebart_fixtures(args.checkout.resolve(), args.taming.resolve(), args.out.resolve())
+        make = imagebart_e2e if args.e2e else imagebart_fixtures
+        make(args.checkout.resolve(), args.taming.resolve(), args.out.resolve())
+    elif args.e2e:
+        {"taming": taming_e2e, "unleashing": unleashing_e2e}[args.family](args.checkout.resolve(), args.out)
     else:
         {"taming": taming_fixtures, "unleashing": unleashing_fixtures}[args.family](args.checkout.resolve(), args.out)
 
