@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -175,6 +177,12 @@ def fmt_estimate(e: S.Estimate, digits: int) -> str:
     return text
 
 
+def shown_setting(value: Any) -> str:
+    """A setting as tables, legends and file names show it: a path by its file name (results.csv keeps it
+    whole), so a released row's files do not fill the table."""
+    return re.sub(r"[^\s,\[\]=]*/([^/\s,\[\]]+)", r"\1", str(value))
+
+
 def varying_settings(points: list[Point]) -> list[str]:
     keys = sorted({k for pt in points for k in pt.settings})
     return [k for k in keys if len({pt.settings.get(k) for pt in points}) > 1]
@@ -206,7 +214,7 @@ def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point
             cells.append(cell)
         T = "–" if pt.T is None else str(pt.T)
         mark = " (ref.)" if pt is ref else ""
-        lines.append(f"| {pt.label}{mark} | {T} | " + "".join(f"{pt.settings.get(k, '')} | " for k in extra)
+        lines.append(f"| {pt.label}{mark} | {T} | " + "".join(f"{shown_setting(pt.settings.get(k, ''))} | " for k in extra)
                      + f"{pt.n_seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -336,7 +344,8 @@ class Figures:
             self.groups.setdefault((pt.prior, tuple(sorted(pt.settings.items()))), []).append(pt)
 
     def name_of(self, prior: str, settings: tuple) -> str:
-        return self.labels[prior] + ("" if not settings else " (" + ", ".join(f"{k}={v}" for k, v in settings) + ")")
+        return self.labels[prior] + ("" if not settings else " (" + ", ".join(f"{k}={shown_setting(v)}" for k, v in settings)
+                                                                + ")")
 
     def save(self, fig: Any, fname: str, title: str) -> None:
         fig.tight_layout()
@@ -705,9 +714,11 @@ def grids_section(sw: Sweep) -> list[str]:
     varying = varying_settings(sw.points)
     for pt in sw.points:
         job = pt.jobs.iloc[0]
-        name = pt.prior + ("" if pt.T is None else f"_T{pt.T}") + "".join(f"_{k}={v}" for k, v in pt.settings.items()
+        name = pt.prior + ("" if pt.T is None else f"_T{pt.T}") + "".join(f"_{k}={shown_setting(v)}" for k, v in pt.settings.items()
                                                                          if k in varying)
         name = name.replace("/", "-")
+        if len(name) > 120:  # file systems cap a name at 255 bytes; the full settings are in results.csv
+            name = f"{name[:100]}_{hashlib.sha256(name.encode()).hexdigest()[:12]}"
         for kind in ("samples_grid", "completion_grid"):
             src = Path(job["job_dir"]) / f"{kind}.png"
             if src.is_file():

@@ -127,21 +127,30 @@ class Release:
         return side, side
 
     def first_stage_flops(self) -> tuple[float, float]:
-        """(encode, decode) FLOPs of one image at the release's resolution, counted on the meta device."""
+        """(encode, decode) FLOPs of one image at the release's resolution, counted on the meta device (no
+        weights read, no arithmetic) where every op has a meta kernel."""
+        if "flops" not in _FLOPS.setdefault(self.key, {}):
+            try:
+                model, device = copy.deepcopy(self.first_stage).to("meta"), "meta"
+                flops = self._count(model, device)
+            except (NotImplementedError, RuntimeError):
+                # an op without a meta kernel (a remap's lookup of used codes): count one real image instead
+                flops = self._count(self.first_stage, "cpu")
+            _FLOPS[self.key]["flops"] = flops
+        return _FLOPS[self.key]["flops"]
+
+    def _count(self, model: nn.Module, device: str) -> tuple[float, float]:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        if "flops" not in _FLOPS.setdefault(self.key, {}):
-            meta = copy.deepcopy(self.first_stage).to("meta")
-            x = torch.zeros(1, 3, self.resolution, self.resolution, device="meta")
-            codes = torch.zeros(1, *self.grid_at(self.resolution), dtype=torch.long, device="meta")
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                meta.encode_to_indices(x)
-            encode = float(counter.get_total_flops())
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                meta.decode_indices(codes)
-            _FLOPS[self.key]["flops"] = (encode, float(counter.get_total_flops()))
-        return _FLOPS[self.key]["flops"]
+        x = torch.zeros(1, 3, self.resolution, self.resolution, device=device)
+        codes = torch.zeros(1, *self.grid_at(self.resolution), dtype=torch.long, device=device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.encode_to_indices(x)
+        encode = float(counter.get_total_flops())
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.decode_indices(codes)
+        return encode, float(counter.get_total_flops())
 
 
 _FLOPS: dict[str, dict[str, tuple[float, float]]] = {}
@@ -189,7 +198,6 @@ def _load_unleashing(o: ReleaseOptions, option: str) -> Release:
 
 
 def _load_imagebart(o: ReleaseOptions, option: str) -> Release:
-    from bench.cache import file_sha256
     from releases import imagebart
 
     if isinstance(o.config, tuple):
@@ -202,9 +210,7 @@ def _load_imagebart(o: ReleaseOptions, option: str) -> Release:
     if r.tokenizer is None:
         raise ValueError(f"{option}.ckpt: scale 1's checkpoint holds no first stage and its config's ckpt_path is "
                          f"not a file; give the VQGAN checkpoint as {option}.first_stage")
-    files = list(zip(r.sources, r.sha256))
-    if o.first_stage is not None:
-        files.append((Path(o.first_stage).name, file_sha256(Path(o.first_stage))))
+    files = list(zip(r.sources, r.sha256)) + ([r.first_stage_file] if r.first_stage_file else [])
     cfg = r.tokenizer.cfg
     return Release("imagebart", r.prior, r.tokenizer, 2 ** (len(cfg.ch_mult) - 1), cfg.resolution, files,
                    dict(r.paper_sampling, top_k=r.top_k))

@@ -87,6 +87,7 @@ class ImageBARTRelease:
     sha256: list[str]
     paper_sampling: dict[str, Any]
     top_k: list[int | None]  # each config's top_k, scale 1 first
+    first_stage_file: tuple[str, str] | None = None  # (name, sha256) of the VQGAN checkpoint, when not scale 1's
 
 
 def _int(p: Any, key: str, where: str, default: Any = None) -> int:
@@ -367,22 +368,25 @@ def first_stage_config(config_path: str, root: str | None, option: str) -> tuple
 
 
 def load_first_stage(sd: dict[str, torch.Tensor], cfg: VQGANConfig, vqgan_ckpt: str | None, vocab_size: int,
-                     where: str) -> VQModel | None:
-    """The first stage from scale 1's state dict sd, else from vqgan_ckpt; None when neither has one."""
+                     where: str) -> tuple[VQModel | None, tuple[str, str] | None]:
+    """The first stage from scale 1's state dict sd, else from vqgan_ckpt, with the (name, sha256) of the file
+    it came from when that is vqgan_ckpt; (None, None) when neither has one."""
     first = {k[len("first_stage_model."):]: v for k, v in sd.items()
              if k.startswith("first_stage_model.") and not k.startswith("first_stage_model.loss.")}
+    source = None
     if first:
         tokenizer = taming_vqgan_from_state_dict(first, cfg, f"{where} (first_stage_model)")
     elif vqgan_ckpt is not None and Path(vqgan_ckpt).is_file():
         vq = read_lightning_state_dict(vqgan_ckpt, f"{where}: first stage {vqgan_ckpt}")
         vq = {k: v for k, v in vq.items() if not k.startswith("loss.")}  # LPIPS, discriminator
         tokenizer = taming_vqgan_from_state_dict(vq, cfg, f"first stage {vqgan_ckpt}")
+        source = (Path(vqgan_ckpt).name, file_sha256(Path(vqgan_ckpt)))
     else:
-        return None
+        return None, None
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(f"{where}: the first stage has {tokenizer.vocab_size} codes (after remap), the scales "
                          f"{vocab_size}")
-    return tokenizer
+    return tokenizer, source
 
 
 # ---- the chain ------------------------------------------------------------------------------------------------------
@@ -447,14 +451,15 @@ def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None
     vq_cfg, vq_ckpt = first_stage_config(config_paths[0], root, f"{option}.config[0]")
     prior = prior_from_specs(specs, betas)
     L = specs[0].grid[0] * specs[0].grid[1]
-    tokenizer = None
+    tokenizer = first_file = None
     for i, (spec, path) in enumerate(zip(specs, ckpt_paths)):
         ckpt = f"{option}.ckpt[{i}]"
         full = read_lightning_state_dict(path, ckpt)
         sd = {k: v for k, v in full.items() if not k.startswith("first_stage_model.")}  # scales > 1: unused copies
         check_keys(sd, scale_keys(spec), f"{ckpt}={path} does not match {option}.config[{i}]={config_paths[i]}")
         if i == 0:
-            tokenizer = load_first_stage(full, vq_cfg, vqgan_ckpt or vq_ckpt, spec.vocab_size, f"{ckpt}={path}")
+            tokenizer, first_file = load_first_stage(full, vq_cfg, vqgan_ckpt or vq_ckpt, spec.vocab_size,
+                                                     f"{ckpt}={path}")
         w = _weights(sd, spec)
         if spec.gpt is not None:
             weights = {"decoder." + k: v for k, v in project_state_dict(w, spec.gpt, L, "").items()}
@@ -463,7 +468,7 @@ def load(ckpt_paths: list[str], config_paths: list[str], root: str | None = None
         prior.scales[f"scale{spec.s + 1}"].load_state_dict(weights)
     sha = [file_sha256(Path(p)) for p in ckpt_paths]
     return ImageBARTRelease(prior.eval(), tokenizer, [Path(p).name for p in ckpt_paths], sha,
-                            dict(PAPER_SAMPLING), [s.top_k for s in specs])
+                            dict(PAPER_SAMPLING), [s.top_k for s in specs], first_file)
 
 
 def load_sampling_config(path: str, root: str | None = None, data_dir: str | None = None,

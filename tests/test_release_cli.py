@@ -113,3 +113,91 @@ def test_a_wrong_file_stops_the_job_with_one_line_naming_it(folder16, tmp_path):
     assert msgs[11] == ("data.resolution=32 gives a 16x16 token grid, but the released prior reads 8x8 (its first "
                         "stage was trained at 16 px): set data.resolution=16")
     assert msgs[12] == "T=3: this chain has T=4 (3 trained scales); T is its length"
+
+
+# The release-shaped fixtures of tools/release_fixtures.py --e2e: each family's layout at 256 px (f = 16 first
+# stages, 16 x 16 grids, 32 codes), random weights saved by the official code in the authors' on-disk format.
+E2E = {
+    "taming": [f"release.ckpt={TAMING / 'e2e' / 'last.ckpt'}", f"release.config={TAMING / 'e2e' / 'project.yaml'}"],
+    "unleashing": [f"release.ckpt={UNLEASHING / 'e2e' / 'absorbing_ema_0.th'}",
+                   f"release.first_stage={UNLEASHING / 'e2e' / 'vqgan_ema_0.th'}",
+                   f"release.config={UNLEASHING / 'e2e' / 'hparams.yaml'}"],  # T = 256 from the preset
+    "imagebart": [f"release.config={IMAGEBART / 'e2e' / 'sampling.yaml'}", "T=3"],
+}
+E2E_FILES = {"taming": [TAMING / "e2e" / "last.ckpt"],
+             "unleashing": [UNLEASHING / "e2e" / "absorbing_ema_0.th", UNLEASHING / "e2e" / "vqgan_ema_0.th"],
+             "imagebart": [IMAGEBART / "e2e" / n for n in ("scale1.ckpt", "scale2.ckpt", "vqgan/vqgan-e2e.ckpt")]}
+LABELS = {"taming": "AR (Taming) (released)", "unleashing": "Absorbing (Unleashing) (released)",
+          "imagebart": "ImageBART (released)"}
+
+
+@pytest.fixture(scope="module")
+def released_sweeps(tmp_path_factory) -> Path:
+    """Each family's 256-px release evaluated through the CLI, one sweep each, sharing one cache."""
+    root = tmp_path_factory.mktemp("released")
+    folder = image_folder(root, 256)
+    for family in E2E:
+        p = run_cli(["-m", f"name={family}", *args(family, folder, root / "cache", E2E[family], resolution=256),
+                     *EVAL], cwd=root, timeout=1200)
+        assert p.returncode == 0, (family, p.stderr[-4000:])
+    return root
+
+
+# The three 256-px sweeps take 4-5 minutes on two busy cores: slow (CI runs the slow tests after the default run).
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(E2E))
+def test_a_256px_release_is_evaluated_as_released(released_sweeps, family):
+    (job,) = job_results(released_sweeps / "multirun" / family)
+    assert job["status"] == "ok", job.get("error")
+    rel = job["release"]
+    assert rel["family"] == family
+    assert rel["files"] == [[f.name, file_sha256(f)] for f in E2E_FILES[family]]
+    # nothing trained: the release is the checkpoint; its codes keep their ids (no effective-codebook remap)
+    assert job["train_steps"] == 0 and job["train_units"] == {}
+    assert job["tokenizer"]["grid"] == [16, 16] and job["tokenizer"]["vocab_size"] == job["tokenizer"]["n_embed"] == 32
+    s = np.load(Path(job["eval_dir"]) / "samples.npz")
+    assert s["tokens"].shape == (8, 256) and s["images"].shape == (8, 3, 256, 256)
+    assert s["completions"].shape == (4, 256)
+    for key in ("fid", "kid_mean", "nll_bits_per_token", "completion_fid"):
+        assert np.isfinite(job[key]), key
+    # the paper's sampling settings beside the job's, and which differ
+    if family == "taming":
+        assert rel["paper_sampling"]["top_k"] == 250 and rel["differs"] == ["top_k"]
+    if family == "unleashing":
+        assert job["T"] == 256 and rel["sampling"]["T"] == 256 and rel["differs"] == ["temperature"]
+    report = (released_sweeps / "reports" / family / "report.md").read_text()
+    assert "## Released checkpoints" in report and LABELS[family] in report
+    for f in E2E_FILES[family]:
+        assert f"`{f.name}` ({file_sha256(f)[:12]})" in report
+
+
+@pytest.mark.slow
+def test_the_three_releases_side_by_side_in_one_report(released_sweeps, tmp_path):
+    out = tmp_path / "report"
+    p = run_cli([*(str(released_sweeps / "multirun" / f) for f in E2E), "--out", str(out)], cwd=released_sweeps,
+                script=Path(__file__).resolve().parent.parent / "bench" / "report.py")
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    main = report.split("## Released checkpoints")[0]
+    for label in LABELS.values():
+        assert f"| {label}" in main
+    released = report.split("## Released checkpoints")[1].split("\n## ")[0]
+    assert sum(line.startswith("| ") for line in released.splitlines()) == 1 + len(E2E)  # head and one row each
+    tokenizers = report.split("## Tokenizer")[1].split("\n## ")[0]
+    assert "The rows use different tokens" in tokenizers  # each release brought its own first stage
+
+
+def test_the_release_presets_document_every_option():
+    """conf/config.yaml's release block lists each ReleaseOptions field, and each preset sets its family."""
+    from dataclasses import fields
+
+    from releases import FAMILIES, ReleaseOptions
+
+    root = Path(__file__).resolve().parent.parent / "conf"
+    block = yaml.safe_load((root / "config.yaml").read_text())["release"]
+    assert set(block) == {f.name for f in fields(ReleaseOptions)} and all(v is None for v in block.values())
+    for family, prior in FAMILIES.items():
+        preset = yaml.safe_load((root / "experiment" / f"release_{family}.yaml").read_text())
+        assert preset["release"]["family"] == family
+        assert {"override /prior": prior} in preset["defaults"]
+        assert {"override /tokenizer": "release"} in preset["defaults"]
