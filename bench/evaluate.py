@@ -135,18 +135,46 @@ def train_match(samples: torch.Tensor, train: torch.Tensor, device: torch.device
                 max_cells: int = 2 ** 26) -> np.ndarray:
     """Per sample token grid (N, L): the largest share of its L positions that hold the same code as one training
     grid (M, L), i.e. 1 - the normalised Hamming distance to its nearest training grid; 1.0 is an exact copy.
-    Exact over all M training grids, in chunks of at most `max_cells` compared tokens."""
+    Exact over all M training grids, in chunks of at most `max_cells` compared tokens (a chunk is a block of
+    sample rows against a block of training grids, both cut when M x L alone exceeds it).
+
+    Memory: the codes in the narrowest integer type that holds them, and per chunk one byte per compared token;
+    its agreement counts are summed in uint8 over blocks of at most 255 positions, so no wider copy of the chunk
+    is made (a plain sum over a bool tensor would cast it to int64, eight bytes per compared token)."""
     if samples.ndim != 2 or train.ndim != 2 or samples.shape[1] != train.shape[1]:
         raise ValueError(f"token grids of different lengths: samples {tuple(samples.shape)}, "
                          f"train {tuple(train.shape)}")
     n, L = samples.shape
-    train = train.to(device)
-    rows = max(1, max_cells // max(1, len(train) * L))
+    if n == 0:
+        return np.zeros(0)
+    if len(train) == 0 or L == 0:
+        raise ValueError(f"train match needs training grids of at least one token, got train {tuple(train.shape)}")
+    codes = code_dtype(samples, train)
+    train = train.to(device, codes)
+    per_block = L // position_blocks(L)
+    grids = max(1, min(len(train), max_cells // L))  # training grids per chunk
+    rows = max(1, max_cells // (grids * L))  # sample rows per chunk
     best = torch.empty(n, dtype=torch.long)
     for i in range(0, n, rows):
-        s = samples[i:i + rows].to(device)
-        best[i:i + rows] = (s[:, None, :] == train[None, :, :]).sum(-1).amax(1).cpu()
+        s = samples[i:i + rows].to(device, codes)
+        top = torch.zeros(len(s), dtype=torch.long, device=device)
+        for j in range(0, len(train), grids):
+            # one expression: the (rows, grids, L) comparison is freed before the next chunk's is made
+            top = torch.maximum(top, (s[:, None, :] == train[None, j:j + grids, :]).view(torch.uint8)
+                                .unflatten(-1, (-1, per_block)).sum(-1, dtype=torch.uint8).sum(-1).amax(1))
+        best[i:i + rows] = top.cpu()
     return best.double().numpy() / L
+
+
+def code_dtype(*grids: torch.Tensor) -> torch.dtype:
+    """The narrowest signed integer type holding every code of the grids (token ids are >= 0)."""
+    top = max(int(g.max()) for g in grids)
+    return next(t for t in (torch.int16, torch.int32, torch.int64) if top <= torch.iinfo(t).max)
+
+
+def position_blocks(L: int) -> int:
+    """The fewest equal blocks of at most 255 positions that L splits into: a block's agreement count fits uint8."""
+    return next(b for b in range(math.ceil(L / 255), L + 1) if L % b == 0)
 
 
 def match_samples(n: int, cfg: EvalConfig) -> int:
