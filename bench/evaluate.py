@@ -118,7 +118,9 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
         kid = resamplers["kid"]
         out.update(kid.estimate().as_results(K.KID_MEAN))
     if values.get(K.PRDC_PRECISION) is not None:
-        for name, est in S.prdc_estimates(real_prdc, pool, cfg.prdc_k, values, resamples, seed + 2).items():
+        # the rows the value was computed on (at most eval.prdc_samples per side), not all N: n x n distances
+        prdc_real, prdc_fake = M.prdc_rows(real_prdc, pool, cfg.prdc_samples, seed)
+        for name, est in S.prdc_estimates(prdc_real, prdc_fake, cfg.prdc_k, values, resamples, seed + 2).items():
             out.update(est.as_results(name))
     if values.get(K.IS_MEAN) is not None:
         logits = fake[FE.FEATURE_LOGITS].double().numpy()
@@ -397,6 +399,53 @@ class EvalRun:
                                      progress=progress)
 
 
+GRID_SAMPLES = 64  # samples kept as images: the samples grid and samples.npz (all are kept as tokens)
+
+
+class FeatureStream:
+    """Features of images that arrive in batches, extracted as they come, in the feature batches `features` would
+    cut all of them into at once (so the same numbers): it holds less than one feature batch and one arriving batch
+    of images, not all N (at paper scale 50,000 x 3 x 256 x 256 uint8 = 9.8 GB), and keeps the first `keep`
+    images. Images past `limit` are dropped (the last sampling batch overshoots eval.num_samples). The features
+    go into one (limit, ...) tensor per key, allocated at the first batch: no list of batches to concatenate, and
+    no small long-lived tensors interleaved with the image batches in the allocator's heap."""
+
+    def __init__(self, features: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch_size: int, limit: int,
+                 keep: int):
+        self.features, self.batch_size, self.limit, self.keep = features, batch_size, limit, keep
+        self.seen = self.done = 0
+        self.pending: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.out: dict[str, torch.Tensor] = {}
+
+    def add(self, images: torch.Tensor) -> None:
+        images = images[:self.limit - self.seen]
+        if self.seen < self.keep:
+            self.kept.append(images[:self.keep - self.seen].clone())
+        self.seen += len(images)
+        self.pending.append(images)
+        waiting = sum(len(x) for x in self.pending)
+        if waiting >= self.batch_size:
+            self.extract(waiting - waiting % self.batch_size)
+
+    def extract(self, n: int) -> None:
+        """Features of the first n pending images (whole feature batches, or the rest at the end)."""
+        pending = torch.cat(self.pending)
+        self.pending = [pending[n:].clone()]
+        for k, v in self.features(pending[:n]).items():
+            if k not in self.out:
+                self.out[k] = v.new_empty((self.limit, *v.shape[1:]))
+            self.out[k][self.done:self.done + n] = v
+        self.done += n
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(features of every image, the kept images)."""
+        rest = sum(len(x) for x in self.pending)
+        if rest:
+            self.extract(rest)
+        return {k: v[:self.done] for k, v in self.out.items()}, torch.cat(self.kept)
+
+
 def nll_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     """NLL on held-out tokens, per sequence, so every prior's stderr means the same and pairs can be compared;
     each extra bound the prior declares (Prior.extra_bounds) beside it."""
@@ -421,12 +470,15 @@ def nll_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
 
 def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     """Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
-    is also where a compiled path compiles, so compile time never enters s/img."""
+    is also where a compiled path compiles, so compile time never enters s/img. Each decoded batch goes to the
+    feature extractor (FeatureStream) outside the timed spans and the peak-memory window, and only the first
+    GRID_SAMPLES images are kept."""
     prior, cfg, device, bs = run.prior, run.cfg, run.device, run.cfg.batch_size
     compile_mode = resolve_compile(cfg.compile, device)
     prior.set_compile(compile_mode)
     memory_reason = D.reset_peak_memory(device)
-    sample_tokens, images, t_gen, t_dec = [], [], [], []
+    stream = FeatureStream(run.features, cfg.feature_batch_size, cfg.num_samples, GRID_SAMPLES)
+    sample_tokens, t_gen, t_dec, peaks = None, [], [], []
     for _ in tqdm(range(max(2, math.ceil(cfg.num_samples / bs))), desc=f"sample {prior.name}", unit="batch",
                   leave=False):
         run.check_stop(SAMPLES_PART)
@@ -439,16 +491,21 @@ def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
         img = run.decode(x)
         D.sync(device)
         t2 = time.perf_counter()
-        sample_tokens.append(x.cpu())
-        images.append(img)
+        peaks.append(D.peak_memory_mb(device))
+        if sample_tokens is None:  # one tensor for all grids, as the features (FeatureStream)
+            sample_tokens = x.new_empty((cfg.num_samples, *x.shape[1:]), device="cpu")
+        start = stream.seen
+        sample_tokens[start:start + len(x)] = x[:cfg.num_samples - start].cpu()
         t_gen.append(t1 - t0)
         t_dec.append(t2 - t1)
-    peak = D.peak_memory_mb(device)
-    images = torch.cat(images)[:cfg.num_samples]
+        stream.add(img)
+        D.reset_peak_memory(device)  # the window is sampling and decoding: feature extraction is left out
+    feats, images = stream.finish()
+    peak = None if None in peaks else max(peaks)
     gen_s, dec_s = float(np.mean(t_gen[1:])) / bs, float(np.mean(t_dec[1:])) / bs
     results = {K.SAMPLE_SECONDS_PER_IMAGE: gen_s, K.SAMPLES_PER_SECOND: 1.0 / gen_s,
                K.DECODE_SECONDS_PER_IMAGE: dec_s, K.DECODE_IMAGES_PER_SECOND: 1.0 / dec_s, K.NFE: prior.nfe(),
-               K.BATCH_SIZE: bs, K.N_SAMPLES: len(images), K.PEAK_MEMORY_MB: None if memory_reason else peak,
+               K.BATCH_SIZE: bs, K.N_SAMPLES: stream.seen, K.PEAK_MEMORY_MB: None if memory_reason else peak,
                K.TIMED_BATCHES: len(t_gen) - 1, K.WARMUP_SECONDS: t_gen[0], K.COMPILE: compile_mode,
                K.COMPILE_SECONDS: max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None}
     results.update(efficiency(prior, gen_s, device, bs))
@@ -458,14 +515,14 @@ def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     if memory_reason:
         unavailable[K.PEAK_MEMORY_MB] = memory_reason
     # The generator's state after sampling: completions draw on from it, resumed or not.
-    return part(results, unavailable, tokens=torch.cat(sample_tokens)[:cfg.num_samples], images=images,
-                generator=run.generator.get_state())
+    return part(results, unavailable, tokens=sample_tokens, grid_images=images,
+                features=feats, generator=run.generator.get_state())
 
 
 def metrics_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     """The samples' metrics against the reference, and how close their token grids come to training grids."""
     drawn = parts[SAMPLES_PART]
-    feats = run.features(drawn["images"])
+    feats = drawn["features"]
     results, unavailable = sample_metrics(run.ref_feats[FE.FEATURE_POOL], run.ref_stats, feats, run.cfg, run.seed)
     sample_tokens = drawn["tokens"]
     results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), run.cfg)], run.tokens.train,
@@ -518,8 +575,8 @@ def write_outputs(parts: dict[str, Any], out_dir: Path) -> None:
     drawn, comp = parts[SAMPLES_PART], parts[COMPLETIONS_PART]
     if comp["grid"] is not None:
         save_grid(comp["grid"], out_dir / "completion_grid.png", nrow=len(comp["grid"]) // 3)
-    save_grid(drawn["images"][:64], out_dir / "samples_grid.png", nrow=8)
-    np.savez_compressed(out_dir / "samples.npz", images=drawn["images"].numpy(), tokens=drawn["tokens"].numpy(),
+    save_grid(drawn["grid_images"], out_dir / "samples_grid.png", nrow=8)
+    np.savez_compressed(out_dir / "samples.npz", images=drawn["grid_images"].numpy(), tokens=drawn["tokens"].numpy(),
                         completions=comp["completions"].numpy())
 
 

@@ -5,6 +5,7 @@ Memory is the peak resident set of this process while the code runs (Linux: /pro
 through /proc/self/clear_refs), against a bound counted from the chunk sizes the code uses."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from bench import evaluate as E
+from bench import features as FE
+from bench import keys
+from bench import metrics as M
+from bench import stats as S
 from bench.evaluate import position_blocks, train_match
+from bench.options import EvalConfig
+from bench.tokens import TokenSet, decode_tokens
+from image_tokenizers import build_tokenizer
+from tests.toy_prior import ToyPrior
 
 MIB = 2 ** 20
 M_TRAIN, L, V = 60_000, 256, 1024  # FFHQ's train split, a 16 x 16 grid, taming's f16 FFHQ codebook
@@ -124,3 +134,131 @@ def test_train_match_of_5000_samples_against_60k_grids_in_full(planted):
     others = np.delete(got, sorted(answers))
     assert others.max() < 40 / L
     print(f"train match 5000 x 60000 x 256: {seconds:.0f} s")
+
+
+# ---- the sample evaluation at N = 50,000 ------------------------------------------------------------------------
+
+N_EVAL = 50_000  # ffhq_tab3's eval.num_samples
+SIDE, PATCH, LEVELS = 64, 8, 4  # toy tokenizer: 8 x 8 grids of 64 codes, 64 x 64 images (12 KiB each)
+POOL_DIM, N_CLASSES = 32, 10
+
+
+class CheapExtractor(FE.FeatureExtractor):
+    """A deterministic stand-in for Inception through the harness's extractor interface: 8 x 8 average pooling,
+    then fixed random linear maps to a 32-d pool feature and 10 logits. Records the batch of every call."""
+
+    def __init__(self, weights: Path):
+        g = torch.Generator().manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.AvgPool2d(SIDE // 8), torch.nn.Flatten())
+        self.pool_map = torch.randn(3 * 8 * 8, POOL_DIM, generator=g) / 8
+        self.class_map = torch.randn(POOL_DIM, N_CLASSES, generator=g)
+        weights.write_bytes(b"cheap extractor")
+        super().__init__(net, "cheap", True, weights, "cpu")
+        self.calls: list[int] = []
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls.append(len(images))
+        return super().__call__(images)
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool = torch.tanh(self.net(images.float() / 255) @ self.pool_map)
+        return {FE.FEATURE_POOL: pool, FE.FEATURE_LOGITS: pool @ self.class_map}
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """An EvalRun of the real evaluation at ffhq_tab3's sizes and batches (N = 50,000 samples in sampling batches
+    of 50, feature batches of 64, 5,000 match samples) over a toy prior, the toy tokenizer and the cheap
+    extractor; the reference is the extractor's features of 2,000 decoded random grids."""
+    root = tmp_path_factory.mktemp("scale_eval")
+    tokenizer, _ = build_tokenizer({"name": "toy", "class": "tests.toy_tokenizer:ToyTokenizer", "patch": PATCH,
+                                    "levels": LEVELS, "encode_batch_size": 64, "hflip_train": False}, resolution=SIDE)
+    tokenizer.load(root, "cpu")
+    K, grid = tokenizer.codebook_size, tokenizer.grid
+    g = torch.Generator().manual_seed(2)
+    train = torch.randint(K, (2_000, grid[0] * grid[1]), generator=g)
+    val = torch.randint(K, (200, grid[0] * grid[1]), generator=g)
+    tokens = TokenSet(train, val, K, grid, "tokens", "tokenizer", {}, torch.arange(K), root, tokenizer)
+    prior = ToyPrior(K, grid)
+    with torch.no_grad():
+        prior.model.logits.copy_(torch.randn(prior.model.logits.shape, generator=g))
+    extractor = CheapExtractor(root / "cheap.bin")
+    ref_feats = FE.images_to_features(decode_tokens(tokenizer, train, tokens.inverse, grid), extractor)
+    cfg = EvalConfig(num_samples=N_EVAL, batch_size=50, feature_batch_size=64, num_reference=None, bootstrap=20,
+                     prdc_samples=1000, completion_samples=100, match_samples=5_000)
+    device = torch.device("cpu")
+    E.device_peak_flops(str(device), torch.get_num_threads())  # measured once per process: not in the peak
+    return E.EvalRun(prior, tokens, tokenizer, extractor, ref_feats, M.features_to_statistics(ref_feats["pool"]),
+                     cfg, 0, device, "fp32", lambda part: None, torch.Generator().manual_seed(0))
+
+
+def test_sample_evaluation_at_50k_streams_features_and_equals_the_unchunked_path(eval_run):
+    """The samples and metrics parts at N = 50,000: the extractor sees the feature batches it would see over all
+    images at once (781 x 64, then 16), the peak memory stays at the bound counted below (all 50,000 images
+    would be 614 MB), and features, FID, KID, IS, PRDC with their intervals and the train match equal the
+    unchunked computation: every image decoded at once, then features and metrics of them."""
+    run, cfg = eval_run, eval_run.cfg
+    run.extractor.calls.clear()
+    t0 = time.perf_counter()
+    drawn, peak = peak_rss_above_start(lambda: E.samples_part(run, {}))
+    sample_seconds = time.perf_counter() - t0
+    assert run.extractor.calls == [64] * (N_EVAL // 64) + [N_EVAL % 64]
+    assert drawn[E.RESULTS][keys.N_SAMPLES] == N_EVAL and drawn["tokens"].shape == (N_EVAL, 64)
+    image_bytes = 3 * SIDE * SIDE
+    assert drawn["grid_images"].shape == (E.GRID_SAMPLES, 3, SIDE, SIDE)
+    # The bound: what the part keeps (the token grids, N x L int64, and the features, N x (pool + logits) float32,
+    # one tensor each), and what is alive at once per batch, each counted three times (input, output and a
+    # concatenation or copy): the images pending and arriving (< 64 + 50), a batch's decode (int64 levels, 3 per
+    # pixel-block, then the uint8 image), the extractor's float32 input of 64 images, the toy prior's
+    # probabilities (50 x L x V float32); and the 64 kept images.
+    kept = N_EVAL * 64 * 8 + N_EVAL * (POOL_DIM + N_CLASSES) * 4
+    alive = 3 * ((64 + 50) * image_bytes + 50 * 3 * 64 * 8 + 50 * image_bytes + 64 * image_bytes * 4
+                 + 50 * 64 * 64 * 4) + E.GRID_SAMPLES * image_bytes
+    assert peak <= kept + alive + ALLOCATOR_SLACK, (peak / MIB, (kept + alive) / MIB)
+    assert kept + alive + ALLOCATOR_SLACK < N_EVAL * image_bytes / 10  # holding every image: 10x more
+
+    t1 = time.perf_counter()
+    metrics = E.metrics_part(run, {E.SAMPLES_PART: drawn})[E.RESULTS]
+    metric_seconds = time.perf_counter() - t1
+
+    images = decode_tokens(run.tokenizer, drawn["tokens"], run.tokens.inverse, run.tokens.grid, batch_size=N_EVAL)
+    assert images.shape == (N_EVAL, 3, SIDE, SIDE) and torch.equal(images[:E.GRID_SAMPLES], drawn["grid_images"])
+    feats = FE.images_to_features(images, run.extractor, batch_size=cfg.feature_batch_size)
+    for k in feats:
+        assert torch.equal(feats[k], drawn["features"][k]), k
+    whole, _ = E.sample_metrics(run.ref_feats[FE.FEATURE_POOL], run.ref_stats, feats, cfg, run.seed)
+    whole.update(E.train_match_metrics(drawn["tokens"][:cfg.match_samples], run.tokens.train))
+    assert {k: metrics[k] for k in whole} == whole
+    for k in (keys.FID, keys.KID_MEAN, keys.IS_MEAN, keys.PRDC_PRECISION, keys.COVERAGE, keys.TRAIN_MATCH):
+        assert metrics[k] is not None and math.isfinite(metrics[k]) and metrics[f"{k}_ci"] is not None, k
+    print(f"N = {N_EVAL}: samples part {sample_seconds:.1f} s, peak {peak / MIB:.1f} MiB above start "
+          f"(bound {(kept + alive) / MIB:.1f} MiB); metrics part {metric_seconds:.1f} s")
+
+
+def test_prdc_intervals_resample_the_rows_prdc_was_computed_on(monkeypatch):
+    """At N above eval.prdc_samples the PRDC value is computed on seeded subsamples of prdc_samples rows per side
+    (n x n distances); its intervals resample those rows too, never all N (at N = 50,000: 20 GB per matrix)."""
+    g = np.random.default_rng(0)
+    ref, fake = torch.from_numpy(g.normal(size=(3000, 8))), {FE.FEATURE_POOL: torch.from_numpy(g.normal(size=(2500, 8)))}
+    cfg = EvalConfig(num_samples=2500, prdc_samples=200, bootstrap=10)
+    shapes = []
+    resampler = S.PRDCResampler
+
+    class Recording(resampler):
+        def __init__(self, real, fake_rows, k):
+            shapes.append((len(real), len(fake_rows)))
+            super().__init__(real, fake_rows, k)
+
+    monkeypatch.setattr(S, "PRDCResampler", Recording)
+    out, _ = E.sample_metrics(ref, M.features_to_statistics(ref), fake, cfg, seed=3)
+    assert shapes == [(200, 200)]
+    real_prdc = M.subsample_rows(ref.numpy(), 2500, cfg.split_seed + E.PRDC_DRAW)  # sample_metrics' real side
+    rows = M.prdc_rows(real_prdc, fake[FE.FEATURE_POOL], cfg.prdc_samples, 3)
+    assert [len(r) for r in rows] == [200, 200]
+    assert M.features_to_prdc(torch.from_numpy(real_prdc), fake[FE.FEATURE_POOL], k=cfg.prdc_k, max_samples=200,
+                              seed=3) == {k: out[k] for k in keys.PRDC_KEYS}
+    values = {name: out[k] for name, k in zip(S.PRDCResampler.NAMES, keys.PRDC_KEYS)}
+    monkeypatch.setattr(S, "PRDCResampler", resampler)
+    expected = S.prdc_estimates(*rows, cfg.prdc_k, values, cfg.bootstrap, 3 + 2)
+    for name, k in zip(S.PRDCResampler.NAMES, keys.PRDC_KEYS):
+        assert out[f"{k}_ci"] == list(expected[name].ci), k
