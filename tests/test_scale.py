@@ -239,7 +239,8 @@ def test_prdc_intervals_resample_the_rows_prdc_was_computed_on(monkeypatch):
     """At N above eval.prdc_samples the PRDC value is computed on seeded subsamples of prdc_samples rows per side
     (n x n distances); its intervals resample those rows too, never all N (at N = 50,000: 20 GB per matrix)."""
     g = np.random.default_rng(0)
-    ref, fake = torch.from_numpy(g.normal(size=(3000, 8))), {FE.FEATURE_POOL: torch.from_numpy(g.normal(size=(2500, 8)))}
+    ref = torch.from_numpy(g.normal(size=(3000, 8)))
+    fake = {FE.FEATURE_POOL: torch.from_numpy(g.normal(size=(2500, 8)))}
     cfg = EvalConfig(num_samples=2500, prdc_samples=200, bootstrap=10)
     shapes = []
     resampler = S.PRDCResampler
