@@ -67,8 +67,9 @@ def build_reference(data: ImageData, extractor: FE.FeatureExtractor, cfg: EvalCo
     def build(tmp: Path) -> dict[str, Any]:
         rows = M.sample_rows(len(data.train), cfg.num_reference, cfg.split_seed + REFERENCE_DRAW)
         t0 = time.time()
-        feats = FE.images_to_features(torch.from_numpy(data.train[rows]), extractor,
-                                      batch_size=cfg.feature_batch_size, progress=True)
+        images = data.train if len(rows) == len(data.train) else data.train[rows]  # the whole split: no copy
+        feats = FE.images_to_features(torch.from_numpy(images), extractor, batch_size=cfg.feature_batch_size,
+                                      progress=True)
         seconds = time.time() - t0
         torch.save({k: v.cpu() for k, v in feats.items()}, tmp / "features.pt")
         np.save(tmp / "rows.npy", rows)
