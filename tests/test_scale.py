@@ -52,7 +52,10 @@ def peak_rss_above_start(fn):
     if hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
     start = _status("VmRSS")
-    clear.write_text("5")  # resets VmHWM to the current resident set
+    try:
+        clear.write_text("5")  # resets VmHWM to the current resident set
+    except OSError as e:
+        pytest.skip(f"peak resident memory cannot be reset here: {e}")
     out = fn()
     return out, _status("VmHWM") - start
 
