@@ -67,8 +67,9 @@ def build_reference(data: ImageData, extractor: FE.FeatureExtractor, cfg: EvalCo
     def build(tmp: Path) -> dict[str, Any]:
         rows = M.sample_rows(len(data.train), cfg.num_reference, cfg.split_seed + REFERENCE_DRAW)
         t0 = time.time()
-        feats = FE.images_to_features(torch.from_numpy(data.train[rows]), extractor,
-                                      batch_size=cfg.feature_batch_size, progress=True)
+        images = data.train if len(rows) == len(data.train) else data.train[rows]  # the whole split: no copy
+        feats = FE.images_to_features(torch.from_numpy(images), extractor, batch_size=cfg.feature_batch_size,
+                                      progress=True)
         seconds = time.time() - t0
         torch.save({k: v.cpu() for k, v in feats.items()}, tmp / "features.pt")
         np.save(tmp / "rows.npy", rows)
@@ -118,7 +119,9 @@ def sample_metrics(ref_pool: torch.Tensor, ref_stats: dict[str, np.ndarray], fak
         kid = resamplers["kid"]
         out.update(kid.estimate().as_results(K.KID_MEAN))
     if values.get(K.PRDC_PRECISION) is not None:
-        for name, est in S.prdc_estimates(real_prdc, pool, cfg.prdc_k, values, resamples, seed + 2).items():
+        # the rows the value was computed on (at most eval.prdc_samples per side), not all N: n x n distances
+        prdc_real, prdc_fake = M.prdc_rows(real_prdc, pool, cfg.prdc_samples, seed)
+        for name, est in S.prdc_estimates(prdc_real, prdc_fake, cfg.prdc_k, values, resamples, seed + 2).items():
             out.update(est.as_results(name))
     if values.get(K.IS_MEAN) is not None:
         logits = fake[FE.FEATURE_LOGITS].double().numpy()
@@ -135,18 +138,46 @@ def train_match(samples: torch.Tensor, train: torch.Tensor, device: torch.device
                 max_cells: int = 2 ** 26) -> np.ndarray:
     """Per sample token grid (N, L): the largest share of its L positions that hold the same code as one training
     grid (M, L), i.e. 1 - the normalised Hamming distance to its nearest training grid; 1.0 is an exact copy.
-    Exact over all M training grids, in chunks of at most `max_cells` compared tokens."""
+    Exact over all M training grids, in chunks of at most `max_cells` compared tokens (a chunk is a block of
+    sample rows against a block of training grids, both cut when M x L alone exceeds it).
+
+    Memory: the codes in the narrowest integer type that holds them, and per chunk one byte per compared token;
+    its agreement counts are summed in uint8 over blocks of at most 255 positions, so no wider copy of the chunk
+    is made (a plain sum over a bool tensor would cast it to int64, eight bytes per compared token)."""
     if samples.ndim != 2 or train.ndim != 2 or samples.shape[1] != train.shape[1]:
         raise ValueError(f"token grids of different lengths: samples {tuple(samples.shape)}, "
                          f"train {tuple(train.shape)}")
     n, L = samples.shape
-    train = train.to(device)
-    rows = max(1, max_cells // max(1, len(train) * L))
+    if n == 0:
+        return np.zeros(0)
+    if len(train) == 0 or L == 0:
+        raise ValueError(f"train match needs training grids of at least one token, got train {tuple(train.shape)}")
+    codes = code_dtype(samples, train)
+    train = train.to(device, codes)
+    per_block = L // position_blocks(L)
+    grids = max(1, min(len(train), max_cells // L))  # training grids per chunk
+    rows = max(1, max_cells // (grids * L))  # sample rows per chunk
     best = torch.empty(n, dtype=torch.long)
     for i in range(0, n, rows):
-        s = samples[i:i + rows].to(device)
-        best[i:i + rows] = (s[:, None, :] == train[None, :, :]).sum(-1).amax(1).cpu()
+        s = samples[i:i + rows].to(device, codes)
+        top = torch.zeros(len(s), dtype=torch.long, device=device)
+        for j in range(0, len(train), grids):
+            # one expression: the (rows, grids, L) comparison is freed before the next chunk's is made
+            top = torch.maximum(top, (s[:, None, :] == train[None, j:j + grids, :]).view(torch.uint8)
+                                .unflatten(-1, (-1, per_block)).sum(-1, dtype=torch.uint8).sum(-1).amax(1))
+        best[i:i + rows] = top.cpu()
     return best.double().numpy() / L
+
+
+def code_dtype(*grids: torch.Tensor) -> torch.dtype:
+    """The narrowest signed integer type holding every code of the grids (token ids are >= 0)."""
+    top = max(int(g.max()) for g in grids)
+    return next(t for t in (torch.int16, torch.int32, torch.int64) if top <= torch.iinfo(t).max)
+
+
+def position_blocks(L: int) -> int:
+    """The fewest equal blocks of at most 255 positions that L splits into: a block's agreement count fits uint8."""
+    return next(b for b in range(math.ceil(L / 255), L + 1) if L % b == 0)
 
 
 def match_samples(n: int, cfg: EvalConfig) -> int:
@@ -369,6 +400,53 @@ class EvalRun:
                                      progress=progress)
 
 
+GRID_SAMPLES = 64  # samples kept as images: the samples grid and samples.npz (all are kept as tokens)
+
+
+class FeatureStream:
+    """Features of images that arrive in batches, extracted as they come, in the feature batches `features` would
+    cut all of them into at once (so the same numbers): it holds less than one feature batch and one arriving batch
+    of images, not all N (at paper scale 50,000 x 3 x 256 x 256 uint8 = 9.8 GB), and keeps the first `keep`
+    images. Images past `limit` are dropped (the last sampling batch overshoots eval.num_samples). The features
+    go into one (limit, ...) tensor per key, allocated at the first batch: no list of batches to concatenate, and
+    no small long-lived tensors interleaved with the image batches in the allocator's heap."""
+
+    def __init__(self, features: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch_size: int, limit: int,
+                 keep: int):
+        self.features, self.batch_size, self.limit, self.keep = features, batch_size, limit, keep
+        self.seen = self.done = 0
+        self.pending: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.out: dict[str, torch.Tensor] = {}
+
+    def add(self, images: torch.Tensor) -> None:
+        images = images[:self.limit - self.seen]
+        if self.seen < self.keep:
+            self.kept.append(images[:self.keep - self.seen].clone())
+        self.seen += len(images)
+        self.pending.append(images)
+        waiting = sum(len(x) for x in self.pending)
+        if waiting >= self.batch_size:
+            self.extract(waiting - waiting % self.batch_size)
+
+    def extract(self, n: int) -> None:
+        """Features of the first n pending images (whole feature batches, or the rest at the end)."""
+        pending = torch.cat(self.pending)
+        self.pending = [pending[n:].clone()]
+        for k, v in self.features(pending[:n]).items():
+            if k not in self.out:
+                self.out[k] = v.new_empty((self.limit, *v.shape[1:]))
+            self.out[k][self.done:self.done + n] = v
+        self.done += n
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(features of every image, the kept images)."""
+        rest = sum(len(x) for x in self.pending)
+        if rest:
+            self.extract(rest)
+        return {k: v[:self.done] for k, v in self.out.items()}, torch.cat(self.kept)
+
+
 def nll_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     """NLL on held-out tokens, per sequence, so every prior's stderr means the same and pairs can be compared;
     each extra bound the prior declares (Prior.extra_bounds) beside it."""
@@ -393,12 +471,15 @@ def nll_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
 
 def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     """Unconditional samples, timed per batch: batch 0 is the warm-up (speed protocol, ImageBART Fig. 8), which
-    is also where a compiled path compiles, so compile time never enters s/img."""
+    is also where a compiled path compiles, so compile time never enters s/img. Each decoded batch goes to the
+    feature extractor (FeatureStream) outside the timed spans and the peak-memory window, and only the first
+    GRID_SAMPLES images are kept."""
     prior, cfg, device, bs = run.prior, run.cfg, run.device, run.cfg.batch_size
     compile_mode = resolve_compile(cfg.compile, device)
     prior.set_compile(compile_mode)
     memory_reason = D.reset_peak_memory(device)
-    sample_tokens, images, t_gen, t_dec = [], [], [], []
+    stream = FeatureStream(run.features, cfg.feature_batch_size, cfg.num_samples, GRID_SAMPLES)
+    sample_tokens, t_gen, t_dec, peaks = None, [], [], []
     for _ in tqdm(range(max(2, math.ceil(cfg.num_samples / bs))), desc=f"sample {prior.name}", unit="batch",
                   leave=False):
         run.check_stop(SAMPLES_PART)
@@ -411,16 +492,21 @@ def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
         img = run.decode(x)
         D.sync(device)
         t2 = time.perf_counter()
-        sample_tokens.append(x.cpu())
-        images.append(img)
+        peaks.append(D.peak_memory_mb(device))
+        if sample_tokens is None:  # one tensor for all grids, as the features (FeatureStream)
+            sample_tokens = x.new_empty((cfg.num_samples, *x.shape[1:]), device="cpu")
+        start = stream.seen
+        sample_tokens[start:start + len(x)] = x[:cfg.num_samples - start].cpu()
         t_gen.append(t1 - t0)
         t_dec.append(t2 - t1)
-    peak = D.peak_memory_mb(device)
-    images = torch.cat(images)[:cfg.num_samples]
+        stream.add(img)
+        D.reset_peak_memory(device)  # the window is sampling and decoding: feature extraction is left out
+    feats, images = stream.finish()
+    peak = None if None in peaks else max(peaks)
     gen_s, dec_s = float(np.mean(t_gen[1:])) / bs, float(np.mean(t_dec[1:])) / bs
     results = {K.SAMPLE_SECONDS_PER_IMAGE: gen_s, K.SAMPLES_PER_SECOND: 1.0 / gen_s,
                K.DECODE_SECONDS_PER_IMAGE: dec_s, K.DECODE_IMAGES_PER_SECOND: 1.0 / dec_s, K.NFE: prior.nfe(),
-               K.BATCH_SIZE: bs, K.N_SAMPLES: len(images), K.PEAK_MEMORY_MB: None if memory_reason else peak,
+               K.BATCH_SIZE: bs, K.N_SAMPLES: stream.seen, K.PEAK_MEMORY_MB: None if memory_reason else peak,
                K.TIMED_BATCHES: len(t_gen) - 1, K.WARMUP_SECONDS: t_gen[0], K.COMPILE: compile_mode,
                K.COMPILE_SECONDS: max(0.0, t_gen[0] - gen_s * bs) if compile_mode == "on" else None}
     results.update(efficiency(prior, gen_s, device, bs))
@@ -430,14 +516,14 @@ def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     if memory_reason:
         unavailable[K.PEAK_MEMORY_MB] = memory_reason
     # The generator's state after sampling: completions draw on from it, resumed or not.
-    return part(results, unavailable, tokens=torch.cat(sample_tokens)[:cfg.num_samples], images=images,
-                generator=run.generator.get_state())
+    return part(results, unavailable, tokens=sample_tokens, grid_images=images,
+                features=feats, generator=run.generator.get_state())
 
 
 def metrics_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     """The samples' metrics against the reference, and how close their token grids come to training grids."""
     drawn = parts[SAMPLES_PART]
-    feats = run.features(drawn["images"])
+    feats = drawn["features"]
     results, unavailable = sample_metrics(run.ref_feats[FE.FEATURE_POOL], run.ref_stats, feats, run.cfg, run.seed)
     sample_tokens = drawn["tokens"]
     results.update(train_match_metrics(sample_tokens[:match_samples(len(sample_tokens), run.cfg)], run.tokens.train,
@@ -490,8 +576,8 @@ def write_outputs(parts: dict[str, Any], out_dir: Path) -> None:
     drawn, comp = parts[SAMPLES_PART], parts[COMPLETIONS_PART]
     if comp["grid"] is not None:
         save_grid(comp["grid"], out_dir / "completion_grid.png", nrow=len(comp["grid"]) // 3)
-    save_grid(drawn["images"][:64], out_dir / "samples_grid.png", nrow=8)
-    np.savez_compressed(out_dir / "samples.npz", images=drawn["images"].numpy(), tokens=drawn["tokens"].numpy(),
+    save_grid(drawn["grid_images"], out_dir / "samples_grid.png", nrow=8)
+    np.savez_compressed(out_dir / "samples.npz", images=drawn["grid_images"].numpy(), tokens=drawn["tokens"].numpy(),
                         completions=comp["completions"].numpy())
 
 

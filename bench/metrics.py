@@ -141,6 +141,13 @@ def subsample_rows(x: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     return x if len(x) <= max_rows else x[sample_rows(len(x), max_rows, seed)]
 
 
+def prdc_rows(real: Any, fake: Any, max_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows PRDC uses, as float64 arrays: seeded subsamples of at most max_samples per side (its distance
+    matrices are n x n). The intervals of PRDC (bench.stats.prdc_estimates) resample exactly these fake rows."""
+    real, fake = (np.asarray(x.numpy() if torch.is_tensor(x) else x, np.float64) for x in (real, fake))
+    return subsample_rows(real, max_samples, seed), subsample_rows(fake, max_samples, seed + 1)
+
+
 def features_to_prdc(
     real_pool: torch.Tensor,
     fake_pool: torch.Tensor,
@@ -153,8 +160,8 @@ def features_to_prdc(
     Each side is subsampled (seeded) to at most max_samples rows first: prdc builds dense N x N distance
     matrices, so memory grows with the square of the sample count.
     """
-    real = subsample_rows(_as_features(real_pool, "real pool features", min_rows=k + 1).numpy(), max_samples, seed)
-    fake = subsample_rows(_as_features(fake_pool, "fake pool features", min_rows=k + 1).numpy(), max_samples, seed + 1)
+    real, fake = prdc_rows(_as_features(real_pool, "real pool features", min_rows=k + 1),
+                           _as_features(fake_pool, "fake pool features", min_rows=k + 1), max_samples, seed)
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"PRDC with k={k} needs more than k samples per side after subsampling (max_samples={max_samples})")
     with contextlib.redirect_stdout(io.StringIO()):  # compute_prdc prints the sample counts
