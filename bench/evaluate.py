@@ -5,6 +5,8 @@
     a job       NLL per validation sequence; samples, their metrics with intervals; upper-half
                 completion FID on a seeded random sample of val; speed at batch 50 after a warm-up batch;
                 how close the samples' token grids come to training grids (train_match, train_copies)
+    fd          with eval.fd_features: each extractor's reference features of the same train rows (cached once),
+                and the Frechet distance of the samples and of the baseline rows against it (fd_<extractor>)
 
 Every FID-type number of a column is computed at the same N against the same reference: sample metrics at
 N = eval.num_samples, completion FID at N = eval.completion_samples (clipped to the val split), and PRDC with

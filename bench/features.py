@@ -1,6 +1,11 @@
-"""TF-Inception v3 features of uint8 images: the networks, their weights, and the batched pass over images.
+"""Features of uint8 images: the networks, their weights, and the batched pass over images.
 
     images (N, 3, H, W) uint8  -> images_to_features -> {"pool": (N, 2048), "logits": (N, 1008) if the network has them}
+                                                       or {"fd": (N, D)} for an extractor of eval.fd_features
+
+Besides the Inception below, `load_fd_extractor` gives torch-fidelity 0.4's DINOv2 and CLIP extractors (its own
+classes, its own resize and normalisation) for Frechet distances beside FID, with the weights eval.fd_weights names
+(bench/weights.py's rule).
 
 The metric math on these features is bench/metrics.py. Two sources of the same TF-Inception v3 (2015-12-05
 graph), chosen by `load_feature_extractor`:

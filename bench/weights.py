@@ -1,7 +1,8 @@
 """Third-party weights that priorbench fetches only when asked: never on the default path.
 
-Two networks need weights that no package ships: torch-fidelity's Inception with its logits layer (the Inception
-Score) and torchvision's VGG16 (the backbone of LPIPS, taming's perceptual loss). Each has one option:
+Networks need weights that no package ships: torch-fidelity's Inception with its logits layer (the Inception
+Score), torchvision's VGG16 (the backbone of LPIPS, taming's perceptual loss) and the DINOv2 and CLIP extractors of
+Frechet distances beside FID (eval.fd_weights, one value per extractor). Each has one option:
 
     null       use torch's hub cache copy if it is there, else go without (IS / LPIPS unavailable, with the reason)
     download   fetch the file its authors publish into torch's hub cache (TORCH_HOME), once
@@ -10,7 +11,8 @@ Score) and torchvision's VGG16 (the backbone of LPIPS, taming's perceptual loss)
     PATH       a local copy of the file
 
 Every fetched file is checked against the sha256 prefix in its name (torch.hub's convention, torch.hub's
-download), written atomically, and reused afterwards. Anything that goes wrong is one line naming the option.
+download; a `Weights.hub_name` carries a hash pinned where the published URL's name has none, as torch-fidelity's
+CLIP names do), written atomically, and reused afterwards. Anything that goes wrong is one line naming the option.
 """
 from __future__ import annotations
 
