@@ -113,7 +113,8 @@ def load_fd(cfg: EvalConfig, device: str = "cpu") -> list[FDFeatures]:
 
 
 def fd_reference_key(data_key: str, fd: FDFeatures, cfg: EvalConfig) -> str:
-    """The train rows of the FID reference, keyed by the extractor and its weights' content."""
+    """Cache key of an extractor's reference features (the FID reference's train rows): by the extractor's name and
+    its weights' content, so two weight files never share a reference."""
     return content_key("fd-reference-v1", data_key, fd.name, fd.extractor.weights_sha256, cfg.num_reference,
                        cfg.split_seed)
 
