@@ -241,6 +241,17 @@ def test_the_job_reports_fd_whose_arithmetic_is_the_frechet_distance(copy_token_
     tol = ours + T.fid_sqrtm_error(stats_ref["sigma"], stats_x["sigma"])
     assert value == pytest.approx(expected, rel=0, abs=tol)
     assert read_meta(ref_dir)["weights_sha256"] == hashlib.sha256(clip_bytes).hexdigest()
+    # The report shows the column the job wrote (baseline rows included), not the one that is n/a.
+    from bench.report import write_report
+
+    write_report([tmp_path / "outputs"], tmp_path / "report")
+    main = (tmp_path / "report" / "report.md").read_text().split("## Main results", 1)[1].strip().split("\n\n")[0]
+    table = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in main.splitlines()]
+    assert key.title in table[0] and K.FD_KEYS[DINO].title not in table[0]
+    column = table[0].index(key.title)
+    cells = [row[column] for row in table[2:]]
+    assert len(cells) == 3 and all(c[0].isdigit() for c in cells)  # real val, reconstructions, the prior
+    assert cells[-1].startswith(f"{value:.2f} ")
 
 
 def test_a_bad_extractor_name_is_one_line_through_the_cli(tmp_path):
