@@ -445,8 +445,8 @@ def load_dinov2(name: str, value: str | None, device: str) -> TorchFidelityFD:
             net = _dinov2(name)
         except Exception as e:  # noqa: BLE001 - network, archive or state-dict errors, one line
             raise ConfigError(f"{weights.option}={value}: could not load DINOv2 through torch.hub "
-                              f"({_first_line(e)}); put the file at {hub_checkpoints() / weights.file_name} or "
-                              f"pass {weights.option}=PATH") from e
+                              f"({_first_line(e)}); it needs the repository {DINOV2_REPO} in {code} and the "
+                              f"weights at {hub_checkpoints() / weights.file_name}") from e
         return TorchFidelityFD(net, name, hub_checkpoints() / weights.file_name, device)
     path = resolve(value, weights)
     if path is None:
