@@ -211,7 +211,7 @@ def test_the_job_reports_fd_whose_arithmetic_is_the_frechet_distance(copy_token_
     folder, base = server
     name = publish(folder, "clip-test", clip_bytes)
     cache = copy_token_cache(tmp_path / "cache")
-    p = run_cli(["experiment=smoke", "logger=none", "prior=ar", f"paths.cache={cache}",
+    p = run_cli(["experiment=smoke", "logger=none", "prior=ar", f"paths.cache={cache}", "eval.bootstrap=20",
                  f"eval.fd_features=[{CLIP},{DINO}]", f"eval.fd_weights={{{CLIP}:'{base}/{name}'}}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     [r] = job_results(tmp_path / "outputs")
@@ -261,3 +261,29 @@ def test_a_bad_extractor_name_is_one_line_through_the_cli(tmp_path):
     [line] = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert line.startswith("error: eval.fd_features: unknown extractor 'dinov2-vit-s-15'") and DINO in line
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # before any stage
+
+
+def test_the_job_keys_change_with_the_extractor_and_not_without_one(hub, tmp_path):  # noqa: F811
+    from hydra import compose, initialize_config_dir
+
+    from bench import pipeline as P
+
+    clip_a, clip_b = clip_file(tmp_path / "a.pt", 0), clip_file(tmp_path / "b.pt", 1)
+
+    def keys(*overrides: str) -> dict[str, str]:
+        with initialize_config_dir(config_dir=str(Path(P.__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=smoke", *overrides])
+        settings = P.validate(cfg)
+        job = P.Job(cfg, None, settings, {}, FE.load_feature_extractor(None), fds=E.load_fd(settings.eval))
+        return P.stage_keys(job)
+
+    default = keys()
+    # Weights named for no selected extractor change nothing: the options enter the keys through the selection.
+    assert keys(f"eval.fd_weights={{{CLIP}:'{clip_a}'}}") == default
+    a = keys(f"eval.fd_features=[{CLIP}]", f"eval.fd_weights={{{CLIP}:'{clip_a}'}}")
+    b = keys(f"eval.fd_features=[{CLIP}]", f"eval.fd_weights={{{CLIP}:'{clip_b}'}}")
+    na = keys(f"eval.fd_features=[{DINO}]")  # n/a: keyed as such, so weights added later are computed
+    for other in (a, b, na):
+        assert {k: other[k] for k in ("data", "tokens", "reference", "train")} == \
+            {k: default[k] for k in ("data", "tokens", "reference", "train")}
+    assert len({d["eval"] for d in (default, a, b, na)}) == 4 and len({d["baselines"] for d in (default, a, b, na)}) == 4
