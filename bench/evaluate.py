@@ -5,6 +5,8 @@
     a job       NLL per validation sequence; samples, their metrics with intervals; upper-half
                 completion FID on a seeded random sample of val; speed at batch 50 after a warm-up batch;
                 how close the samples' token grids come to training grids (train_match, train_copies)
+    fd          with eval.fd_features: each extractor's reference features of the same train rows (cached once),
+                and the Frechet distance of the samples and of the baseline rows against it (fd_<extractor>)
 
 Every FID-type number of a column is computed at the same N against the same reference: sample metrics at
 N = eval.num_samples, completion FID at N = eval.completion_samples (clipped to the val split), and PRDC with
@@ -12,6 +14,7 @@ equal real and fake counts (the reference subsampled, seeded). Intervals and tes
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -83,6 +86,101 @@ def build_reference(data: ImageData, extractor: FE.FeatureExtractor, cfg: EvalCo
 def load_reference(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     feats = torch.load(d / "features.pt", map_location="cpu", weights_only=True)
     return feats, dict(np.load(d / "statistics.npz"))
+
+
+# ---- Frechet distances on other extractors (eval.fd_features) --------------
+
+@dataclass
+class FDFeatures:
+    """One extractor of eval.fd_features: its network, or why its distance is n/a; its reference once built."""
+    name: str  # torch-fidelity's extractor name
+    key: K.Key  # its result key (K.FD_KEYS)
+    extractor: FE.FeatureExtractor | None
+    reason: str | None = None  # why extractor is None
+    ref_key: str | None = None  # set by build_fd_references
+    ref_stats: dict[str, np.ndarray] | None = None
+
+
+def load_fd(cfg: EvalConfig, device: str = "cpu") -> list[FDFeatures]:
+    """The extractors eval.fd_features selects, each with the weights eval.fd_weights names (bench/features.py);
+    one whose weights are not at hand and were not asked for is kept with its reason (its distance is n/a)."""
+    out = []
+    for name in cfg.fd_features:
+        try:
+            out.append(FDFeatures(name, K.FD_KEYS[name], FE.load_fd_extractor(name, cfg.fd_weights.get(name), device)))
+        except FE.FDUnavailable as e:
+            out.append(FDFeatures(name, K.FD_KEYS[name], None, str(e)))
+    return out
+
+
+def fd_reference_key(data_key: str, fd: FDFeatures, cfg: EvalConfig) -> str:
+    """Cache key of an extractor's reference features (the FID reference's train rows): by the extractor's name and
+    its weights' content, so two weight files never share a reference."""
+    return content_key("fd-reference-v1", data_key, fd.name, fd.extractor.weights_sha256, cfg.num_reference,
+                       cfg.split_seed)
+
+
+def fd_key_part(fds: list[FDFeatures], data_key: str, cfg: EvalConfig) -> list[Any]:
+    """What the selected extractors add to the baselines' and evaluation's cache keys: each one's reference key
+    (or that it is n/a); nothing when none is selected, so the default keys are those without the option."""
+    return [[fd.name, None if fd.extractor is None else fd_reference_key(data_key, fd, cfg)] for fd in fds]
+
+
+def eval_options_for_key(options: dict[str, Any]) -> dict[str, Any]:
+    """eval's options as the evaluation's cache key reads them: the extractors enter through fd_key_part (names
+    and weights' content), so a default config keys as it did before the options existed."""
+    return {k: v for k, v in options.items() if k not in ("fd_features", "fd_weights")}
+
+
+def build_fd_references(fds: list[FDFeatures], data: ImageData, cfg: EvalConfig, cache_root: Path) -> None:
+    """Each available extractor's features of the same seeded train sample as the FID reference, cached once."""
+    rows = M.sample_rows(len(data.train), cfg.num_reference, cfg.split_seed + REFERENCE_DRAW)
+    for fd in fds:
+        if fd.extractor is None:
+            continue
+        fd.ref_key = fd_reference_key(data.key, fd, cfg)
+
+        def build(tmp: Path, fd: FDFeatures = fd) -> dict[str, Any]:
+            t0 = time.time()
+            feats = FE.images_to_features(torch.from_numpy(data.train[rows]), fd.extractor,
+                                          batch_size=cfg.feature_batch_size, progress=True)[FE.FEATURE_FD]
+            torch.save(feats.cpu(), tmp / "features.pt")
+            np.save(tmp / "rows.npy", rows)
+            np.savez(tmp / "statistics.npz", **M.features_to_statistics(feats))
+            return {"extractor": fd.extractor.name, "weights_sha256": fd.extractor.weights_sha256, "n": len(rows),
+                    "seconds": time.time() - t0}
+
+        d = cached_stage(cache_root, "fd-reference", fd.ref_key, build, what=f"{fd.name} reference features")
+        fd.ref_stats = dict(np.load(d / "statistics.npz"))
+
+
+def fd_features(fds: list[FDFeatures], images: torch.Tensor, cfg: EvalConfig) -> dict[str, torch.Tensor]:
+    """{FD_FEATURE_PREFIX + name: features} of `images` for each selected extractor that has its weights."""
+    return {FD_FEATURE_PREFIX + fd.name: FE.images_to_features(images, fd.extractor,
+                                                               batch_size=cfg.feature_batch_size)[FE.FEATURE_FD]
+            for fd in fds if fd.extractor is not None}
+
+
+FD_FEATURE_PREFIX = "fd/"  # fd_features' keys beside the Inception features of a FeatureStream
+
+
+def fd_metrics(fds: list[FDFeatures], features: dict[str, torch.Tensor], cfg: EvalConfig, seed: int
+               ) -> tuple[dict[str, Any], dict[str, str], dict[str, torch.Tensor]]:
+    """Each selected extractor's Frechet distance of the images whose fd_features are `features` against its
+    reference, with FID's interval (fid_with_interval: the same arithmetic and subsampling); n/a with the reason
+    where its weights are missing. Returns (results, unavailable, {name: features})."""
+    results: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for fd in fds:
+        if fd.extractor is None:
+            results[fd.key] = None
+            unavailable[fd.key] = fd.reason
+            continue
+        x = features[FD_FEATURE_PREFIX + fd.name]
+        out[fd.name] = x.float().cpu()
+        results.update(fid_with_interval(fd.ref_stats, x.double().numpy(), cfg.bootstrap, seed).as_results(fd.key))
+    return results, unavailable, out
 
 
 # ---- metrics with intervals -----------------------------------------------
@@ -205,7 +303,7 @@ def train_match_metrics(samples: torch.Tensor, train: torch.Tensor, device: torc
 
 def baseline_row(images: np.ndarray, sample_idx: np.ndarray | None, comp: np.ndarray, match: dict[str, Any],
                  extractor: FE.FeatureExtractor, ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray],
-                 cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, str]]:
+                 cfg: EvalConfig, fds: list[FDFeatures] = ()) -> tuple[dict[str, Any], dict[str, str]]:
     """One baseline row: the sample metrics of images[sample_idx] (None: fewer val images than the column's N)
     and the completion FID of images[comp], at the protocol's seed."""
     row: dict[str, Any] = {}
@@ -216,6 +314,11 @@ def baseline_row(images: np.ndarray, sample_idx: np.ndarray | None, comp: np.nda
         values, missing = sample_metrics(ref_feats[FE.FEATURE_POOL], ref_stats, feats, cfg, cfg.split_seed)
         row.update(values)
         row.update(match)
+        if fds:
+            fd_values, fd_missing, _ = fd_metrics(fds, fd_features(fds, torch.from_numpy(images[sample_idx]), cfg),
+                                                  cfg, cfg.split_seed)
+            row.update(fd_values)
+            missing = {**missing, **fd_missing}
     if len(comp) >= 2:
         pool = FE.images_to_features(torch.from_numpy(images[comp]), extractor,
                                      batch_size=cfg.feature_batch_size)[FE.FEATURE_POOL].double().numpy()
@@ -224,7 +327,7 @@ def baseline_row(images: np.ndarray, sample_idx: np.ndarray | None, comp: np.nda
 
 
 def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, extractor: FE.FeatureExtractor,
-                    cfg: EvalConfig, cache_root: Path) -> Path:
+                    cfg: EvalConfig, cache_root: Path, fds: list[FDFeatures] = ()) -> Path:
     """Two baseline rows at each column's N (K.BASELINE_ROWS): real val images (the best a prior can reach at
     that N) and the tokenizer's reconstructions of the same images (what a perfect prior over these tokens would
     reach)."""
@@ -240,12 +343,14 @@ def build_baselines(key: str, data: ImageData, tokens: TokenSet, ref_dir: Path, 
         if sample_idx is None:
             reason = f"the val split has {n_val} images, fewer than eval.num_samples={n_s}"
             out[K.UNAVAILABLE].update({k: reason for k in BASELINE_KEYS if k != K.COMPLETION_FID})  # own N, below
+            out[K.UNAVAILABLE].update({fd.key: reason for fd in fds})
         else:
             # Both rows' token grids are the val images' codes (the reconstructions decode the same codes).
             match = train_match_metrics(tokens.val[torch.from_numpy(sample_idx[:match_samples(n_s, cfg)])],
                                         tokens.train)
         for name, images in rows.items():
-            out[name], missing = baseline_row(images, sample_idx, comp, match, extractor, ref_feats, ref_stats, cfg)
+            out[name], missing = baseline_row(images, sample_idx, comp, match, extractor, ref_feats, ref_stats, cfg,
+                                              fds)
             out[K.UNAVAILABLE].update(missing)
         atomic_write_json(tmp / "baselines.json", out)
         return {K.N_SAMPLES: n_s, K.N_COMPLETIONS: len(comp)}
@@ -334,7 +439,8 @@ def efficiency(prior: Prior, seconds_per_image: float, device: torch.device, bat
 # ---- the evaluation ------------------------------------------------------
 
 NLL_PART, SAMPLES_PART, METRICS_PART, COMPLETIONS_PART = "nll", "samples", "metrics", "completions"
-EVAL_PARTS = (NLL_PART, SAMPLES_PART, METRICS_PART, COMPLETIONS_PART)  # resumable parts, in order
+FD_PART = "fd"
+EVAL_PARTS = (NLL_PART, SAMPLES_PART, METRICS_PART, COMPLETIONS_PART, FD_PART)  # resumable parts, in order
 
 
 def _plain(o: Any) -> Any:
@@ -390,6 +496,7 @@ class EvalRun:
     precision: str
     check_stop: Callable[[str], None]
     generator: torch.Generator  # samples, then completions draw from it
+    fds: list[FDFeatures] = dataclasses.field(default_factory=list)  # eval.fd_features
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return decode_tokens(self.tokenizer, x, self.tokens.inverse, self.tokens.grid, batch_size=self.cfg.batch_size,
@@ -398,6 +505,10 @@ class EvalRun:
     def features(self, images: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
         return FE.images_to_features(images, self.extractor, batch_size=self.cfg.feature_batch_size,
                                      progress=progress)
+
+    def sample_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The samples' Inception features and, beside them, those of eval.fd_features' extractors."""
+        return self.features(images) | fd_features(self.fds, images, self.cfg)
 
 
 GRID_SAMPLES = 64  # samples kept as images: the samples grid and samples.npz (all are kept as tokens)
@@ -478,7 +589,7 @@ def samples_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     compile_mode = resolve_compile(cfg.compile, device)
     prior.set_compile(compile_mode)
     memory_reason = D.reset_peak_memory(device)
-    stream = FeatureStream(run.features, cfg.feature_batch_size, cfg.num_samples, GRID_SAMPLES)
+    stream = FeatureStream(run.sample_features, cfg.feature_batch_size, cfg.num_samples, GRID_SAMPLES)
     sample_tokens, t_gen, t_dec, peaks = None, [], [], []
     for _ in tqdm(range(max(2, math.ceil(cfg.num_samples / bs))), desc=f"sample {prior.name}", unit="batch",
                   leave=False):
@@ -564,8 +675,15 @@ def completions_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
     return part(results, completions=done, grid=torch.cat([masked, comp_images[:k], originals]))
 
 
+def fd_part(run: EvalRun, parts: dict[str, Any]) -> dict[str, Any]:
+    """The samples' Frechet distances on the extractors of eval.fd_features (none: an empty part)."""
+    results, unavailable, features = fd_metrics(run.fds, parts[SAMPLES_PART]["features"], run.cfg, run.seed)
+    return part(results, unavailable, features=features)
+
+
 PART_FUNCTIONS: dict[str, Callable[[EvalRun, dict[str, Any]], dict[str, Any]]] = {
-    NLL_PART: nll_part, SAMPLES_PART: samples_part, METRICS_PART: metrics_part, COMPLETIONS_PART: completions_part}
+    NLL_PART: nll_part, SAMPLES_PART: samples_part, METRICS_PART: metrics_part, COMPLETIONS_PART: completions_part,
+    FD_PART: fd_part}
 
 
 def write_outputs(parts: dict[str, Any], out_dir: Path) -> None:
@@ -573,6 +691,8 @@ def write_outputs(parts: dict[str, Any], out_dir: Path) -> None:
     if parts[NLL_PART]["per_sequence"] is not None:
         np.save(out_dir / "nll_per_sequence.npy", parts[NLL_PART]["per_sequence"].numpy())
     np.save(out_dir / "sample_features.npy", parts[METRICS_PART]["features"].numpy().astype(np.float32))
+    for name, feats in parts[FD_PART]["features"].items():
+        np.save(out_dir / f"sample_features_{name}.npy", feats.numpy().astype(np.float32))
     drawn, comp = parts[SAMPLES_PART], parts[COMPLETIONS_PART]
     if comp["grid"] is not None:
         save_grid(comp["grid"], out_dir / "completion_grid.png", nrow=len(comp["grid"]) // 3)
@@ -584,7 +704,7 @@ def write_outputs(parts: dict[str, Any], out_dir: Path) -> None:
 def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: FE.FeatureExtractor,
                    ref_feats: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], cfg: EvalConfig, seed: int,
                    device: torch.device, out_dir: Path, precision: str = "fp32", work: Path | None = None,
-                   check_stop: Callable[[str], None] = lambda part: None
+                   check_stop: Callable[[str], None] = lambda part: None, fds: list[FDFeatures] = ()
                    ) -> tuple[dict[str, Any], dict[str, str]]:
     """Every metric the eval stage owns (docs/design.md), plus grids and arrays in out_dir: the parts
     EVAL_PARTS in order, each returning its share of the results.
@@ -598,7 +718,7 @@ def evaluate_prior(prior: Prior, tokens: TokenSet, tokenizer, extractor: FE.Feat
     out_dir.mkdir(parents=True, exist_ok=True)
     prior.eval()
     run = EvalRun(prior, tokens, tokenizer, extractor, ref_feats, ref_stats, cfg, seed, device, precision,
-                  check_stop, torch.Generator(device=device).manual_seed(seed))
+                  check_stop, torch.Generator(device=device).manual_seed(seed), list(fds))
     parts: dict[str, Any] = {}
     results: dict[str, Any] = {}
     unavailable: dict[str, str] = {}

@@ -1,6 +1,11 @@
-"""TF-Inception v3 features of uint8 images: the networks, their weights, and the batched pass over images.
+"""Features of uint8 images: the networks, their weights, and the batched pass over images.
 
     images (N, 3, H, W) uint8  -> images_to_features -> {"pool": (N, 2048), "logits": (N, 1008) if the network has them}
+                                                       or {"fd": (N, D)} for an extractor of eval.fd_features
+
+Besides the Inception below, `load_fd_extractor` gives torch-fidelity 0.4's DINOv2 and CLIP extractors (its own
+classes, its own resize and normalisation) for Frechet distances beside FID, with the weights eval.fd_weights names
+(bench/weights.py's rule).
 
 The metric math on these features is bench/metrics.py. Two sources of the same TF-Inception v3 (2015-12-05
 graph), chosen by `load_feature_extractor`:
@@ -22,12 +27,18 @@ import hashlib
 import importlib.util
 import io
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch_fidelity.feature_extractor_clip import MODEL_METADATA as CLIP_METADATA
+from torch_fidelity.feature_extractor_clip import MODEL_URLS as CLIP_URLS
+from torch_fidelity.feature_extractor_clip import FeatureExtractorCLIP
+from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINOV2_METADATA
+from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from tqdm import tqdm
@@ -337,3 +348,133 @@ def images_to_features(
                 chunks.setdefault(k, []).append(v)
             bar.update(min(batch_size, n - start))
     return {k: torch.cat(v) for k, v in chunks.items()}  # (N, ...)
+
+
+# ---------------------------------------------------------------------------
+# other feature extractors for Frechet distances beside FID (eval.fd_features): torch-fidelity 0.4's DINOv2 and CLIP
+
+FD_OPTION = "eval.fd_features"  # the extractors selected
+FD_WEIGHTS_OPTION = "eval.fd_weights"  # {extractor: null | download | URL | PATH}
+FEATURE_FD = "fd"  # the extractor's one feature vector per image (DINOv2's CLS token, CLIP's image embedding)
+
+# DINOv2 comes through torch.hub, as torch-fidelity loads it: the code of the hub repository (kept in torch's hub
+# folder) and the weights its authors publish (kept in the hub cache's checkpoints, named without a hash).
+DINOV2_REPO = "facebookresearch/dinov2"
+DINOV2_REPO_FOLDER = "facebookresearch_dinov2_main"  # torch.hub's folder of the repository's main branch
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}_pretrain.pth"
+
+
+class FDUnavailable(Exception):
+    """A selected extractor whose weights are not at hand and were not asked for: its distance is n/a, with this
+    one-line reason."""
+
+
+def fd_choices() -> tuple[str, ...]:
+    from bench.keys import FD_KEYS
+
+    return tuple(FD_KEYS)
+
+
+def fd_weights(name: str) -> Weights:
+    """Where extractor `name`'s weights are published and what its file is called in torch's hub cache."""
+    option = f"{FD_WEIGHTS_OPTION}.{name}"
+    if name in CLIP_METADATA:  # torch-fidelity's own download name carries the full sha256 it pins
+        digest = CLIP_METADATA[name]["hash"]
+        return Weights(option, CLIP_URLS[name], f"torch-fidelity's {name} TorchScript file", f"{name}-{digest}.pt")
+    arch = DINOV2_METADATA[name]
+    return Weights(option, DINOV2_URL.format(arch=arch), f"the DINOv2 {arch} state dict")
+
+
+class TorchFidelityFD(FeatureExtractor):
+    """One of torch-fidelity's DINOv2 or CLIP extractors (it resizes and normalises uint8 input itself)."""
+
+    def __init__(self, net: torch.nn.Module, extractor: str, path: Path, device: str):
+        super().__init__(net, f"torch-fidelity-{extractor}({Path(path).name})", False, path, device)
+        self.extractor = extractor
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        (x,) = self.net(images)  # (B, D)
+        return {FEATURE_FD: x}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_clip(name: str, value: str | None, device: str) -> TorchFidelityFD:
+    weights = fd_weights(name)
+    path = resolve(value, weights)
+    if path is None:
+        raise FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
+                            f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+    try:
+        with warnings.catch_warnings():  # the file is a TorchScript archive, as CLIP's authors publish it
+            warnings.simplefilter("ignore")
+            net = FeatureExtractorCLIP(name, ["clip"], feature_extractor_weights_path=str(path),
+                                       feature_extractor_internal_dtype="float32")
+    except Exception as e:  # noqa: BLE001 - whatever torch.jit.load or the state dict raises, one line
+        raise ConfigError(f"{weights.option}={value or path}: not a CLIP TorchScript file that torch-fidelity "
+                          f"reads ({_first_line(e)})") from e
+    return TorchFidelityFD(net, name, path, device)
+
+
+def dinov2_code() -> Path:
+    return Path(torch.hub.get_dir()) / DINOV2_REPO_FOLDER
+
+
+def _dinov2(name: str, hub_dir: Path | None = None) -> torch.nn.Module:
+    """torch-fidelity's DINOv2 extractor, torch.hub reading its code and weights from hub_dir (default: torch's)."""
+    before = torch.hub.get_dir()
+    if hub_dir is not None:
+        torch.hub.set_dir(str(hub_dir))
+    try:
+        return FeatureExtractorDinoV2(name, ["dinov2"], feature_extractor_internal_dtype="float32")
+    finally:
+        torch.hub.set_dir(before)
+
+
+def load_dinov2(name: str, value: str | None, device: str) -> TorchFidelityFD:
+    """torch-fidelity reads DINOv2 only through torch.hub, which looks for the published file name in its cache; a
+    file named by the option is shown to it under that name in a private hub folder (links to the code and the
+    file), so the user's hub cache never holds a file under a name it does not match."""
+    weights = fd_weights(name)
+    code = dinov2_code()
+    if value is not None and str(value) == DOWNLOAD:  # torch.hub fetches the code and the weights, as torch-fidelity
+        try:
+            net = _dinov2(name)
+        except Exception as e:  # noqa: BLE001 - network, archive or state-dict errors, one line
+            raise ConfigError(f"{weights.option}={value}: could not load DINOv2 through torch.hub "
+                              f"({_first_line(e)}); it needs the repository {DINOV2_REPO} in {code} and the "
+                              f"weights at {hub_checkpoints() / weights.file_name}") from e
+        return TorchFidelityFD(net, name, hub_checkpoints() / weights.file_name, device)
+    path = resolve(value, weights)
+    if path is None:
+        raise FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
+                            f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+    if not code.is_dir():
+        raise FDUnavailable(f"{name}: DINOv2's code (torch.hub repository {DINOV2_REPO}) is not in torch's hub "
+                            f"folder ({code}); pass {weights.option}={DOWNLOAD} to fetch it with the weights")
+    try:
+        with tempfile.TemporaryDirectory(prefix="priorbench-hub-") as tmp:
+            view = Path(tmp)
+            (view / DINOV2_REPO_FOLDER).symlink_to(code, target_is_directory=True)
+            (view / "checkpoints").mkdir()
+            (view / "checkpoints" / weights.file_name).symlink_to(Path(path).resolve())
+            net = _dinov2(name, view)
+    except Exception as e:  # noqa: BLE001 - whatever the hub code or the state dict raises, one line
+        raise ConfigError(f"{weights.option}={value or path}: not a DINOv2 {DINOV2_METADATA[name]} state dict "
+                          f"({_first_line(e)})") from e
+    return TorchFidelityFD(net, name, path, device)
+
+
+def load_fd_extractor(name: str, value: str | os.PathLike | None = None, device: str = "cpu") -> TorchFidelityFD:
+    """Extractor `name` of eval.fd_features with the weights eval.fd_weights names (bench/weights.py's rule:
+    None = torch's hub cache copy if there, `download`, a URL, a PATH). Raises FDUnavailable when None finds
+    nothing, a one-line ConfigError when a named file cannot be had or read."""
+    if name not in fd_choices():
+        raise ConfigError(f"{FD_OPTION}: unknown extractor {name!r} (choices: {', '.join(fd_choices())})")
+    value = None if value is None else str(value)
+    if name in CLIP_METADATA:
+        return load_clip(name, value, device)
+    return load_dinov2(name, value, device)

@@ -198,6 +198,31 @@ CUDA = Key("cuda", source="env", in_schema=False)
 PYTHON = Key("python", source="env", in_schema=False)
 COMMIT = Key("commit", source="env", in_schema=False)
 
+# Frechet distances on other feature extractors (eval.fd_features): one key per torch-fidelity 0.4 extractor, written
+# only by jobs that select it (so not in SCHEMA: the default results carry none of them).
+_FD_DOC = ("Frechet distance (FID's arithmetic) between the samples' and the reference images' {} features; "
+           "eval.fd_features selects it (docs/protocol.md)")
+
+
+def _fd(extractor: str, title: str) -> Key:
+    return Key("fd_" + extractor.replace("-", "_"), f"FD {title}", "", 2, True, interval=True, column=True,
+               in_schema=False, doc=_FD_DOC.format(title))
+
+
+FD_DINOV2_VIT_S_14 = _fd("dinov2-vit-s-14", "DINOv2 ViT-S/14")
+FD_DINOV2_VIT_B_14 = _fd("dinov2-vit-b-14", "DINOv2 ViT-B/14")
+FD_DINOV2_VIT_L_14 = _fd("dinov2-vit-l-14", "DINOv2 ViT-L/14")
+FD_DINOV2_VIT_G_14 = _fd("dinov2-vit-g-14", "DINOv2 ViT-g/14")
+FD_CLIP_RN50 = _fd("clip-rn50", "CLIP RN50")
+FD_CLIP_RN101 = _fd("clip-rn101", "CLIP RN101")
+FD_CLIP_RN50X4 = _fd("clip-rn50x4", "CLIP RN50x4")
+FD_CLIP_RN50X16 = _fd("clip-rn50x16", "CLIP RN50x16")
+FD_CLIP_RN50X64 = _fd("clip-rn50x64", "CLIP RN50x64")
+FD_CLIP_VIT_B_32 = _fd("clip-vit-b-32", "CLIP ViT-B/32")
+FD_CLIP_VIT_B_16 = _fd("clip-vit-b-16", "CLIP ViT-B/16")
+FD_CLIP_VIT_L_14 = _fd("clip-vit-l-14", "CLIP ViT-L/14")
+FD_CLIP_VIT_L_14_336PX = _fd("clip-vit-l-14-336px", "CLIP ViT-L/14@336px")
+
 # The baseline rows of `baselines`: real val images and the tokenizer's reconstructions of them.
 REAL_VAL = Key("real_val", "real val images", source="eval", in_schema=False)
 RECONSTRUCTION = Key("reconstruction", "tokenizer reconstructions", source="eval", in_schema=False)
@@ -215,3 +240,5 @@ PRDC_KEYS = (PRDC_PRECISION, RECALL, DENSITY, COVERAGE)
 # Sample metrics whose baseline rows (real val images, tokenizer reconstructions) exist at the column's N.
 BASELINE_KEYS = (FID, KID_MEAN, IS_MEAN, PRDC_PRECISION, RECALL, DENSITY, COVERAGE, COMPLETION_FID, TRAIN_MATCH,
                  TRAIN_COPIES)
+# eval.fd_features' choices (torch-fidelity 0.4's DINOv2 and CLIP extractors) -> the key of their Frechet distance.
+FD_KEYS: dict[str, Key] = {k.name[len("fd_"):].replace("_", "-"): k for k in TABLE if k.name.startswith("fd_")}

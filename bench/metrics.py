@@ -3,7 +3,8 @@
 Small pure functions named for the data flow, like torch-fidelity's:
 
     features_to_statistics    {"mu", "sigma"}   -> statistics_to_fid
-    features_to_fid           FID of feature rows against reference statistics
+    features_to_fid           FID of feature rows against reference statistics (also the Frechet distances on
+                              the DINOv2 / CLIP features of eval.fd_features: the same arithmetic on other rows)
     features_to_kid / features_to_kid_unbiased / logits_to_isc / features_to_prdc
     compute_metrics           every key of bench.keys.METRIC_KEYS (None where impossible) + {key: reason}
 

@@ -63,8 +63,11 @@ class EvalConfig:
     completion_samples: int | None = 150  # val images for completion FID; null: all
     match_samples: int | None = None  # samples compared with every training grid; null: all
     nll_batches: int | None = None  # validation batches for the NLL; null: all
+    fd_features: list = field(default_factory=list)  # torch-fidelity extractors for Frechet distances beside FID
+    fd_weights: dict | None = None  # {extractor: null, download, a URL or a PATH}; null: none named
 
     def __post_init__(self) -> None:
+        self.check_fd()
         at_least("eval.split_seed", self.split_seed, 0)  # numpy refuses negative seeds, after the tokenizer
         at_least("eval.isc_splits", self.isc_splits, 1)
         # KID's unbiased estimate needs two samples per side; PRDC's k-th neighbour needs k others.
@@ -88,6 +91,33 @@ class EvalConfig:
             at_least("eval.match_samples", self.match_samples, 1)
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"eval.compile={self.compile} is not one of: {', '.join(COMPILE_MODES)}")
+
+    def check_fd(self) -> None:
+        """eval.fd_features: names of bench.keys.FD_KEYS, each once (one name alone is taken as a list of one);
+        eval.fd_weights: a mapping from those names to null or a string (null: {})."""
+        from bench.keys import FD_KEYS
+
+        choices = ", ".join(FD_KEYS)
+        names = [self.fd_features] if isinstance(self.fd_features, str) else self.fd_features
+        if not isinstance(names, (list, tuple)):
+            raise ValueError(f"eval.fd_features={self.fd_features!r}: expected a list of extractor names "
+                             f"(choices: {choices})")
+        for name in names:
+            if name not in FD_KEYS:
+                raise ValueError(f"eval.fd_features: unknown extractor {name!r} (choices: {choices})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.fd_features={list(names)}: an extractor is listed twice")
+        self.fd_features = list(names)
+        if self.fd_weights is None:
+            self.fd_weights = {}
+        if not isinstance(self.fd_weights, dict):
+            raise ValueError(f"eval.fd_weights={self.fd_weights!r}: expected a mapping {{extractor: null, download, "
+                             "a URL or a PATH}")
+        for name, value in self.fd_weights.items():
+            if name not in FD_KEYS:
+                raise ValueError(f"eval.fd_weights.{name}: unknown extractor (choices: {choices})")
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"eval.fd_weights.{name}={value!r}: expected null, download, a URL or a PATH")
 
 
 @dataclass

@@ -42,7 +42,8 @@ from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_
                          read_meta)
 from bench.data import Files, ImageData, data_key, load_data, resolve_files, selection_files, selection_rows
 from bench.errors import ConfigError, Preempted
-from bench.evaluate import (EVAL_PARTS, build_baselines, build_reference, evaluate_prior, load_reference,
+from bench.evaluate import (EVAL_PARTS, FDFeatures, build_baselines, build_fd_references, build_reference,
+                            eval_options_for_key, evaluate_prior, fd_key_part, load_fd, load_reference,
                             read_baselines, reference_key)
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.keys import KEYS
@@ -249,17 +250,19 @@ def job_train_key(cfg: DictConfig, s: "Settings", tokens_key: str) -> str:
     return train_key(cfg, s.prior_cls, tokens_key, s.precision, s.selection)
 
 
-def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, precision: str = "fp32") -> str:
+def eval_key(cfg: DictConfig, prior_cls: type[Prior], tkey: str, ref_key: str, precision: str = "fp32",
+             fd: list[Any] = ()) -> str:
+    """fd: bench.evaluate.fd_key_part of eval.fd_features (empty by default, leaving the key as without it)."""
     _, options = prior_settings(cfg)
     evaluation = {k: options.get(k) for k in prior_cls.eval_only_options}
     T = None if prior_cls.T_applies == "none" else int(cfg.T)  # "training": already in the train key
-    return content_key("eval-v5", tkey, ref_key, evaluation, T, container(cfg.eval), int(cfg.seed),
-                       *_precision_part(precision))
+    return content_key("eval-v5", tkey, ref_key, evaluation, T, eval_options_for_key(container(cfg.eval)),
+                       int(cfg.seed), *_precision_part(precision), *fd)
 
 
-def baselines_key(tokens_key: str, ref_key: str, e: EvalConfig) -> str:
+def baselines_key(tokens_key: str, ref_key: str, e: EvalConfig, fd: list[Any] = ()) -> str:
     return content_key("baselines-v4", tokens_key, ref_key, e.num_samples, e.completion_samples, e.match_samples,
-                       e.bootstrap, e.prdc_k, e.prdc_samples, e.isc_splits, e.split_seed)
+                       e.bootstrap, e.prdc_k, e.prdc_samples, e.isc_splits, e.split_seed, *fd)
 
 
 # ---- the job ------------------------------------------------------------------
@@ -272,6 +275,7 @@ class Job:
     results: dict[str, Any]
     extractor: FE.FeatureExtractor
     logger: Any = field(default_factory=NullLogger)
+    fds: list[FDFeatures] = field(default_factory=list)  # eval.fd_features (bench.evaluate.load_fd)
 
     @property
     def cache(self) -> Path:
@@ -308,8 +312,9 @@ def stage_keys(job: Job) -> dict[str, str]:
     tkey = tokens_key(s.tokenizer.content_key(dkey), s.tokens_options)
     rkey = reference_key(dkey, job.extractor.weights_sha256, s.eval)
     trkey = job_train_key(cfg, s, tkey)
-    return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, s.eval),
-            "train": trkey, "eval": eval_key(cfg, s.prior_cls, trkey, rkey, s.precision)}
+    fd = fd_key_part(job.fds, dkey, s.eval)
+    return {"data": dkey, "tokens": tkey, "reference": rkey, "baselines": baselines_key(tkey, rkey, s.eval, fd),
+            "train": trkey, "eval": eval_key(cfg, s.prior_cls, trkey, rkey, s.precision, fd)}
 
 
 def plan(job: Job) -> list[str]:
@@ -424,21 +429,23 @@ class Reference:
     directory: Path
     key: str
     extractor: FE.FeatureExtractor
+    fd: list[Any] = field(default_factory=list)  # bench.evaluate.fd_key_part of the extractors of eval.fd_features
 
 
 def reference_stage(job: Job, data: ImageData) -> Reference:
     t0 = time.time()
     ref_dir, ref_key = build_reference(data, job.extractor, job.settings.eval, job.cache)
+    build_fd_references(job.fds, data, job.settings.eval, job.cache)
     job.results[K.N_REFERENCE] = read_meta(ref_dir)["n"]
     job.timed("reference", t0)
-    return Reference(ref_dir, ref_key, job.extractor)
+    return Reference(ref_dir, ref_key, job.extractor, fd_key_part(job.fds, data.key, job.settings.eval))
 
 
 def baselines_stage(job: Job, data: ImageData, tokens: TokenSet, ref: Reference) -> dict[str, Any]:
     """The table's two baseline rows at each column's N (cached once per tokens + reference + eval sizes)."""
     t0 = time.time()
-    key = baselines_key(tokens.key, ref.key, job.settings.eval)
-    d = build_baselines(key, data, tokens, ref.directory, ref.extractor, job.settings.eval, job.cache)
+    key = baselines_key(tokens.key, ref.key, job.settings.eval, ref.fd)
+    d = build_baselines(key, data, tokens, ref.directory, ref.extractor, job.settings.eval, job.cache, job.fds)
     baselines = read_baselines(d)
     job.results[K.BASELINES] = baselines
     job.results[K.TOKENIZER][K.RECON_FID] = baselines[K.RECONSTRUCTION].get(K.FID)
@@ -543,7 +550,7 @@ def release_stage(job: Job, tokens: TokenSet) -> tuple[Prior, str]:
 def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: str) -> None:
     t0 = time.time()
     cfg, s = job.cfg, job.settings
-    ekey = eval_key(cfg, s.prior_cls, tkey, ref.key, s.precision)
+    ekey = eval_key(cfg, s.prior_cls, tkey, ref.key, s.precision, ref.fd)
     # Finished parts of an interrupted evaluation (EVAL_PARTS): a rerun resumes from them.
     work = job.cache / "eval" / f"{ekey}.work"
 
@@ -566,7 +573,7 @@ def eval_stage(job: Job, prior: Prior, tokens: TokenSet, ref: Reference, tkey: s
 
             values, missing = evaluate_prior(prior, tokens, tok_model, ref.extractor, ref_feats, ref_stats, s.eval,
                                              int(cfg.seed), job.device, tmp, precision=s.precision, work=work,
-                                             check_stop=check_stop)
+                                             check_stop=check_stop, fds=job.fds)
         atomic_write_json(tmp / "metrics.json", {"values": values, K.UNAVAILABLE: missing})
         return {"eval_seconds": time.time() - t1}
 
@@ -629,7 +636,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
                         K.PRIOR_LABEL: (settings.prior_cls.label or settings.prior_cls.name)
                         + (" (released)" if settings.release else "")})
         extractor = FE.load_feature_extractor(settings.eval.inception_weights, device=str(settings.device))
-        job = Job(cfg, job_dir, settings, results, extractor)
+        job = Job(cfg, job_dir, settings, results, extractor, fds=load_fd(settings.eval, str(settings.device)))
         plan_stage(job)
         if cfg.stage == "plan":
             log.info("stage=plan: stopping before any stage")

@@ -95,11 +95,16 @@ def declared(df: pd.DataFrame, key: str) -> dict[str, Any]:
     return out
 
 
+def fd_columns(df: pd.DataFrame) -> tuple[str, ...]:
+    """The Frechet distances on other extractors (eval.fd_features) that some job wrote: columns only then."""
+    return tuple(k for k in K.FD_KEYS.values() if k in df and any(finite(v) for v in df[k]))
+
+
 def points_of(df: pd.DataFrame) -> list[Point]:
     ok = df[df[K.STATUS] == "ok"]
     # A prior whose T does not apply shares one evaluation over its T values: one job per (point, seed).
     ok = ok.drop_duplicates(subset=["point", K.SEED], keep="first")
-    estimated = COLUMN_KEYS + tuple(declared(ok, K.EXTRA_BOUNDS))
+    estimated = COLUMN_KEYS + fd_columns(ok) + tuple(declared(ok, K.EXTRA_BOUNDS))
     points = []
     ranks = prior_ranks(df)
     for key, jobs in ok.groupby("point", sort=False):
@@ -190,21 +195,22 @@ def varying_settings(points: list[Point]) -> list[str]:
 
 def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point | None) -> str:
     extra = varying_settings(points)
-    head = ["Prior", "T", *extra, "seeds", *(KEYS[k].title for k in COLUMN_KEYS)]
+    columns = COLUMN_KEYS + tuple(k for k in K.FD_KEYS.values() if any(k in pt.est for pt in points))
+    head = ["Prior", "T", *extra, "seeds", *(KEYS[k].title for k in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if baselines:
         for name in K.BASELINE_ROWS:
             row = baselines.get(name) or {}
             cells = []
-            for k in COLUMN_KEYS:
-                if k in BASELINE_KEYS and finite(row.get(k)):
+            for k in columns:
+                if (k in BASELINE_KEYS or k in K.FD_KEYS.values()) and finite(row.get(k)):
                     cells.append(fmt_estimate(row_estimate(row, k), KEYS[k].digits))
                 else:
                     cells.append("–")
             lines.append(f"| *{name.title}* | – | " + "– | " * len(extra) + "– | " + " | ".join(cells) + " |")
     for pt in points:
         cells = []
-        for k in COLUMN_KEYS:
+        for k in columns:
             cell = fmt_estimate(pt.est[k], KEYS[k].digits)
             if k == K.NLL_BITS_PER_TOKEN and cell != "n/a":
                 kind = pt.jobs.iloc[0].get(K.NLL_KIND)

@@ -1,7 +1,8 @@
 """Third-party weights that priorbench fetches only when asked: never on the default path.
 
-Two networks need weights that no package ships: torch-fidelity's Inception with its logits layer (the Inception
-Score) and torchvision's VGG16 (the backbone of LPIPS, taming's perceptual loss). Each has one option:
+Networks need weights that no package ships: torch-fidelity's Inception with its logits layer (the Inception
+Score), torchvision's VGG16 (the backbone of LPIPS, taming's perceptual loss) and the DINOv2 and CLIP extractors of
+Frechet distances beside FID (eval.fd_weights, one value per extractor). Each has one option:
 
     null       use torch's hub cache copy if it is there, else go without (IS / LPIPS unavailable, with the reason)
     download   fetch the file its authors publish into torch's hub cache (TORCH_HOME), once
@@ -10,7 +11,8 @@ Score) and torchvision's VGG16 (the backbone of LPIPS, taming's perceptual loss)
     PATH       a local copy of the file
 
 Every fetched file is checked against the sha256 prefix in its name (torch.hub's convention, torch.hub's
-download), written atomically, and reused afterwards. Anything that goes wrong is one line naming the option.
+download; a `Weights.hub_name` carries a hash pinned where the published URL's name has none, as torch-fidelity's
+CLIP names do), written atomically, and reused afterwards. Anything that goes wrong is one line naming the option.
 """
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ class Weights:
     option: str  # the config option that names the file
     url: str  # where its authors publish it
     what: str  # what it is, for messages
+    hub_name: str = ""  # its name in torch's hub cache when not the URL's (it then carries the pinned sha256)
 
     @property
     def file_name(self) -> str:
-        return os.path.basename(self.url)
+        return self.hub_name or os.path.basename(self.url)
 
 
 def hub_checkpoints() -> Path:
@@ -55,9 +58,10 @@ def is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
 
 
-def fetch(url: str, weights: Weights, value: str) -> Path:
-    """The file at `url` in torch's hub cache: downloaded once (checked, atomic, under a lock), then reused."""
-    name = os.path.basename(url)
+def fetch(url: str, weights: Weights, value: str, name: str | None = None) -> Path:
+    """The file at `url` in torch's hub cache as `name` (default: the URL's file name): downloaded once (checked
+    against the sha256 prefix the name carries, atomic, under a lock), then reused."""
+    name = name or os.path.basename(url)
     prefix = sha256_prefix(name)
     if prefix is None:
         raise ConfigError(f"{weights.option}={value}: the file name {name!r} carries no sha256 prefix "
@@ -88,7 +92,7 @@ def resolve(value: str | os.PathLike | None, weights: Weights) -> Path | None:
         return cached if cached.is_file() else None
     text = str(value)
     if text == DOWNLOAD:
-        return fetch(weights.url, weights, text)
+        return fetch(weights.url, weights, text, weights.file_name)
     if is_url(text):
         return fetch(text, weights, text)
     path = Path(os.path.expanduser(text))
