@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 # A new entry needs a reason; a result key written or read by its string instead of its constant fails below.
 OTHER_MEANINGS = {
     ("callbacks.py", "prior"): "the `prior` config group of a sweep override",
+    ("pipeline.py", "release"): "the config's top-level `release:` block",
     ("cost.py", "params"): "a field of the plan's Cost record",
     ("cost.py", "tokenizer"): "a field of the plan's Cost record",
     ("data.py", "n_val"): "a field of the data cache's manifest",
