@@ -46,7 +46,7 @@ def case(what: str, args: str, message: str) -> Case:
 CASES = [
     case("unknown prior", "prior=foo", "prior=foo is not one of: absorbing, ar, imagebart"),
     case("unknown data", "data=nope", "data=nope is not one of: emoji, folder"),
-    case("unknown tokenizer", "tokenizer=nope", "tokenizer=nope is not one of: taming, vqgan_smoke, vqgan_tiny"),
+    case("unknown tokenizer", "tokenizer=nope", "tokenizer=nope is not one of: release, taming, vqgan_smoke, vqgan_tiny"),
     case("T < 2 for ImageBART", "prior=imagebart T=1",
          "T=1: imagebart needs an integer chain length T >= 2 (T = 2 is a single AR model)"),
     case("T not an integer", "prior=imagebart T=2.5", "T=2.5 must be an integer"),
