@@ -328,8 +328,9 @@ def plan(job: Job) -> list[str]:
     e = s.eval
     n_ref = e.num_reference or len(train_files)
     rows = [
-        ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images ({len(s.selection)} of the "
-                               "train images held out for checkpoint selection)"),
+        ("data", "data", dkey, f"{len(train_files)} train / {len(val_files)} val images"
+         + (" (a release: nothing is trained on them)" if s.release else
+            f" ({len(s.selection)} of the train images held out for checkpoint selection)")),
         ("tokens", "tokens", tkey, f"tokenizer ({s.tokenizer.name}) and tokens of {len(train_files) + len(val_files)} images"
          + (f" (+ {len(train_files)} train images mirrored)" if s.tokens_options.hflip_train else "")),
         ("reference", "reference", rkey, f"Inception features of {min(n_ref, len(train_files))} train images"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bench.cache import content_key
-from image_tokenizers.base import Tokenizer
+from image_tokenizers.base import TOKENS_OPTIONS, Tokenizer
 from image_tokenizers.vqmodel import images_to_unit, unit_to_images
 from releases import Release, ReleaseOptions, load_release
 
@@ -27,8 +27,6 @@ class ReleaseTokenizer(Tokenizer):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], resolution: int) -> "ReleaseTokenizer":
-        from image_tokenizers.base import TOKENS_OPTIONS
-
         own = {k: v for k, v in config.items() if k not in TOKENS_OPTIONS}
         return cls(ReleaseOptions.from_config(own, "release"), config, resolution)
 

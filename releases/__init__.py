@@ -89,14 +89,10 @@ class ReleaseOptions:
         return cls(**values)
 
     def paths(self) -> list[Path]:
-        """The files and folders the options name (a sampling yaml's listed files are read by the loader)."""
-        out = []
-        for v in (self.ckpt, self.config, self.first_stage):
-            for p in (v if isinstance(v, tuple) else (v,)):
-                if p is not None and not (self.family == "unleashing" and p == self.config and "/" not in p
-                                          and not p.endswith((".yaml", ".yml"))):
-                    out.append(Path(p).expanduser())
-        return out
+        """The paths the options name (unleashing's config may be a dataset name instead; a sampling yaml's
+        listed files are read by the loader)."""
+        values = (self.ckpt, self.config, self.first_stage)
+        return [Path(p).expanduser() for v in values for p in (v if isinstance(v, tuple) else (v,)) if p is not None]
 
 
 @dataclass
