@@ -230,3 +230,37 @@ def test_bench_prose_names_no_prior():
         found += [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Constant)
                   and isinstance(n.value, str) and id(n) not in docs and family.search(n.value)]
     assert not found, found
+
+
+EVAL_OPTIONS = {"ar": ({"sample": {"temperature": 0.7, "top_k": 4, "top_p": 0.9}}, 3),
+                "imagebart": ({"sample": {"temperature": 0.7, "top_k": 4, "completion_passes": 1}}, 3),
+                "absorbing": ({"sample": {"sampler": "confidence", "temperature": 0.7}, "nll_samples": 2}, 5)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_options_set_after_construction_equal_them_at_construction(name):
+    """A release's prior gets conf/prior's evaluation-only options with set_eval_options: the same samples,
+    completions and NLL, draw for draw, as a prior built with them (same weights, same generator)."""
+    options, T = EVAL_OPTIONS[name]
+    built = build_prior(name, V, GRID, T=T, budget=40000, cfg={"n_layer": 2, "n_head": 2, **options})
+    later = build_prior(name, V, GRID, T=T, budget=40000, cfg={"n_layer": 2, "n_head": 2})
+    later.load_state_dict(built.state_dict())
+    later.set_eval_options(T, options)
+    x, keep = batch(4), torch.arange(L).expand(4, L) < L // 2
+
+    def draws(p):
+        g = torch.Generator().manual_seed(3)
+        nll = p.nll(x, generator=g)  # the confidence sampler has no bound: per_sequence None, its reason set
+        return [p.sample(4, generator=g), p.complete(x, keep, generator=g), nll.kind, nll.reason,
+                nll.per_sequence, *nll.extra.values()]
+
+    for a, b in zip(draws(built), draws(later), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    with pytest.raises(ValueError, match="prior.sample.temperature"):
+        later.set_eval_options(T, {"sample": {"temperature": -1.0}})
+
+
+def test_a_chain_keeps_its_length():
+    prior = make("imagebart", T=3)
+    with pytest.raises(ValueError, match="T=4: this chain has T=3"):
+        prior.set_eval_options(4, {})
