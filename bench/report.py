@@ -129,8 +129,15 @@ def _load_nll(path: str, mtime_ns: int) -> np.ndarray:
     return np.load(path)
 
 
+# Columns measured in a row's own token codes: rows on different tokens (a release's own first stage) are not
+# tested against each other on them (bits per token of another codebook, agreement with other training grids).
+TOKEN_COLUMNS = (K.NLL_BITS_PER_TOKEN, K.TRAIN_MATCH)
+
+
 def compare(pt: Point, ref: Point, key: str) -> float | None:
-    """p-value of pt == ref on one metric."""
+    """p-value of pt == ref on one metric; None where they cannot be compared."""
+    if key in TOKEN_COLUMNS and pt.jobs.iloc[0].get(K.TOKENS_KEY) != ref.jobs.iloc[0].get(K.TOKENS_KEY):
+        return None
     if pt.n_seeds >= 2 and ref.n_seeds >= 2:
         return S.welch_test([v for v in pt.jobs[key] if finite(v)], [v for v in ref.jobs[key] if finite(v)])
     if key == K.NLL_BITS_PER_TOKEN:
@@ -677,7 +684,9 @@ def tokenizer_section(sw: Sweep) -> list[str]:
                        f"{(t.get('codebook_perplexity') or 0):.1f} | {'x'.join(map(str, t.get('grid') or []))} | "
                        f"{(t.get('recon_psnr') or 0):.2f} | {rfid} |")
     note = (["The rows use different tokens: the main table's baseline rows are those of the first row's tokenizer; "
-             "each tokenizer's reconstruction FID is here.", ""] if several else [])
+             "each tokenizer's reconstruction FID is here. NLL and train match are measured in each row's own codes, "
+             "so rows on different tokens are not tested against each other on those columns.", ""]
+            if several else [])
     return ["## Tokenizer", "", *lines, "", *note]
 
 
