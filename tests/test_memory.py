@@ -1,0 +1,176 @@
+"""The plan's memory figures (bench/memory.py) against the tensor memory the harness's own code paths allocate.
+
+Each figure is documented as a lower bound, so every check is two-sided: the estimate is at most the measured
+peak (tests/memtools.py: the profiler's allocation record, exact to the byte, no float tolerance), and the measured
+peak is at most the estimate plus what it leaves out by design, counted per prior below from the code that runs:
+tensors of the vocabulary's width V per token (or per row) that a prior's own loss or sampler adds beside the
+logits the figure counts. Sizes: V = 512 codes on 8 x 8 grids, 500k parameters, so activations are tens of MB and
+the fixed allocations (token batches, generators, LayerNorm statistics) are well under one V-wide tensor.
+Each case is measured at two batch sizes: what the figure says grows with the batch must grow by at least that.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from bench import memory
+from bench.options import TrainConfig
+from bench.train import train_units
+from priors import build_prior
+from tests.memtools import numpy_peak, tensor_peak
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, GRID, BUDGET = 512, (8, 8), 500_000
+L = GRID[0] * GRID[1]
+CASES = [("ar", 2), ("imagebart", 2), ("imagebart", 3), ("absorbing", 4)]
+
+# V-wide float32 tensors per token of one training step that the training figure leaves out (it counts the logits
+# and their log-softmax; the gradients of the previous step are freed before the backward pass, which takes one
+# more, the logits' gradient, so every prior gets 1):
+#   AR, ImageBART T=2 (one decoder-only scale, plain logits): the logits' gradient
+#   absorbing: the logits' gradient and cross_entropy's (B, V, L) input, a transposed copy
+#   ImageBART T=3 (scale 2 has the likelihood residual): the logits' gradient, the head output the residual's scale
+#     keeps for its gradient, the residual table, the posterior q(x_{t-1} | x_t, x_1) and the KL's product
+TRAIN_LEFT_OUT = {("ar", 2): 1, ("imagebart", 2): 1, ("absorbing", 4): 2, ("imagebart", 3): 5}
+# V-wide float32 tensors that the sampling figure leaves out, per row for a cached decoder (beside the logits and
+# softmax it counts, sample_logits' exponential draws and their ratio with the probabilities), per token for
+# whole-sequence passes:
+#   absorbing: the network's logits before the temperature division, and multinomial's copy of the probabilities
+#     with its cumulative sum
+#   ImageBART T=3: scale 2's likelihood residual table (one per token) and the probabilities and logarithm it is
+#     built from
+SAMPLE_LEFT_OUT_PER_ROW = {("ar", 2): 2, ("imagebart", 2): 2, ("absorbing", 4): 0, ("imagebart", 3): 2}
+SAMPLE_LEFT_OUT_PER_TOKEN = {("ar", 2): 0, ("imagebart", 2): 0, ("absorbing", 4): 3, ("imagebart", 3): 3}
+# One-off allocations outside any figure: token batches, the data and noise generators, the scheduler, LayerNorm
+# statistics and attention log-sum-exps (a few floats per token and block): below 1 MiB at these sizes.
+FIXED = 2 ** 20
+
+
+def prior_of(name: str, T: int):
+    torch.manual_seed(0)
+    return build_prior(name, V, GRID, T=T, budget=BUDGET, cfg={"n_layer": 2, "n_head": 4})
+
+
+def train_cfg(batch: int) -> TrainConfig:
+    """Two steps with a validation after each: the second step runs with all six copies of the weights alive
+    (weights, the first step's gradients, AdamW's moments, EMA and the best copy the validation kept)."""
+    return TrainConfig(steps=2, batch_size=batch, lr=1e-3, weight_decay=0.01, betas=[0.9, 0.95], warmup_steps=0,
+                       min_lr_ratio=0.1, grad_clip=1.0, ema_decay=0.99, val_every=1, val_batches=1, ckpt_every=100)
+
+
+def eval_cfg(rows: int, feature_batch: int = 8, n: int = 64, prdc: int = 64) -> SimpleNamespace:
+    return SimpleNamespace(num_samples=n, batch_size=rows, feature_batch_size=feature_batch, prdc_samples=prdc)
+
+
+def measured_training(name: str, T: int, batch: int) -> tuple[int, memory.Peak]:
+    """Peak tensor bytes of building the prior and training every unit (the job's path, one unit at a time)."""
+    g = torch.Generator().manual_seed(1)
+    train, val = torch.randint(0, V, (256, L), generator=g), torch.randint(0, V, (batch, L), generator=g)
+    cfg = train_cfg(batch)
+
+    def run():
+        prior = prior_of(name, T)
+        with tempfile.TemporaryDirectory() as d:
+            train_units(prior, train, val, cfg, 0, Path(d), torch.device("cpu"))
+        return prior
+
+    peak, prior = tensor_peak(run)
+    return peak, memory.estimate(prior, prior.num_params(), cfg, eval_cfg(8))
+
+
+@pytest.mark.parametrize("name,T", CASES)
+def test_training_figure_is_a_lower_bound_within_what_it_leaves_out(name, T):
+    small, big = 32, 64
+    got = {b: measured_training(name, T, b) for b in (small, big)}
+    for b, (peak, est) in got.items():
+        need = est.weights + est.training
+        left_out = TRAIN_LEFT_OUT[(name, T)] * b * L * V * memory.FLOAT + FIXED
+        assert need <= peak <= need + left_out, (b, peak / 1e6, need / 1e6, left_out / 1e6)
+    # Doubling the batch adds at least the activations the figure counts for the extra sequences.
+    (p_small, e_small), (p_big, e_big) = got[small], got[big]
+    slope = e_big.training - e_small.training
+    assert slope <= p_big - p_small <= slope + TRAIN_LEFT_OUT[(name, T)] * (big - small) * L * V * memory.FLOAT + FIXED
+
+
+def test_weights_figure_counts_optimizer_state_for_the_training_units_only():
+    """ImageBART trains unit by unit: the other scales hold their float32 weights alone."""
+    prior = prior_of("imagebart", 5)
+    per_unit = memory.unit_params(prior)
+    assert len(per_unit) == 4 and sum(per_unit) == prior.num_params()
+    one = memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(8), unit_workers=1)
+    two = memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(8), unit_workers=2)
+    top = sorted(per_unit, reverse=True)
+    assert one.weights == memory.FLOAT * (prior.num_params() + 5 * top[0])
+    assert two.weights == memory.FLOAT * (prior.num_params() + 5 * (top[0] + top[1]))
+    released = memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(8), train=False)
+    assert released.weights == memory.FLOAT * prior.num_params() and released.training == 0
+
+
+@pytest.mark.parametrize("name,T", CASES)
+def test_sampling_figure_is_a_lower_bound_within_what_it_leaves_out(name, T):
+    """One sampling batch (prior.sample at eval.batch_size rows) beyond the prior's weights, which the sampling
+    figure does not count (they exist before the call, so the measurement starts above them)."""
+    prior = prior_of(name, T)
+    got = {}
+    for rows in (16, 32):
+        peak, _ = tensor_peak(lambda: prior.sample(rows, torch.Generator().manual_seed(0)))
+        est = memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(rows)).sampling
+        left_out = (SAMPLE_LEFT_OUT_PER_ROW[(name, T)] + SAMPLE_LEFT_OUT_PER_TOKEN[(name, T)] * L) * rows * V
+        assert est <= peak <= est + left_out * memory.FLOAT + FIXED, (rows, peak / 1e6, est / 1e6)
+        got[rows] = peak, est
+    assert got[32][1] == 2 * got[16][1]  # the figure is linear in the rows
+    assert got[32][1] - got[16][1] <= got[32][0] - got[16][0]
+
+
+def test_inception_part_of_the_evaluation_figure_per_image():
+    """The Inception activations of one feature forward: the figure's stem pair (two adjacent convolutions'
+    outputs) against the peak of images_to_features at 2 and 4 images. Left out: the 299 x 299 resized input and
+    the stem's first convolution output (3 x 299^2 + 32 x 149^2 floats per image) that coexist with it at most."""
+    from bench import features as FE
+
+    extractor = FE.load_feature_extractor()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    extractor(images[:1])  # one-off allocations of the first call
+    left_out = (3 * FE.INCEPTION_SIZE ** 2 + 32 * 149 ** 2) * memory.FLOAT
+    peaks = {}
+    for n in (2, 4):
+        peak, _ = tensor_peak(lambda: FE.images_to_features(images[:n], extractor, batch_size=n))
+        features, _ = memory.evaluation_parts(eval_cfg(8, feature_batch=n))
+        assert features == n * memory.INCEPTION_FLOATS_PER_IMAGE * memory.FLOAT
+        assert features <= peak <= features + n * left_out + FIXED, (n, peak / 1e6, features / 1e6)
+        peaks[n] = peak
+    assert 2 * memory.INCEPTION_FLOATS_PER_IMAGE * memory.FLOAT <= peaks[4] - peaks[2]
+    # A CPU cuts a feature batch into forwards of CPU_FEATURE_CHUNK images; other devices run it whole.
+    assert memory.CPU_FEATURE_CHUNK == FE.CPU_CHUNK
+    assert memory.evaluation_parts(eval_cfg(8, feature_batch=64))[0] == 8 * memory.INCEPTION_FLOATS_PER_IMAGE * 4
+    assert memory.evaluation_parts(eval_cfg(8, feature_batch=64), "cuda")[0] == 64 * memory.INCEPTION_FLOATS_PER_IMAGE * 4
+
+
+def test_metric_matrices_part_of_the_evaluation_figure():
+    """The evaluation's metrics (bench.evaluate.sample_metrics: FID, KID and PRDC with their intervals) on N
+    random feature rows: KID's fake-fake kernel and PRDC's real-fake and fake-fake distances are N x N float64
+    matrices kept at once. Features of 64 dimensions keep the N x d feature copies small beside them; left out:
+    pairwise_distances' temporaries while the last matrix is built (its product, the squared distances and
+    their clipped copy: three more N x N), the feature copies (a few N x d float64 each side) and the intervals'
+    index sets."""
+    from bench import evaluate as EV
+    from bench import metrics as M
+    from bench.options import EvalConfig
+
+    d, n = 64, 600
+    g = np.random.default_rng(0)
+    real, fake = g.normal(size=(2 * n, d)), g.normal(size=(n, d)) + 0.1
+    ref_stats = M.features_to_statistics(torch.from_numpy(real))
+    cfg = EvalConfig(num_samples=n, prdc_samples=n, bootstrap=4)
+    feats = {"pool": torch.from_numpy(fake)}
+    peak, _ = numpy_peak(lambda: EV.sample_metrics(torch.from_numpy(real), ref_stats, feats, cfg, 0))
+    _, matrices = memory.evaluation_parts(cfg)
+    assert matrices == 3 * n * n * memory.MATRIX
+    left_out = 3 * n * n * memory.MATRIX + 16 * n * d * 8 + FIXED
+    assert matrices <= peak <= matrices + left_out, (peak / 1e6, matrices / 1e6)
