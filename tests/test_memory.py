@@ -30,26 +30,29 @@ V, GRID, BUDGET = 512, (8, 8), 500_000
 L = GRID[0] * GRID[1]
 CASES = [("ar", 2), ("imagebart", 2), ("imagebart", 3), ("absorbing", 4)]
 
-# V-wide float32 tensors per token of one training step that the training figure leaves out (it counts the logits
-# and their log-softmax; the gradients of the previous step are freed before the backward pass, which takes one
-# more, the logits' gradient, so every prior gets 1):
+# V-wide float32 tensors per token of one training step that the training figure leaves out. It counts the logits
+# and their log-softmax; the logits' gradient, a third, exists only after zero_grad has freed the previous step's
+# gradients (a P-sized share of the weights figure), so every prior gets at least that one:
 #   AR, ImageBART T=2 (one decoder-only scale, plain logits): the logits' gradient
-#   absorbing: the logits' gradient and cross_entropy's (B, V, L) input, a transposed copy
+#   absorbing: the logits' gradient, and one more from cross_entropy over the transposed (B, V, L) logits, which
+#     its log-softmax reads through a copy
 #   ImageBART T=3 (scale 2 has the likelihood residual): the logits' gradient, the head output the residual's scale
 #     keeps for its gradient, the residual table, the posterior q(x_{t-1} | x_t, x_1) and the KL's product
 TRAIN_LEFT_OUT = {("ar", 2): 1, ("imagebart", 2): 1, ("absorbing", 4): 2, ("imagebart", 3): 5}
-# V-wide float32 tensors that the sampling figure leaves out, per row for a cached decoder (beside the logits and
-# softmax it counts, sample_logits' exponential draws and their ratio with the probabilities), per token for
-# whole-sequence passes:
+# V-wide float32 tensors that the sampling figure leaves out, per row for a cached decoder (beside the step's logits
+# and softmax it counts: the previous step's logits, still referenced while the next are computed, sample_logits'
+# exponential draws and their ratio with the probabilities, and the token grids, three int64 rows of L < 2 V
+# floats' bytes), per token for whole-sequence passes:
 #   absorbing: the network's logits before the temperature division, and multinomial's copy of the probabilities
 #     with its cumulative sum
 #   ImageBART T=3: scale 2's likelihood residual table (one per token) and the probabilities and logarithm it is
 #     built from
-SAMPLE_LEFT_OUT_PER_ROW = {("ar", 2): 2, ("imagebart", 2): 2, ("absorbing", 4): 0, ("imagebart", 3): 2}
+SAMPLE_LEFT_OUT_PER_ROW = {("ar", 2): 4, ("imagebart", 2): 4, ("absorbing", 4): 0, ("imagebart", 3): 4}
 SAMPLE_LEFT_OUT_PER_TOKEN = {("ar", 2): 0, ("imagebart", 2): 0, ("absorbing", 4): 3, ("imagebart", 3): 3}
 # One-off allocations outside any figure: token batches, the data and noise generators, the scheduler, LayerNorm
 # statistics and attention log-sum-exps (a few floats per token and block): below 1 MiB at these sizes.
 FIXED = 2 ** 20
+MIB = 2 ** 20
 
 
 def prior_of(name: str, T: int):
@@ -92,6 +95,8 @@ def test_training_figure_is_a_lower_bound_within_what_it_leaves_out(name, T):
         need = est.weights + est.training
         left_out = TRAIN_LEFT_OUT[(name, T)] * b * L * V * memory.FLOAT + FIXED
         assert need <= peak <= need + left_out, (b, peak / 1e6, need / 1e6, left_out / 1e6)
+        print(f"training {name} T={T} batch {b}: measured {peak / MIB:.1f} MiB, figure {need / MIB:.1f} MiB "
+              f"({peak / need:.2f}x)")
     # Doubling the batch adds at least the activations the figure counts for the extra sequences.
     (p_small, e_small), (p_big, e_big) = got[small], got[big]
     slope = e_big.training - e_small.training
@@ -118,14 +123,16 @@ def test_sampling_figure_is_a_lower_bound_within_what_it_leaves_out(name, T):
     figure does not count (they exist before the call, so the measurement starts above them)."""
     prior = prior_of(name, T)
     got = {}
-    for rows in (16, 32):
+    for rows in (64, 128):
         peak, _ = tensor_peak(lambda: prior.sample(rows, torch.Generator().manual_seed(0)))
-        est = memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(rows)).sampling
+        est = memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(rows, n=rows)).sampling
         left_out = (SAMPLE_LEFT_OUT_PER_ROW[(name, T)] + SAMPLE_LEFT_OUT_PER_TOKEN[(name, T)] * L) * rows * V
         assert est <= peak <= est + left_out * memory.FLOAT + FIXED, (rows, peak / 1e6, est / 1e6)
+        print(f"sampling {name} T={T} {rows} rows: measured {peak / MIB:.2f} MiB, figure {est / MIB:.2f} MiB "
+              f"({peak / est:.2f}x)")
         got[rows] = peak, est
-    assert got[32][1] == 2 * got[16][1]  # the figure is linear in the rows
-    assert got[32][1] - got[16][1] <= got[32][0] - got[16][0]
+    assert got[128][1] == 2 * got[64][1]  # the figure is linear in the rows
+    assert got[128][1] - got[64][1] <= got[128][0] - got[64][0]
 
 
 def test_inception_part_of_the_evaluation_figure_per_image():
@@ -144,6 +151,8 @@ def test_inception_part_of_the_evaluation_figure_per_image():
         features, _ = memory.evaluation_parts(eval_cfg(8, feature_batch=n))
         assert features == n * memory.INCEPTION_FLOATS_PER_IMAGE * memory.FLOAT
         assert features <= peak <= features + n * left_out + FIXED, (n, peak / 1e6, features / 1e6)
+        print(f"Inception, {n} images: measured {peak / MIB:.1f} MiB, figure {features / MIB:.1f} MiB "
+              f"({peak / features:.2f}x)")
         peaks[n] = peak
     assert 2 * memory.INCEPTION_FLOATS_PER_IMAGE * memory.FLOAT <= peaks[4] - peaks[2]
     # A CPU cuts a feature batch into forwards of CPU_FEATURE_CHUNK images; other devices run it whole.
@@ -174,3 +183,4 @@ def test_metric_matrices_part_of_the_evaluation_figure():
     assert matrices == 3 * n * n * memory.MATRIX
     left_out = 3 * n * n * memory.MATRIX + 16 * n * d * 8 + FIXED
     assert matrices <= peak <= matrices + left_out, (peak / 1e6, matrices / 1e6)
+    print(f"metrics, N = {n}: measured {peak / MIB:.1f} MiB, figure {matrices / MIB:.1f} MiB ({peak / matrices:.2f}x)")
