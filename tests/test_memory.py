@@ -157,8 +157,9 @@ def test_inception_part_of_the_evaluation_figure_per_image():
     assert 2 * memory.INCEPTION_FLOATS_PER_IMAGE * memory.FLOAT <= peaks[4] - peaks[2]
     # A CPU cuts a feature batch into forwards of CPU_FEATURE_CHUNK images; other devices run it whole.
     assert memory.CPU_FEATURE_CHUNK == FE.CPU_CHUNK
-    assert memory.evaluation_parts(eval_cfg(8, feature_batch=64))[0] == 8 * memory.INCEPTION_FLOATS_PER_IMAGE * 4
-    assert memory.evaluation_parts(eval_cfg(8, feature_batch=64), "cuda")[0] == 64 * memory.INCEPTION_FLOATS_PER_IMAGE * 4
+    per_image = memory.INCEPTION_FLOATS_PER_IMAGE * memory.FLOAT
+    assert memory.evaluation_parts(eval_cfg(8, feature_batch=64))[0] == 8 * per_image
+    assert memory.evaluation_parts(eval_cfg(8, feature_batch=64), "cuda")[0] == 64 * per_image
 
 
 def test_metric_matrices_part_of_the_evaluation_figure():
