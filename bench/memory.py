@@ -1,7 +1,9 @@
 """What a job's peak memory will at least be, from the configured shapes alone (before any work).
 
-Each figure counts the large tensors a phase keeps alive, in float32, per transformer of a unit (the one
-shared `Transformer` module: the harness reads its config, never a prior's name):
+Each figure counts the large tensors a phase keeps alive, per transformer of a unit (the one shared
+`Transformer` module: the harness reads its config, never a prior's name), in float32, or at 2 bytes under bf16
+autocast (precision=bf16: matmul outputs and the KV cache are bf16 there; the residual stream, LayerNorm and
+softmax outputs stay float32, so the true figure is larger):
 
     training    activations kept for the backward pass: per token and block the residual stream, the q/k/v,
                 attention output and MLP tensors (16 D; attention scores are not counted, fused kernels do not
@@ -28,7 +30,8 @@ from typing import Any
 from priors import Prior
 from priors.transformer import Transformer
 
-FLOAT = 4  # bytes: activations and features are float32 (bf16 autocast keeps float32 master tensors)
+FLOAT = 4  # bytes: weights, optimizer state and features are float32 (bf16 autocast keeps float32 weights)
+BF16 = 2  # bytes: what training and sampling activations are counted at under bf16 autocast
 MATRIX = 8  # bytes: the KID kernel and PRDC distance matrices are float64 (bench/stats.py)
 # Bytes per trainable parameter of a unit while it trains: fp32 weights, gradients, AdamW's two moments, the EMA
 # copy and the best-checkpoint copy.
@@ -90,17 +93,19 @@ def evaluation_parts(eval_cfg: Any, device_type: str = "cpu") -> tuple[int, int]
 
 
 def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_workers: int = 1,
-             train: bool = True, device_type: str = "cpu") -> Peak:
+             train: bool = True, device_type: str = "cpu", precision: str = "fp32") -> Peak:
     """The least memory of the job's phases; units training at once (unit_workers) add up. train=False: a
     released prior, evaluated only (its weights alone, no training phase). device_type: where features are
-    extracted (a CPU runs a feature batch in forwards of CPU_FEATURE_CHUNK images)."""
+    extracted (a CPU runs a feature batch in forwards of CPU_FEATURE_CHUNK images). precision: the job's compute
+    precision (bench.device.resolve_precision), which sets the bytes of training and sampling activations."""
+    act = BF16 if precision == "bf16" else FLOAT
     batch = int(train_cfg.batch_size)
     units = transformers(prior)
     workers = max(1, unit_workers)
     per_unit = [sum(batch * t.cfg.seq_len * training_floats_per_token(t) for t in ts) for ts in units]
-    training = FLOAT * sum(sorted(per_unit, reverse=True)[:workers])
+    training = act * sum(sorted(per_unit, reverse=True)[:workers])
     rows = min(int(eval_cfg.batch_size), int(eval_cfg.num_samples))
-    sampling = FLOAT * max(sum(rows * sampling_floats_per_row(t) for t in ts) for ts in units)
+    sampling = act * max(sum(rows * sampling_floats_per_row(t) for t in ts) for ts in units)
     evaluation = max(evaluation_parts(eval_cfg, device_type))
     if not train:
         return Peak(params * FLOAT, 0, sampling, evaluation)

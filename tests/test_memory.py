@@ -71,8 +71,9 @@ def eval_cfg(rows: int, feature_batch: int = 8, n: int = 64, prdc: int = 64) -> 
     return SimpleNamespace(num_samples=n, batch_size=rows, feature_batch_size=feature_batch, prdc_samples=prdc)
 
 
-def measured_training(name: str, T: int, batch: int) -> tuple[int, memory.Peak]:
-    """Peak tensor bytes of building the prior and training every unit (the job's path, one unit at a time)."""
+def measured_training(name: str, T: int, batch: int, precision: str = "fp32") -> tuple[int, memory.Peak, memory.Peak]:
+    """Peak tensor bytes of building the prior and training every unit (the job's path, one unit at a time), the
+    figures at that precision and at fp32."""
     g = torch.Generator().manual_seed(1)
     train, val = torch.randint(0, V, (256, L), generator=g), torch.randint(0, V, (batch, L), generator=g)
     cfg = train_cfg(batch)
@@ -80,17 +81,18 @@ def measured_training(name: str, T: int, batch: int) -> tuple[int, memory.Peak]:
     def run():
         prior = prior_of(name, T)
         with tempfile.TemporaryDirectory() as d:
-            train_units(prior, train, val, cfg, 0, Path(d), torch.device("cpu"))
+            train_units(prior, train, val, cfg, 0, Path(d), torch.device("cpu"), precision)
         return prior
 
     peak, prior = tensor_peak(run)
-    return peak, memory.estimate(prior, prior.num_params(), cfg, eval_cfg(8))
+    return peak, *(memory.estimate(prior, prior.num_params(), cfg, eval_cfg(8), precision=p)
+                   for p in (precision, "fp32"))
 
 
 @pytest.mark.parametrize("name,T", CASES)
 def test_training_figure_is_a_lower_bound_within_what_it_leaves_out(name, T):
     small, big = 32, 64
-    got = {b: measured_training(name, T, b) for b in (small, big)}
+    got = {b: measured_training(name, T, b)[:2] for b in (small, big)}
     for b, (peak, est) in got.items():
         need = est.weights + est.training
         left_out = TRAIN_LEFT_OUT[(name, T)] * b * L * V * memory.FLOAT + FIXED
@@ -100,7 +102,35 @@ def test_training_figure_is_a_lower_bound_within_what_it_leaves_out(name, T):
     # Doubling the batch adds at least the activations the figure counts for the extra sequences.
     (p_small, e_small), (p_big, e_big) = got[small], got[big]
     slope = e_big.training - e_small.training
-    assert slope <= p_big - p_small <= slope + TRAIN_LEFT_OUT[(name, T)] * (big - small) * L * V * memory.FLOAT + FIXED
+    extra = TRAIN_LEFT_OUT[(name, T)] * (big - small) * L * V * memory.FLOAT + FIXED
+    assert slope <= p_big - p_small <= slope + extra
+
+
+@pytest.mark.parametrize("name,T", CASES)
+def test_bf16_figures_are_lower_bounds(name, T):
+    """precision=bf16 (autocast, here on the CPU): matmul outputs and the KV cache are bf16, so the figures count
+    activations at 2 bytes; the residual stream, LayerNorm and softmax outputs stay float32, so the fp32 figures
+    plus what they leave out still bound the peak from above, with autocast's bf16 copy of the weights (2 bytes
+    per parameter) on top."""
+    batch = 32
+    peak, bf16, fp32 = measured_training(name, T, batch, "bf16")
+    params = bf16.weights  # the weights' share does not depend on the precision
+    assert params == fp32.weights and 2 * bf16.training == fp32.training
+    left_out = TRAIN_LEFT_OUT[(name, T)] * batch * L * V * memory.FLOAT + FIXED
+    copies = memory.BF16 * sum(memory.unit_params(prior_of(name, T)))
+    assert bf16.weights + bf16.training <= peak <= fp32.weights + fp32.training + left_out + copies
+    print(f"training {name} T={T} batch {batch}, bf16: measured {peak / MIB:.1f} MiB, figure "
+          f"{(bf16.weights + bf16.training) / MIB:.1f} MiB ({peak / (bf16.weights + bf16.training):.2f}x)")
+    prior, rows = prior_of(name, T), 64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peak, _ = tensor_peak(lambda: prior.sample(rows, torch.Generator().manual_seed(0)))
+    est = {p: memory.estimate(prior, prior.num_params(), train_cfg(8), eval_cfg(rows, n=rows), precision=p).sampling
+           for p in ("bf16", "fp32")}
+    left_out = (SAMPLE_LEFT_OUT_PER_ROW[(name, T)] + SAMPLE_LEFT_OUT_PER_TOKEN[(name, T)] * L) * rows * V
+    assert 2 * est["bf16"] == est["fp32"]
+    assert est["bf16"] <= peak <= est["fp32"] + left_out * memory.FLOAT + copies + FIXED
+    print(f"sampling {name} T={T} {rows} rows, bf16: measured {peak / MIB:.2f} MiB, figure {est['bf16'] / MIB:.2f} "
+          f"MiB ({peak / est['bf16']:.2f}x)")
 
 
 def test_weights_figure_counts_optimizer_state_for_the_training_units_only():
@@ -184,4 +214,5 @@ def test_metric_matrices_part_of_the_evaluation_figure():
     assert matrices == 3 * n * n * memory.MATRIX
     left_out = 3 * n * n * memory.MATRIX + 16 * n * d * 8 + FIXED
     assert matrices <= peak <= matrices + left_out, (peak / 1e6, matrices / 1e6)
-    print(f"metrics, N = {n}: measured {peak / MIB:.1f} MiB, figure {matrices / MIB:.1f} MiB ({peak / matrices:.2f}x)")
+    print(f"metrics, N = {n}: measured {peak / MIB:.1f} MiB, figure {matrices / MIB:.1f} MiB "
+          f"({peak / matrices:.2f}x)")
