@@ -1,17 +1,26 @@
 """What a job's peak memory will at least be, from the configured shapes alone (before any work).
 
-Each figure counts the large tensors a phase keeps alive, in float32, per transformer of a unit (the one
-shared `Transformer` module: the harness reads its config, never a prior's name):
+Each figure counts the large tensors a phase keeps alive, per transformer of a unit (the one shared
+`Transformer` module: the harness reads its config, never a prior's name), in float32, or at 2 bytes under bf16
+autocast (precision=bf16: matmul outputs and the KV cache are bf16 there; the residual stream, LayerNorm and
+softmax outputs stay float32, so the true figure is larger):
 
     training    activations kept for the backward pass: per token and block the residual stream, the q/k/v,
                 attention output and MLP tensors (16 D; attention scores are not counted, fused kernels do not
-                keep them), plus the logits with their softmax and gradient (3 V)
-    sampling    the KV cache (2 D per block and token) and one step's hidden states and logits, per row
-    evaluation  Inception activations per feature batch, and the N x N distance and kernel matrices of
-                PRDC and KID (three of them, N = min(eval.num_samples, eval.prdc_samples))
+                keep them), plus the logits and their log-softmax (2 V: the logits' gradient, a third, comes
+                after the previous step's gradients are freed)
+    sampling    per row, a causal transformer's KV cache (2 D per block and position, twice with
+                cross-attention: the memory's keys and values) and one step's logits with their softmax; a
+                bidirectional one runs whole sequences: per token its logits and their softmax, or the memory
+                it hands a decoder
+    evaluation  the larger of the Inception activations of one feature forward and the N x N float64 matrices
+                of KID and PRDC alive together (three of them, N = min(eval.num_samples, eval.prdc_samples)):
+                features are extracted while sampling, the metrics computed after
 
-The weights' own share (weights, gradients, AdamW's two moments, EMA and best copies) comes from the parameter
-count. The figures are lower bounds: a job they refuse cannot fit, a job they pass may still need more.
+The weights' own share comes from the parameter count: every unit's float32 weights, and for the units training
+at once their gradients, AdamW's two moments, the EMA and best copies. The figures are lower bounds (checked
+against measured allocations in tests/test_memory.py): a job they refuse cannot fit, a job they pass may still
+need more.
 """
 from __future__ import annotations
 
@@ -21,10 +30,15 @@ from typing import Any
 from priors import Prior
 from priors.transformer import Transformer
 
-FLOAT = 4  # bytes: activations and features are float32 (bf16 autocast keeps float32 master tensors)
-# Bytes per trainable parameter while training: fp32 weights, gradients, AdamW's two moments, the EMA copy and
-# the best-checkpoint copy.
+FLOAT = 4  # bytes: weights, optimizer state and features are float32 (bf16 autocast keeps float32 weights)
+BF16 = 2  # bytes: what training and sampling activations are counted at under bf16 autocast
+MATRIX = 8  # bytes: the KID kernel and PRDC distance matrices are float64 (bench/stats.py)
+# Bytes per trainable parameter of a unit while it trains: fp32 weights, gradients, AdamW's two moments, the EMA
+# copy and the best-checkpoint copy.
 TRAIN_BYTES_PER_PARAM = FLOAT * 6
+# Images per Inception forward on a CPU (bench.features.CPU_CHUNK: a feature batch is cut into forwards of this
+# many images there); other devices run whole feature batches.
+CPU_FEATURE_CHUNK = 8
 # Inception-v3 at 299 x 299 in inference: its stem's second and third convolutions' outputs (32 and 64 channels
 # at 147 x 147) are alive together, the largest pair of adjacent activations.
 INCEPTION_FLOATS_PER_IMAGE = (32 + 64) * 147 * 147
@@ -50,40 +64,63 @@ def transformers(prior: Prior) -> list[list[Transformer]]:
     return [[m for m in unit.modules() if isinstance(m, Transformer)] for unit in prior.units().values()]
 
 
+def unit_params(prior: Prior) -> list[int]:
+    """Trainable parameters of each unit."""
+    return [sum(p.numel() for p in unit.parameters() if p.requires_grad) for unit in prior.units().values()]
+
+
 def training_floats_per_token(t: Transformer) -> int:
     c = t.cfg
     per_block = 16 * c.d_model + (6 * c.d_model if c.cross_attn else 0)
-    return c.n_layer * per_block + 3 * max(c.vocab_out, 0) + 2 * c.d_model
+    return c.n_layer * per_block + 2 * max(c.vocab_out, 0) + 2 * c.d_model
 
 
-def sampling_floats_per_token(t: Transformer) -> int:
+def sampling_floats_per_row(t: Transformer) -> int:
     c = t.cfg
-    return c.n_layer * 2 * c.d_model + max(c.vocab_out, 0) + 16 * c.d_model
+    if c.causal:  # decoded position by position through a KV cache of seq_len positions (and the memory's)
+        cache = c.n_layer * 2 * c.inner_dim * c.seq_len * (2 if c.cross_attn else 1)
+        return cache + 2 * max(c.vocab_out, 0)
+    return c.seq_len * (2 * c.vocab_out if c.vocab_out > 0 else c.d_model)
+
+
+def evaluation_parts(eval_cfg: Any, device_type: str = "cpu") -> tuple[int, int]:
+    """(bytes of one Inception forward's activations, bytes of the KID and PRDC matrices alive together)."""
+    rows = int(eval_cfg.feature_batch_size)
+    if device_type == "cpu":
+        rows = min(rows, CPU_FEATURE_CHUNK)
+    matrix = min(int(eval_cfg.num_samples), int(eval_cfg.prdc_samples))
+    return FLOAT * rows * INCEPTION_FLOATS_PER_IMAGE, MATRIX * 3 * matrix * matrix
 
 
 def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_workers: int = 1,
-             train: bool = True) -> Peak:
+             train: bool = True, device_type: str = "cpu", precision: str = "fp32") -> Peak:
     """The least memory of the job's phases; units training at once (unit_workers) add up. train=False: a
-    released prior, evaluated only (its weights alone, no training phase)."""
+    released prior, evaluated only (its weights alone, no training phase). device_type: where features are
+    extracted (a CPU runs a feature batch in forwards of CPU_FEATURE_CHUNK images). precision: the job's compute
+    precision (bench.device.resolve_precision), which sets the bytes of training and sampling activations."""
+    act = BF16 if precision == "bf16" else FLOAT
     batch = int(train_cfg.batch_size)
     units = transformers(prior)
+    workers = max(1, unit_workers)
     per_unit = [sum(batch * t.cfg.seq_len * training_floats_per_token(t) for t in ts) for ts in units]
-    training = FLOAT * sum(sorted(per_unit, reverse=True)[:max(1, unit_workers)])
-    n = int(eval_cfg.num_samples)
-    rows = min(int(eval_cfg.batch_size), n)
-    sampling = FLOAT * max(sum(rows * t.cfg.seq_len * sampling_floats_per_token(t) for t in ts) for ts in units)
-    feature_rows = int(eval_cfg.feature_batch_size)
-    matrix = min(n, int(eval_cfg.prdc_samples))
-    evaluation = FLOAT * (feature_rows * INCEPTION_FLOATS_PER_IMAGE + 3 * matrix * matrix)
+    training = act * sum(sorted(per_unit, reverse=True)[:workers])
+    rows = min(int(eval_cfg.batch_size), int(eval_cfg.num_samples))
+    sampling = act * max(sum(rows * sampling_floats_per_row(t) for t in ts) for ts in units)
+    evaluation = max(evaluation_parts(eval_cfg, device_type))
     if not train:
         return Peak(params * FLOAT, 0, sampling, evaluation)
-    return Peak(params * TRAIN_BYTES_PER_PARAM, training, sampling, evaluation)
+    # Units train one after another (or unit_workers at once): the others hold their weights alone.
+    training_params = sum(sorted(unit_params(prior), reverse=True)[:workers])
+    return Peak(params * FLOAT + training_params * (TRAIN_BYTES_PER_PARAM - FLOAT), training, sampling,
+                evaluation)
 
 
 def check_fits(peak: Peak, params: int, have: int | None, where: str, cfg: Any) -> str | None:
-    """One line naming the option to change when the job cannot fit in `have` bytes, else None."""
+    """One line naming the option to change when the job cannot fit in `have` bytes, else None. `where`: the
+    device type."""
     if have is None:
         return None
+    features, matrices = evaluation_parts(cfg.eval, where)
     gib = 2 ** 30
     if peak.weights > have:
         return (f"budget.params={cfg.budget.params}: training {params:,} parameters needs at least "
@@ -97,10 +134,8 @@ def check_fits(peak: Peak, params: int, have: int | None, where: str, cfg: Any) 
                      f"{peak.weights / gib:.1f} GiB weights and optimizer state, {peak.training / gib:.1f} GiB "
                      "activations"),
         "sampling": (f"eval.batch_size={cfg.eval.batch_size}", "KV cache and logits of one sampling batch"),
-        "evaluation": (f"eval.prdc_samples={cfg.eval.prdc_samples}" if 3 * min(int(cfg.eval.num_samples),
-                       int(cfg.eval.prdc_samples)) ** 2 * FLOAT > int(cfg.eval.feature_batch_size)
-                       * INCEPTION_FLOATS_PER_IMAGE * FLOAT else
-                       f"eval.feature_batch_size={cfg.eval.feature_batch_size}",
+        "evaluation": (f"eval.feature_batch_size={cfg.eval.feature_batch_size}" if features > matrices else
+                       f"eval.prdc_samples={cfg.eval.prdc_samples}",
                        "Inception features and the PRDC/KID matrices"),
     }[phase]
     return (f"{option}: {phase} needs at least {need / gib:.1f} GiB ({detail}), more than the "

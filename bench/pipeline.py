@@ -211,7 +211,7 @@ def validate(cfg: DictConfig) -> Settings:
     units = list(prior.units())
     workers = resolve_unit_workers(cfg.unit_workers, len(units), device, threads)
     peak = memory.estimate(prior, params, cfg.train, eval_cfg, workers if device.type == "cpu" else 1,
-                           train=release is None)
+                           train=release is None, device_type=device.type, precision=precision)
     problem = memory.check_fits(peak, params, D.memory_bytes(device), device.type, cfg)
     if problem and cfg.stage != "plan":  # a plan is often made on another machine than the one that runs it
         raise ConfigError(problem)
