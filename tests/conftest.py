@@ -25,14 +25,17 @@ def smoke_token_cache(tmp_path_factory):
     return root / "cache"
 
 
+def copy_shared_stages(cache: Path, dest: Path) -> Path:
+    """dest: a new cache holding copies of the shared stages of `cache`."""
+    for stage in SHARED_STAGES:
+        shutil.copytree(cache / stage, dest / stage)
+    return dest
+
+
 @pytest.fixture
 def copy_token_cache(smoke_token_cache):
     """A fresh cache holding copies of the shared smoke stages: only the test's own stages get computed."""
-    def make(dest: Path) -> Path:
-        for stage in SHARED_STAGES:
-            shutil.copytree(smoke_token_cache / stage, dest / stage)
-        return dest
-    return make
+    return lambda dest: copy_shared_stages(smoke_token_cache, dest)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,19 @@ def sweep(tmp_path, cache, name, *launcher):
     return {(j["prior"], j["T"]): j for j in jobs}
 
 
+@pytest.fixture(scope="module")
+def basic(smoke_token_cache, tmp_path_factory):
+    """The basic launcher's sweep, the reference of every other launcher: run once for the module."""
+    from tests.conftest import copy_shared_stages
+
+    root = tmp_path_factory.mktemp("basic")
+    return sweep(root, copy_shared_stages(smoke_token_cache, root / "c_basic"), "basic")
+
+
 @pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
                                       ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
                          ids=["joblib", "submitit_local"])
-def test_parallel_launchers_match_the_basic_launcher(copy_token_cache, tmp_path, launcher):
-    basic = sweep(tmp_path, copy_token_cache(tmp_path / "c_basic"), "basic")
+def test_parallel_launchers_match_the_basic_launcher(basic, copy_token_cache, tmp_path, launcher):
     other = sweep(tmp_path, copy_token_cache(tmp_path / "c_other"), "other", *launcher)
     assert basic.keys() == other.keys()
     for point in basic:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from bench.errors import ConfigError
 from bench.train import train_unit
 from priors import build_prior
 from tests.clitools import job_results, popen_cli, run_cli
+from tests.conftest import copy_shared_stages
 
 SMOKE = ["experiment=smoke", "logger=none"]
 def wait_for_checkpoint(cache: Path, min_step: int, proc, timeout: float = 120) -> Path:
@@ -120,24 +122,37 @@ def test_sigterm_while_units_train_at_once_checkpoints_each_and_the_rerun_resume
         assert all(torch.equal(v, b[unit]["state_dict"][k]) for k, v in a[unit]["state_dict"].items()), unit
 
 
+TRUNCATED = SMOKE + ["prior=absorbing", "T=2"]
+
+
+@pytest.fixture(scope="module")
+def complete_cache(smoke_token_cache, tmp_path_factory):
+    """Every stage of one smoke job built once: (its cache, its results); each test truncates a copy."""
+    root = tmp_path_factory.mktemp("complete")
+    cache = copy_shared_stages(smoke_token_cache, root / "cache")
+    (root / "a").mkdir()
+    first = run_cli(TRUNCATED + [f"paths.cache={cache}"], cwd=root / "a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    [a] = job_results(root / "a")
+    return cache, a
+
+
 @pytest.mark.parametrize("stage,filename", [
     ("data", "train.npy"), ("tokenizer", "model.pt"), ("tokens", "tokens.pt"), ("reference", "features.pt"),
     ("train", "model.pt"), ("eval", "metrics.json"),
 ])
-def test_truncated_cache_file_is_rebuilt(copy_token_cache, tmp_path, stage, filename):
-    cache = copy_token_cache(tmp_path / "cache")
-    args = SMOKE + ["prior=absorbing", "T=2", f"paths.cache={cache}"]
-    (tmp_path / "a").mkdir()
+def test_truncated_cache_file_is_rebuilt(complete_cache, tmp_path, stage, filename):
+    complete, a = complete_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(complete, cache)
     (tmp_path / "b").mkdir()
-    first = run_cli(args, cwd=tmp_path / "a")
-    assert first.returncode == 0, first.stderr[-3000:]
     [target] = [p for p in cache.glob(f"{stage}/*/{filename}")]
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    second = run_cli(args, cwd=tmp_path / "b")
+    second = run_cli(TRUNCATED + [f"paths.cache={cache}"], cwd=tmp_path / "b")
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     assert f"{target.parent} is invalid: {filename} is truncated" in log
-    [a], [b] = job_results(tmp_path / "a"), job_results(tmp_path / "b")
+    [b] = job_results(tmp_path / "b")
     assert b["status"] == "ok"
     # The rebuilt stage is the same computation on the same kernel and thread counts: the same FID.
     assert a["fid"] == b["fid"]
