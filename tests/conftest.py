@@ -15,14 +15,22 @@ SHARED_STAGES = ("data", "tokenizer", "tokens", "reference", "baselines")
 
 
 @pytest.fixture(scope="session")
-def smoke_token_cache(tmp_path_factory):
-    """The smoke preset's shared stages, built once per test session by the real CLI."""
+def smoke_tokens_run(tmp_path_factory):
+    """The smoke preset's shared stages, built once per test session by the real CLI from an empty cache:
+    (its folder, the finished process). The job's outputs are under folder/outputs, its cache folder/cache;
+    tests read the cache or copy it, never change it."""
     from tests.clitools import run_cli
 
     root = tmp_path_factory.mktemp("smoke_tokens")
     p = run_cli(["experiment=smoke", "logger=none", "stage=tokens", f"paths.cache={root / 'cache'}"], cwd=root)
     assert p.returncode == 0, p.stderr[-3000:]
-    return root / "cache"
+    return root, p
+
+
+@pytest.fixture(scope="session")
+def smoke_token_cache(smoke_tokens_run):
+    """The cache of the smoke preset's shared stages (smoke_tokens_run)."""
+    return smoke_tokens_run[0] / "cache"
 
 
 def copy_shared_stages(cache: Path, dest: Path) -> Path:

@@ -33,9 +33,12 @@ def basic(smoke_token_cache, tmp_path_factory):
     return sweep(root, copy_shared_stages(smoke_token_cache, root / "c_basic"), "basic")
 
 
-@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
-                         ids=["joblib", "submitit_local"])
+@pytest.mark.parametrize("launcher", [
+    pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], id="joblib"),
+    # The same check with jobs in submitit's processes; joblib's case runs by default, and tests/test_slurm.py
+    # runs submitit's SLURM launcher in CI.
+    pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], id="submitit_local",
+                 marks=pytest.mark.slow)])
 def test_parallel_launchers_match_the_basic_launcher(basic, copy_token_cache, tmp_path, launcher):
     other = sweep(tmp_path, copy_token_cache(tmp_path / "c_other"), "other", *launcher)
     assert basic.keys() == other.keys()
