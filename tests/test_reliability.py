@@ -94,6 +94,11 @@ def unit_weights(cache: Path) -> dict[str, dict]:
     return {u: torch.load(d / f"{u}.pt", weights_only=True) for u in ("scale2", "scale3")}
 
 
+# Three full CLI trainings of two units at once. Its parts run by default, each cheaper: SIGTERM's checkpoint and
+# exit code (test_sigterm_writes_a_checkpoint_and_exits_for_requeue), a killed training resumed to the
+# uninterrupted weights (test_sigkill_then_rerun_resumes_to_the_uninterrupted_result), and units in two
+# processes equal to one after another (tests/test_train.py::test_units_at_once_equal_units_one_after_another).
+@pytest.mark.slow
 def test_sigterm_while_units_train_at_once_checkpoints_each_and_the_rerun_resumes(copy_token_cache, tmp_path):
     # ImageBART T=3's two scales train in two processes; the scheduler's SIGTERM reaches only the job's process.
     whole = copy_token_cache(tmp_path / "whole")
