@@ -56,3 +56,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SMOKE_SWEEP = ["-m", "prior=ar,imagebart,absorbing", "T=2,3,5,9", "experiment=smoke"]
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """The user's sweep on the smoke preset (12 jobs, W&B offline) from an empty cache, run once per session:
+    (its folder, the finished process). Sweep folder folder/multirun/smoke, report folder/reports/smoke, cache
+    folder/cache. tests/test_sweep.py checks it; other modules compare against its jobs or copy its cache."""
+    from tests.clitools import run_cli
+
+    root = tmp_path_factory.mktemp("sweep")
+    p = run_cli(SMOKE_SWEEP + ["name=smoke", f"paths.cache={root / 'cache'}"], cwd=root, timeout=1200)
+    return root, p

@@ -25,12 +25,23 @@ def sweep(tmp_path, cache, name, *launcher):
 
 
 @pytest.fixture(scope="module")
-def basic(smoke_token_cache, tmp_path_factory):
-    """The basic launcher's sweep, the reference of every other launcher: run once for the module."""
+def basic(smoke_sweep):
+    """The basic launcher's results at POINTS, the reference of every other launcher: the session's smoke sweep
+    (tests/conftest.py) runs every one of them with the basic launcher, from the same shared stages."""
+    root, p = smoke_sweep
+    assert p.returncode == 0, p.stderr[-4000:]
+    jobs = {(j["prior"], j["T"]): j for j in job_results(root / "multirun" / "smoke")
+            if j["prior"] in ("ar", "absorbing") and j["T"] in (2, 3)}
+    assert len(jobs) == 4 and all(j["status"] == "ok" for j in jobs.values())
+    return jobs
+
+
+@pytest.fixture
+def copy_sweep_stages(smoke_sweep):
+    """A fresh cache holding copies of the smoke sweep's shared stages: the other launcher computes the rest."""
     from tests.conftest import copy_shared_stages
 
-    root = tmp_path_factory.mktemp("basic")
-    return sweep(root, copy_shared_stages(smoke_token_cache, root / "c_basic"), "basic")
+    return lambda dest: copy_shared_stages(smoke_sweep[0] / "cache", dest)
 
 
 @pytest.mark.parametrize("launcher", [
@@ -39,8 +50,8 @@ def basic(smoke_token_cache, tmp_path_factory):
     # runs submitit's SLURM launcher in CI.
     pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], id="submitit_local",
                  marks=pytest.mark.slow)])
-def test_parallel_launchers_match_the_basic_launcher(basic, copy_token_cache, tmp_path, launcher):
-    other = sweep(tmp_path, copy_token_cache(tmp_path / "c_other"), "other", *launcher)
+def test_parallel_launchers_match_the_basic_launcher(basic, copy_sweep_stages, tmp_path, launcher):
+    other = sweep(tmp_path, copy_sweep_stages(tmp_path / "c_other"), "other", *launcher)
     assert basic.keys() == other.keys()
     for point in basic:
         a, b = basic[point], other[point]
