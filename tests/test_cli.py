@@ -9,23 +9,26 @@ import pytest
 
 from bench.keys import INTERVAL_KEYS, SCHEMA
 from tests.clitools import job_results, popen_cli, run_cli
+from tests.conftest import copy_shared_stages
 
 SMOKE = ["experiment=smoke", "logger=none"]
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    """One cache for this module: the tokenizer is trained once, by the first test that needs it."""
-    return tmp_path_factory.mktemp("cache")
+def shared_cache(smoke_token_cache, tmp_path_factory):
+    """One cache for this module, starting from copies of the session's shared smoke stages."""
+    return copy_shared_stages(smoke_token_cache, tmp_path_factory.mktemp("shared") / "cache")
 
 
-def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
-    first = run_cli(SMOKE + ["stage=tokens", f"paths.cache={shared_cache}"], cwd=tmp_path)
+def test_tokens_stage_builds_then_reuses(smoke_tokens_run, tmp_path):
+    # The first run: the session's build of the shared stages from an empty cache, the same command line.
+    root, first = smoke_tokens_run
+    cache = root / "cache"
     assert first.returncode == 0, first.stderr[-3000:]
     log = first.stdout + first.stderr
     assert "training a VQGAN" in log
     assert re.search(r"K_eff=\d+ of 64 codes \(usage [\d.]+%, perplexity [\d.]+\), grid 8x8, val PSNR [\d.]+ dB", log)
-    [r] = job_results(tmp_path / "outputs")
+    [r] = job_results(root / "outputs")
     assert r["status"] == "ok" and r["fid"] is None and r["tokens_key"]
     tok = r["tokenizer"]
     assert 1 < tok["vocab_size"] <= 64 and tok["grid"] == [8, 8] and tok["recon_psnr"] > 5
@@ -44,7 +47,7 @@ def test_tokens_stage_builds_then_reuses(shared_cache, tmp_path):
     assert 0 < base["real_val"]["train_match"] < 1 and base["real_val"]["n_match_samples"] == 16
     assert base["real_val"]["fid"] < base["reconstruction"]["fid"]
 
-    second = run_cli(SMOKE + ["stage=tokens", f"paths.cache={shared_cache}"], cwd=tmp_path / "outputs")
+    second = run_cli(SMOKE + ["stage=tokens", f"paths.cache={cache}"], cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     log2 = second.stdout + second.stderr
     assert "training a VQGAN" not in log2

@@ -12,23 +12,34 @@ import torch
 
 from bench.cache import cached_stage
 from tests.clitools import job_results, popen_cli, run_cli
+from tests.conftest import copy_shared_stages
 from tests.test_reliability import final_weights
 
 SMOKE = ["experiment=smoke", "logger=none"]
 TRAIN = SMOKE + ["prior=ar", "stage=train"]
 
 
-def uninterrupted(args: list[str], copy_token_cache, tmp_path: Path) -> tuple[Path, dict]:
-    """The run a faulted one must reproduce: its cache (tmp_path/whole) and results."""
-    whole = copy_token_cache(tmp_path / "whole")
-    p = run_cli(args + [f"paths.cache={whole}", f"hydra.run.dir={tmp_path / 'out_whole'}"], cwd=tmp_path)
+# Metrics, not timings: a resumed evaluation must give the uninterrupted run's numbers.
+METRICS = ("fid", "fid_ci", "kid_mean", "prdc_precision", "recall", "density", "coverage", "train_match",
+           "completion_fid", "completion_fid_ci", "nll_bits_per_token", "nll_stderr", "n_samples", "n_completions")
+EVAL = SMOKE + ["prior=ar", "eval.num_samples=64"]  # eight sampling batches: time to be interrupted
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(smoke_token_cache, tmp_path_factory) -> tuple[Path, dict]:
+    """The run a faulted one must reproduce: its cache and results. EVAL trains the same AR model as TRAIN (the
+    evaluation's options are not part of the training's key), so one run serves both tests."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    whole = copy_shared_stages(smoke_token_cache, root / "whole")
+    p = run_cli(EVAL + [f"paths.cache={whole}", f"hydra.run.dir={root / 'out_whole'}"], cwd=root)
     assert p.returncode == 0, p.stderr[-3000:]
-    [r] = job_results(tmp_path / "out_whole")
+    [r] = job_results(root / "out_whole")
     return whole, r
 
 
-def test_a_truncated_resumable_checkpoint_is_moved_aside_and_training_restarts(copy_token_cache, tmp_path):
-    whole, r = uninterrupted(TRAIN, copy_token_cache, tmp_path)
+def test_a_truncated_resumable_checkpoint_is_moved_aside_and_training_restarts(uninterrupted, copy_token_cache,
+                                                                               tmp_path):
+    whole, r = uninterrupted
 
     # What `truncate -s 50%` or a full disk leaves of a checkpoint: the first half of a torch.save file.
     broken = copy_token_cache(tmp_path / "broken")
@@ -39,6 +50,7 @@ def test_a_truncated_resumable_checkpoint_is_moved_aside_and_training_restarts(c
     for attempt in range(2):  # before, every rerun failed on the same file until it was deleted by hand
         p = run_cli(TRAIN + [f"paths.cache={broken}", f"hydra.run.dir={tmp_path / f'out{attempt}'}"], cwd=tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
+        assert job_results(tmp_path / f"out{attempt}")[0]["train_key"] == r["train_key"]
         if attempt == 0:
             log = p.stdout + p.stderr
             assert re.search(r"model: resumable checkpoint \S+model\.ckpt cannot be read \(.+\); moved aside to "
@@ -49,14 +61,9 @@ def test_a_truncated_resumable_checkpoint_is_moved_aside_and_training_restarts(c
     assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
 
 
-# Metrics, not timings: a resumed evaluation must give the uninterrupted run's numbers.
-METRICS = ("fid", "fid_ci", "kid_mean", "prdc_precision", "recall", "density", "coverage", "train_match",
-           "completion_fid", "completion_fid_ci", "nll_bits_per_token", "nll_stderr", "n_samples", "n_completions")
-EVAL = SMOKE + ["prior=ar", "eval.num_samples=64"]  # eight sampling batches: time to be interrupted
-
-
-def test_sigterm_during_evaluation_keeps_the_finished_parts_and_the_rerun_resumes(copy_token_cache, tmp_path):
-    whole, r_whole = uninterrupted(EVAL, copy_token_cache, tmp_path)
+def test_sigterm_during_evaluation_keeps_the_finished_parts_and_the_rerun_resumes(uninterrupted, copy_token_cache,
+                                                                                   tmp_path):
+    whole, r_whole = uninterrupted
 
     cache = copy_token_cache(tmp_path / "cache")
     shutil.copytree(whole / "train", cache / "train")  # the same trained model: only the evaluation runs

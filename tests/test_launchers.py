@@ -24,12 +24,34 @@ def sweep(tmp_path, cache, name, *launcher):
     return {(j["prior"], j["T"]): j for j in jobs}
 
 
-@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
-                         ids=["joblib", "submitit_local"])
-def test_parallel_launchers_match_the_basic_launcher(copy_token_cache, tmp_path, launcher):
-    basic = sweep(tmp_path, copy_token_cache(tmp_path / "c_basic"), "basic")
-    other = sweep(tmp_path, copy_token_cache(tmp_path / "c_other"), "other", *launcher)
+@pytest.fixture(scope="module")
+def basic(smoke_sweep):
+    """The basic launcher's results at POINTS, the reference of every other launcher: the session's smoke sweep
+    (tests/conftest.py) runs every one of them with the basic launcher, from the same shared stages."""
+    root, p = smoke_sweep
+    assert p.returncode == 0, p.stderr[-4000:]
+    jobs = {(j["prior"], j["T"]): j for j in job_results(root / "multirun" / "smoke")
+            if j["prior"] in ("ar", "absorbing") and j["T"] in (2, 3)}
+    assert len(jobs) == 4 and all(j["status"] == "ok" for j in jobs.values())
+    return jobs
+
+
+@pytest.fixture
+def copy_sweep_stages(smoke_sweep):
+    """A fresh cache holding copies of the smoke sweep's shared stages: the other launcher computes the rest."""
+    from tests.conftest import copy_shared_stages
+
+    return lambda dest: copy_shared_stages(smoke_sweep[0] / "cache", dest)
+
+
+@pytest.mark.parametrize("launcher", [
+    pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], id="joblib"),
+    # The same check with jobs in submitit's processes; joblib's case runs by default, and tests/test_slurm.py
+    # runs submitit's SLURM launcher in CI.
+    pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], id="submitit_local",
+                 marks=pytest.mark.slow)])
+def test_parallel_launchers_match_the_basic_launcher(basic, copy_sweep_stages, tmp_path, launcher):
+    other = sweep(tmp_path, copy_sweep_stages(tmp_path / "c_other"), "other", *launcher)
     assert basic.keys() == other.keys()
     for point in basic:
         a, b = basic[point], other[point]

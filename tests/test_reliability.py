@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from bench.errors import ConfigError
 from bench.train import train_unit
 from priors import build_prior
 from tests.clitools import job_results, popen_cli, run_cli
+from tests.conftest import copy_shared_stages
 
 SMOKE = ["experiment=smoke", "logger=none"]
 def wait_for_checkpoint(cache: Path, min_step: int, proc, timeout: float = 120) -> Path:
@@ -38,7 +40,8 @@ def final_weights(cache: Path) -> tuple[dict, float]:
     return ckpt["state_dict"], ckpt["best_val"]
 
 
-LONG = ["prior=ar", "stage=train", "train.steps=400", "train.ckpt_every=20", "train.val_every=100"]
+LONG_STEPS = 200  # killed once a checkpoint of step 60 or later exists, then resumed to the end
+LONG = ["prior=ar", "stage=train", f"train.steps={LONG_STEPS}", "train.ckpt_every=20", "train.val_every=100"]
 
 
 def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(copy_token_cache, tmp_path):
@@ -53,7 +56,7 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(copy_token_cache
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
     step_at_kill = torch.load(next(killed.glob("train/*.work/model.ckpt")), weights_only=True)["step"]
-    assert step_at_kill < 400
+    assert step_at_kill < LONG_STEPS
 
     p = run_cli(SMOKE + LONG + [f"paths.cache={killed}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -91,6 +94,11 @@ def unit_weights(cache: Path) -> dict[str, dict]:
     return {u: torch.load(d / f"{u}.pt", weights_only=True) for u in ("scale2", "scale3")}
 
 
+# Three full CLI trainings of two units at once. Its parts run by default, each cheaper: SIGTERM's checkpoint and
+# exit code (test_sigterm_writes_a_checkpoint_and_exits_for_requeue), a killed training resumed to the
+# uninterrupted weights (test_sigkill_then_rerun_resumes_to_the_uninterrupted_result), and units in two
+# processes equal to one after another (tests/test_train.py::test_units_at_once_equal_units_one_after_another).
+@pytest.mark.slow
 def test_sigterm_while_units_train_at_once_checkpoints_each_and_the_rerun_resumes(copy_token_cache, tmp_path):
     # ImageBART T=3's two scales train in two processes; the scheduler's SIGTERM reaches only the job's process.
     whole = copy_token_cache(tmp_path / "whole")
@@ -120,24 +128,44 @@ def test_sigterm_while_units_train_at_once_checkpoints_each_and_the_rerun_resume
         assert all(torch.equal(v, b[unit]["state_dict"][k]) for k, v in a[unit]["state_dict"].items()), unit
 
 
+TRUNCATED = SMOKE + ["prior=absorbing", "T=2"]
+
+
+@pytest.fixture(scope="module")
+def complete_cache(smoke_token_cache, tmp_path_factory):
+    """Every stage of one smoke job built once: (its cache, its results); each test truncates a copy."""
+    root = tmp_path_factory.mktemp("complete")
+    cache = copy_shared_stages(smoke_token_cache, root / "cache")
+    (root / "a").mkdir()
+    first = run_cli(TRUNCATED + [f"paths.cache={cache}"], cwd=root / "a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    [a] = job_results(root / "a")
+    return cache, a
+
+
+# Every stage is checked by the same cached_stage code (its manifest of file sizes and hashes): the default run
+# truncates the first stage, the prior's own and the last; the middle stages, the same check on other files,
+# run with -m slow. tests/test_cache.py checks each kind of damage on that code directly.
+SAME_CHECK = pytest.mark.slow
+
+
 @pytest.mark.parametrize("stage,filename", [
-    ("data", "train.npy"), ("tokenizer", "model.pt"), ("tokens", "tokens.pt"), ("reference", "features.pt"),
+    ("data", "train.npy"), pytest.param("tokenizer", "model.pt", marks=SAME_CHECK),
+    pytest.param("tokens", "tokens.pt", marks=SAME_CHECK), pytest.param("reference", "features.pt", marks=SAME_CHECK),
     ("train", "model.pt"), ("eval", "metrics.json"),
 ])
-def test_truncated_cache_file_is_rebuilt(copy_token_cache, tmp_path, stage, filename):
-    cache = copy_token_cache(tmp_path / "cache")
-    args = SMOKE + ["prior=absorbing", "T=2", f"paths.cache={cache}"]
-    (tmp_path / "a").mkdir()
+def test_truncated_cache_file_is_rebuilt(complete_cache, tmp_path, stage, filename):
+    complete, a = complete_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(complete, cache)
     (tmp_path / "b").mkdir()
-    first = run_cli(args, cwd=tmp_path / "a")
-    assert first.returncode == 0, first.stderr[-3000:]
     [target] = [p for p in cache.glob(f"{stage}/*/{filename}")]
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    second = run_cli(args, cwd=tmp_path / "b")
+    second = run_cli(TRUNCATED + [f"paths.cache={cache}"], cwd=tmp_path / "b")
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     assert f"{target.parent} is invalid: {filename} is truncated" in log
-    [a], [b] = job_results(tmp_path / "a"), job_results(tmp_path / "b")
+    [b] = job_results(tmp_path / "b")
     assert b["status"] == "ok"
     # The rebuilt stage is the same computation on the same kernel and thread counts: the same FID.
     assert a["fid"] == b["fid"]

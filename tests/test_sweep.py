@@ -12,15 +12,15 @@ from bench.results import load_results
 from tests import wandbtools as W
 
 from tests.clitools import ROOT, job_results, run_cli
+from tests.conftest import SMOKE_SWEEP
 
-SWEEP = ["-m", "prior=ar,imagebart,absorbing", "T=2,3,5,9", "experiment=smoke"]
+SWEEP = SMOKE_SWEEP
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    p = run_cli(SWEEP + ["name=smoke", f"paths.cache={root / 'cache'}"], cwd=root, timeout=1200)
-    return root, p
+@pytest.fixture
+def sweep(smoke_sweep):
+    """The session's smoke sweep (tests/conftest.py), shared with tests/test_launchers.py."""
+    return smoke_sweep
 
 
 def test_sweep_runs_twelve_jobs_and_shares_work(sweep):
