@@ -112,10 +112,11 @@ def test_completion_fid_se_matches_the_true_spread_and_a_shift_is_found(old):
     run_fid([COMP_LOWRANK], (COMP_LOWRANK, COMP_SHIFT), old)
 
 
+# Only the protocol's estimator: at this shape the former bootstrap's se also falls inside the claim (its run
+# passed, so a strict expected failure failed), and the test states what the protocol relies on.
 @pytest.mark.slow
-@pytest.mark.parametrize("old", [NEW, OLD])
-def test_completion_fid_se_at_ffhq_tab3s_shape(old):
-    run_fid([COMP_TAB3], None, old)
+def test_completion_fid_se_at_ffhq_tab3s_shape():
+    run_fid([COMP_TAB3], None, False)
 
 
 @pytest.mark.slow
