@@ -96,6 +96,9 @@ def smoke_models(smoke_token_cache, tmp_path_factory):
     return build_models(cache, ["experiment=smoke"])
 
 
+# Slow (2 min with its models): false positives and power of the same tests are checked by default on simulated
+# and real-shaped features (tests/test_stats.py, tests/test_calibration.py); this runs them end to end.
+@pytest.mark.slow
 def test_one_model_sampled_twice_is_not_different_on_the_smoke_shapes(smoke_models):
     """At the smoke shapes every prior decodes to the smoke tokenizer's blobs (its reconstructions are as far
     from real images as any sample), so only the A/A half can be checked here; the slow test below checks

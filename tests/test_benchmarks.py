@@ -8,6 +8,8 @@ import pytest
 from tests.clitools import ROOT, run_cli
 
 
+# Slow (12 s): the GPU check's quick CPU pass; the sampling benchmark's tests below run by default.
+@pytest.mark.slow
 def test_gpu_check_quick_writes_every_point(tmp_path):
     p = run_cli(["--quick", "--device", "cpu", "--priors", "ar", "imagebart", "absorbing", "--T", "3", "5",
                  "--out", str(tmp_path), "--compile-backend", "eager"],

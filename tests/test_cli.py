@@ -70,6 +70,8 @@ def test_baselines_beyond_the_val_split_are_unavailable_with_the_reason(shared_c
         assert not sample_keys & set(base[row]) and base[row]["completion_fid"] > 0  # completion has its own N
 
 
+# Slow (20 s): the default run's smoke jobs train on unmirrored tokens; this checks the hflip_train option only.
+@pytest.mark.slow
 def test_mirrored_train_tokens_are_the_mirrored_images_codes(shared_cache, tmp_path):
     import numpy as np
     import torch
@@ -144,6 +146,9 @@ def test_one_job_writes_complete_results(shared_cache, tmp_path, prior):
     assert not list(job.rglob("wandb"))
 
 
+# Slow (38 s): bf16 training and sampling under CPU autocast also run by default in tests/test_memory.py; this adds
+# the CLI run and its own cache keys.
+@pytest.mark.slow
 def test_bf16_runs_on_cpu_under_its_own_cache_keys(shared_cache, tmp_path):
     """precision=bf16 autocasts training, sampling and completion (also on CPU, where auto means fp32); its
     checkpoints and samples get their own cache keys, while fp32 and auto on CPU share theirs."""

@@ -66,6 +66,9 @@ def test_the_256px_paper_path_runs_end_to_end_for_every_prior(paper_inputs, tmp_
     assert "16x16" in report
 
 
+# Slow (23 s): the plan's FLOPs and memory are checked by default at small sizes (tests/test_cost.py,
+# tests/test_memory.py); this plans the preset's own 800M sizes.
+@pytest.mark.slow
 def test_the_tab3_budget_splits_over_scales_at_800m(paper_inputs, tmp_path):
     """The preset's own sizes, planned (nothing runs): every prior within 10% of 800M parameters, ImageBART's
     split over its T - 1 scales; the plan names the phases at that size."""

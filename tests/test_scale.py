@@ -5,8 +5,6 @@ Memory is the peak resident set of this process while the code runs (Linux: /pro
 through /proc/self/clear_refs), against a bound counted from the chunk sizes the code uses."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import time
 from pathlib import Path
@@ -24,40 +22,15 @@ from bench.evaluate import position_blocks, train_match
 from bench.options import EvalConfig
 from bench.tokens import TokenSet, decode_tokens
 from image_tokenizers import build_tokenizer
+from tests.memtools import tensor_peak
 from tests.toy_prior import ToyPrior
 
 MIB = 2 ** 20
 M_TRAIN, L, V = 60_000, 256, 1024  # FFHQ's train split, a 16 x 16 grid, taming's f16 FFHQ codebook
 MATCH_SAMPLES = 5_000  # ffhq_tab3's eval.match_samples
-# What a measured peak may hold beyond the counted tensors: the allocator's page rounding and the few
-# interpreter objects a loop creates, far below any one chunk the bounds count.
+# What a measured peak (tests/memtools.tensor_peak: live tensor bytes, the same in any process state) may hold
+# beyond the counted tensors: small temporaries (indices, reductions), far below any one chunk the bounds count.
 ALLOCATOR_SLACK = 8 * MIB
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise LookupError(field)
-
-
-def peak_rss_above_start(fn):
-    """(fn(), how far this process's resident set rose above its size at the call, at its highest)."""
-    clear = Path("/proc/self/clear_refs")
-    if not clear.exists():
-        pytest.skip("peak resident memory is read from Linux's /proc/self")
-    # Memory an earlier test freed but the C allocator kept would absorb this one's allocations unseen: give
-    # it back first (glibc's malloc_trim), so the rise counts what the call itself needs.
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-    start = _status("VmRSS")
-    try:
-        clear.write_text("5")  # resets VmHWM to the current resident set
-    except OSError as e:
-        pytest.skip(f"peak resident memory cannot be reset here: {e}")
-    out = fn()
-    return out, _status("VmHWM") - start
 
 
 def planted_grids(seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
@@ -124,7 +97,7 @@ def test_train_match_chunk_memory_is_one_byte_per_compared_token(planted):
     pairs = rows * M_TRAIN
     bound = M_TRAIN * L * 2 + cells + pairs * (position_blocks(L) + 2 * 8)
     train_match(samples[:2], train[:100])  # the first call's one-off allocations (kernels, thread pools)
-    got, peak = peak_rss_above_start(lambda: train_match(samples[:2 * rows], train, max_cells=cells))
+    peak, got = tensor_peak(lambda: train_match(samples[:2 * rows], train, max_cells=cells))
     assert len(got) == 2 * rows
     assert peak <= bound + ALLOCATOR_SLACK, (peak / MIB, bound / MIB)
     assert bound + ALLOCATOR_SLACK < cells * 8  # the int64 sum of one chunk alone would exceed it
@@ -212,7 +185,7 @@ def test_sample_evaluation_at_50k_streams_features_and_equals_the_unchunked_path
     run, cfg = eval_run, eval_run.cfg
     run.extractor.calls.clear()
     t0 = time.perf_counter()
-    drawn, peak = peak_rss_above_start(lambda: E.samples_part(run, {}))
+    peak, drawn = tensor_peak(lambda: E.samples_part(run, {}))
     sample_seconds = time.perf_counter() - t0
     assert run.extractor.calls == [64] * (N_EVAL // 64) + [N_EVAL % 64]
     assert drawn[E.RESULTS][keys.N_SAMPLES] == N_EVAL and drawn["tokens"].shape == (N_EVAL, 64)

@@ -46,7 +46,7 @@ def test_the_registry_builds_a_tokenizer_named_by_class():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"name": "nope", "class": None}, r"^tokenizer\.name=nope is not one of: vqgan, taming$"),
+    ({"name": "nope", "class": None}, r"^tokenizer\.name=nope is not one of: vqgan, taming, release$"),
     ({"class": "tests.toy_prior:ToyPrior"}, r"^tokenizer\.class=tests\.toy_prior:ToyPrior is not a "
                                             r"image_tokenizers\.base\.Tokenizer subclass$"),
     ({"patchh": 4}, r"^tokenizer\.patchh is not an option of tokenizer=toy \(options: patch, levels, "
