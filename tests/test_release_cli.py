@@ -144,7 +144,7 @@ def released_sweeps(tmp_path_factory) -> Path:
     return root
 
 
-# The three 256-px sweeps take 4-5 minutes on two busy cores: slow (CI runs the slow tests after the default run).
+# The three 256-px sweeps take about 1 minute on 2 quiet cores (4-5 under a load of 4): slow.
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(E2E))
 def test_a_256px_release_is_evaluated_as_released(released_sweeps, family):
