@@ -20,7 +20,7 @@ import yaml
 
 from image_tokenizers.taming import vqgan_keys
 from releases import imagebart as ib
-from tests.tolerance import EPS32, conv_network_error, log_softmax_error, rows_close, transformer_error
+from tests.tolerance import EPS32, code_distances, conv_network_error, log_softmax_error, rows_close, transformer_error
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases" / "imagebart"
 CHAINS = {"geometric": 3, "custom": 2}  # chain -> n_scales
@@ -121,12 +121,7 @@ def test_first_stage_encodes_and_decodes_as_the_official_vqgan(releases, officia
     # The nearest of the 24 codes is decided by squared distances; encoder rounding moves them by at most
     # 2 |z| max|e| times its relative bound. Outside that band the full code is fixed on every kernel; it is then
     # the official id when it is in the remap list, and a random one of the 16 (officially too) when it is not.
-    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    e = vq.quantize.embedding.weight.double()
-    dist = torch.cdist(rows, e) ** 2  # (B*h*w, 24)
-    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * conv_network_error(vq.encoder)
-    ranked = dist.sort(dim=1)
-    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
+    _, _, ranked, decided = code_distances(z, vq.quantize.embedding.weight, conv_network_error(vq.encoder))
     in_list = torch.isin(ranked.indices[:, 0], vq.quantize.used)
     known = decided & in_list
     assert known.float().mean() > 0.4  # the check has teeth: many positions are decided and in the list
@@ -376,12 +371,8 @@ def test_e2e_first_stage_encodes_and_decodes_as_the_official_vqgan(e2e_release, 
         decoded = vq.decode_indices(o["x_prev"][:1].reshape(1, 16, 16))
     rel = conv_network_error(vq.encoder)
     assert rows_close(z.flatten(1), o["prequant"].flatten(1), rel)
-    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    e = vq.quantize.embedding.weight.double()
-    dist = torch.cdist(rows, e) ** 2  # (256, 40)
-    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
-    ranked = dist.sort(dim=1)
-    known = (ranked.values[:, 1] - ranked.values[:, 0] > band) & torch.isin(ranked.indices[:, 0], vq.quantize.used)
+    _, _, ranked, decided = code_distances(z, vq.quantize.embedding.weight, rel)
+    known = decided & torch.isin(ranked.indices[:, 0], vq.quantize.used)
     assert known.float().mean() > 0.4
     theirs = o["encoded"].flatten()
     assert torch.equal(ours[known], theirs[known])

@@ -17,7 +17,8 @@ import yaml
 
 from releases import taming
 from releases.mingpt import gpt_keys
-from tests.tolerance import conv_network_error, log_softmax_error, rows_close, transformer_error
+from tests.tolerance import (assert_nearest_codes_equal, conv_network_error, log_softmax_error, rows_close,
+                             transformer_error)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases" / "taming"
 CKPT, CONFIG = str(FIXTURES / "last.ckpt"), str(FIXTURES / "project.yaml")
@@ -67,21 +68,9 @@ def test_first_stage_encodes_and_decodes_as_the_official_vqgan(release, official
         z = vq.quant_conv(vq.encoder(official["images"]))  # (B, C, h, w)
         idx = vq.encode_to_indices(official["images"]).reshape(len(z), -1)
         decoded = vq.decode_indices(official["codes"].reshape(-1, 8, 8))
-    # The nearest code is decided by squared distances; rounding in the encoder moves them by at most
-    # 2 |z| max|e| times the encoder's relative bound (plus the distances' own sums). Where the best and second
-    # best code are further apart than that, the choice is fixed on every kernel and must equal the official one;
-    # inside that band either code is a correct rounding of the same computation.
-    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    e = vq.quantize.embedding.weight.double()
-    dist = torch.cdist(rows, e) ** 2  # (B*h*w, K)
-    band = (2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * conv_network_error(vq.encoder)).detach()
-    ranked = dist.sort(dim=1)
-    decided = (ranked.values[:, 1] - ranked.values[:, 0] > band).reshape(idx.shape)
-    assert decided.float().mean() > 0.9  # the check below has teeth: most positions are far from a tie
-    ours, theirs = idx.flatten(), official["encoded"].flatten()
-    assert torch.equal(ours[decided.flatten()], theirs[decided.flatten()])
-    tied = ~decided.flatten()
-    assert (dist[tied, theirs[tied]] - dist[tied, ours[tied]] <= band[tied]).all()
+    # outside the distances' rounding band the nearest code is fixed on every kernel and must be the official one
+    assert_nearest_codes_equal(idx, official["encoded"], z, vq.quantize.embedding.weight,
+                               conv_network_error(vq.encoder))
     assert rows_close(decoded.flatten(1), official["decoded"].flatten(1), conv_network_error(vq.decoder))
 
 
@@ -213,17 +202,6 @@ def test_e2e_first_stage_encodes_and_decodes_as_the_official_vqgan(e2e_release, 
         decoded = vq.decode_indices(o["codes"][:1].reshape(1, 16, 16))
     rel = conv_network_error(vq.encoder)
     assert rows_close(z.flatten(1), o["prequant"].flatten(1), rel)
-    # Near-tie rule of test_first_stage_encodes_and_decodes_as_the_official_vqgan: outside the distances'
-    # rounding band the nearest code is fixed on every kernel and must be the official one.
-    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    e = vq.quantize.embedding.weight.double()
-    dist = torch.cdist(rows, e) ** 2  # (256, 32)
-    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
-    ranked = dist.sort(dim=1)
-    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
-    assert decided.float().mean() > 0.9
-    ours, theirs = idx.flatten(), o["encoded"].flatten()
-    assert torch.equal(ours[decided], theirs[decided])
-    assert (dist[~decided, theirs[~decided]] - dist[~decided, ours[~decided]] <= band[~decided]).all()
+    assert_nearest_codes_equal(idx, o["encoded"], z, vq.quantize.embedding.weight, rel)
     assert decoded.shape == o["decoded"].shape == (1, 3, 256, 256)
     assert rows_close(decoded.flatten(1), o["decoded"].flatten(1), conv_network_error(vq.decoder))

@@ -20,7 +20,8 @@ from priors.absorbing import AbsorbingPrior
 from releases import unleashing
 from releases.mingpt import project_state_dict
 from releases.unleashing_vqgan import autoencoder_keys
-from tests.tolerance import EPS32, conv_network_error, gamma, log_softmax_error, rows_close, transformer_error
+from tests.tolerance import (EPS32, assert_nearest_codes_equal, conv_network_error, gamma, log_softmax_error,
+                             rows_close, transformer_error)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases" / "unleashing"
 SAMPLER, VQGAN, HPARAMS = (str(FIXTURES / n) for n in ("absorbing_ema_0.th", "vqgan_ema_0.th", "hparams.yaml"))
@@ -110,19 +111,8 @@ def test_vqgan_encodes_and_decodes_as_the_official_autoencoder(release, official
         decoded = vq.decode_indices(official["codes"].view(-1, 8, 8))
     rel = conv_network_error(vq.encoder) + 4 * EPS32  # the [0, 1] <-> [-1, 1] round trip: a few roundings
     assert rows_close(z.flatten(1), official["latents"].flatten(1), rel)
-    # Near-tie rule (as in test_release_taming): where the best and second-best codes are further apart than
-    # the distances' rounding band, the choice is the same on every kernel and must equal the official one.
-    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    e = vq.quantize.embedding.weight.double()
-    dist = torch.cdist(rows, e) ** 2  # (B*h*w, K)
-    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
-    ranked = dist.sort(dim=1)
-    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
-    assert decided.float().mean() > 0.9  # the check below has teeth: most positions are far from a tie
-    ours, theirs = idx.flatten(), official["encoded"].flatten()
-    assert torch.equal(ours[decided], theirs[decided])
-    tied = ~decided
-    assert (dist[tied, theirs[tied]] - dist[tied, ours[tied]] <= band[tied]).all()
+    # outside the distances' rounding band the nearest code is fixed on every kernel and must be the official one
+    assert_nearest_codes_equal(idx, official["encoded"], z, vq.quantize.embedding.weight, rel)
     assert rows_close(((decoded + 1) / 2).flatten(1), official["decoded"].flatten(1),
                       conv_network_error(vq.generator) + 4 * EPS32)
 
@@ -311,17 +301,7 @@ def test_e2e_vqgan_encodes_and_decodes_as_the_official_autoencoder(e2e_release, 
         decoded = vq.decode_indices(o["codes"][:1].view(1, 16, 16))
     rel = conv_network_error(vq.encoder) + 4 * EPS32  # as the tiny test: plus the [0, 1] <-> [-1, 1] round trip
     assert rows_close(z.flatten(1), o["latents"].flatten(1), rel)
-    # the near-tie rule of test_vqgan_encodes_and_decodes_as_the_official_autoencoder
-    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    e = vq.quantize.embedding.weight.double()
-    dist = torch.cdist(rows, e) ** 2  # (256, 32)
-    band = 2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel
-    ranked = dist.sort(dim=1)
-    decided = ranked.values[:, 1] - ranked.values[:, 0] > band
-    assert decided.float().mean() > 0.9
-    ours, theirs = idx.flatten(), o["encoded"].flatten()
-    assert torch.equal(ours[decided], theirs[decided])
-    assert (dist[~decided, theirs[~decided]] - dist[~decided, ours[~decided]] <= band[~decided]).all()
+    assert_nearest_codes_equal(idx, o["encoded"], z, vq.quantize.embedding.weight, rel)
     assert decoded.shape == o["decoded"].shape == (1, 3, 256, 256)
     assert rows_close(((decoded + 1) / 2).flatten(1), o["decoded"].flatten(1),
                       conv_network_error(vq.generator) + 4 * EPS32)

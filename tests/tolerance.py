@@ -162,6 +162,35 @@ def rows_close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
     return bool(((a - b).norm(dim=1) <= rel * b.norm(dim=1)).all())
 
 
+def code_distances(z: torch.Tensor, embedding: torch.Tensor, rel: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.return_types.sort, torch.Tensor]:
+    """The nearest-code decision of a quantizer, with its rounding band: for the code vectors of z (B, C, h, w),
+    (squared distances (N, K) to the codebook `embedding` (K, C), in float64; the band (N,) by which rounding in
+    the encoder can move them, 2 |z| max|e| times the encoder's relative bound rel (plus the distances' own sums);
+    the codes ranked by distance per row; decided (N,): best and second best further apart than the band). Where a
+    row is decided, the nearest code is the same on every kernel; inside the band either code is a correct
+    rounding of the same computation."""
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    e = embedding.double()
+    dist = torch.cdist(rows, e) ** 2
+    band = (2 * rows.norm(dim=1) * e.norm(dim=1).max() * 2 * rel).detach()
+    ranked = dist.sort(dim=1)
+    return dist, band, ranked, ranked.values[:, 1] - ranked.values[:, 0] > band
+
+
+def assert_nearest_codes_equal(ours: torch.Tensor, theirs: torch.Tensor, z: torch.Tensor, embedding: torch.Tensor,
+                               rel: float) -> None:
+    """Two encoders' code ids of the same code vectors z agree wherever the choice is decided (code_distances),
+    most rows are decided (so the check has teeth), and inside the band each side's code is within the band of
+    the other's."""
+    dist, band, _, decided = code_distances(z, embedding, rel)
+    assert decided.float().mean() > 0.9
+    ours, theirs = ours.flatten(), theirs.flatten()
+    assert torch.equal(ours[decided], theirs[decided])
+    tied = ~decided
+    assert (dist[tied, theirs[tied]] - dist[tied, ours[tied]] <= band[tied]).all()
+
+
 def max_row_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest ||a_i - b_i|| / ||b_i|| over rows: the quantity conv_network_error bounds."""
     return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
