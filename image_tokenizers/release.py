@@ -11,16 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from bench.cache import content_key
-from image_tokenizers.base import TOKENS_OPTIONS, Tokenizer
-from image_tokenizers.vqmodel import images_to_unit, unit_to_images
+from image_tokenizers.base import TOKENS_OPTIONS
+from image_tokenizers.vqmodel import IndexCodecTokenizer
 from releases import Release, ReleaseOptions, load_release
 
 
-class ReleaseTokenizer(Tokenizer):
+class ReleaseTokenizer(IndexCodecTokenizer):
     name = "release"
     Options = ReleaseOptions
     keeps_codebook = True
@@ -65,13 +64,4 @@ class ReleaseTokenizer(Tokenizer):
         return {"name": self.name, "family": r.family, "files": [list(f) for f in r.files]}
 
     def load(self, directory: Path, device: str) -> None:
-        self.model = self.release.first_stage.to(device).eval()
-        self.device = device
-
-    @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return self.model.encode_to_indices(images_to_unit(images).to(self.device))  # (B, h, w)
-
-    @torch.inference_mode()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return unit_to_images(self.model.decode_indices(codes.to(self.device)))  # (B, C, H, W) uint8
+        self.use(self.release.first_stage, device)

@@ -371,7 +371,25 @@ class VQModel(nn.Module):
         return self.decode(self.quantize.get_codebook_entry(idx.long()))
 
 
-class VQModelTokenizer(Tokenizer):
+class IndexCodecTokenizer(Tokenizer):
+    """A tokenizer whose codec, once loaded (`use`), is a module with encode_to_indices (float images in [-1, 1]
+    -> (B, h, w) ids) and decode_indices (the inverse): a VQModel, or a release's own first stage."""
+
+    def use(self, model: nn.Module, device: str) -> None:
+        """Encode and decode with `model` from now on (load's last step)."""
+        self.model = model.to(device).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.model.encode_to_indices(images_to_unit(images).to(self.device))  # (B, h, w)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return unit_to_images(self.model.decode_indices(codes.to(self.device)))  # (B, C, H, W) uint8
+
+
+class VQModelTokenizer(IndexCodecTokenizer):
     """A tokenizer whose codec is a VQModel (`self.model` once loaded): the trained VQGAN and taming's releases."""
 
     @property
@@ -406,19 +424,6 @@ class VQModelTokenizer(Tokenizer):
                 model.decode(h)
             _FLOPS[key] = (encode, float(counter.get_total_flops()))
         return _FLOPS[key]
-
-    def use(self, model: VQModel, device: str) -> None:
-        """Encode and decode with `model` from now on (load's last step)."""
-        self.model = model.to(device).eval()
-        self.device = device
-
-    @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return self.model.encode_to_indices(images_to_unit(images).to(self.device))  # (B, h, w)
-
-    @torch.inference_mode()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return unit_to_images(self.model.decode_indices(codes.to(self.device)))  # (B, C, H, W) uint8
 
 
 _FLOPS: dict[str, tuple[float, float]] = {}  # VQModelTokenizer.flops by architecture

@@ -125,15 +125,13 @@ class Release:
     def first_stage_flops(self) -> tuple[float, float]:
         """(encode, decode) FLOPs of one image at the release's resolution, counted on the meta device (no
         weights read, no arithmetic) where every op has a meta kernel."""
-        if "flops" not in _FLOPS.setdefault(self.key, {}):
+        if self.key not in _FLOPS:
             try:
-                model, device = copy.deepcopy(self.first_stage).to("meta"), "meta"
-                flops = self._count(model, device)
+                _FLOPS[self.key] = self._count(copy.deepcopy(self.first_stage).to("meta"), "meta")
             except (NotImplementedError, RuntimeError):
                 # an op without a meta kernel (a remap's lookup of used codes): count one real image instead
-                flops = self._count(self.first_stage, "cpu")
-            _FLOPS[self.key]["flops"] = flops
-        return _FLOPS[self.key]["flops"]
+                _FLOPS[self.key] = self._count(self.first_stage, "cpu")
+        return _FLOPS[self.key]
 
     def _count(self, model: nn.Module, device: str) -> tuple[float, float]:
         import torch
@@ -149,7 +147,7 @@ class Release:
         return encode, float(counter.get_total_flops())
 
 
-_FLOPS: dict[str, dict[str, tuple[float, float]]] = {}
+_FLOPS: dict[str, tuple[float, float]] = {}  # Release.first_stage_flops by release key
 # One load per process: the job's checks, its tokenizer and its prior share it (a released prior is GBs).
 _LOADED: dict[tuple, Release] = {}
 
