@@ -274,9 +274,9 @@ def fd_unavailable(name: str, value: Any) -> str | None:
 def fd_selection(eval_cfg: Any) -> list[tuple[str, Any]]:
     """(extractor, its eval.fd_weights value) for each of eval.fd_features (one name alone is a list of one, as
     bench.options.EvalConfig reads it)."""
-    names = eval_cfg.get("fd_features") or []
+    names = getattr(eval_cfg, "fd_features", None) or []
     names = [names] if isinstance(names, str) else list(names)
-    weights = eval_cfg.get("fd_weights") or {}
+    weights = getattr(eval_cfg, "fd_weights", None) or {}
     return [(str(n), weights.get(n)) for n in names]
 
 
