@@ -21,8 +21,9 @@ Counted with the model-FLOP convention of priors/flops.py (2 FLOPs per weight pe
                  and LPIPS excluded); encoding every train and val image (the tokens stage), decoding the val
                  reconstructions, samples and completions; encoder and decoder FLOPs counted by FlopCounterMode
                  on the meta device (shapes only, nothing computed)
-    disk         token cache (int64), reference features (float32; each FD extractor's too), the prior's checkpoints (weights, EMA, best
-                 copy and AdamW's two moments: 5 float32 copies of the parameters) and the samples file
+    disk         token cache (int64), reference features (float32; each FD extractor's too), the prior's
+                 checkpoints (weights, EMA, best copy and AdamW's two moments: 5 float32 copies of the parameters)
+                 and the samples file
 
 Hours divide FLOPs by a device's peak times a stated utilisation per phase (UTILISATION: what a well-fed
 training step, a memory-bound decode and a convolution network reach). Peaks: the vendors' dense bf16 figures
@@ -103,8 +104,8 @@ class Cost:
 
     def lines(self) -> list[str]:
         hours = ", ".join(f"{name} {format_hours(h)}" for name, h in self.hours.items())
-        fd = [f"cost: FD extractors (the reference, samples and baseline rows' val images Inception sees, not the "
-              f"completions): " + "; ".join(f.line() for f in self.fd)] if self.fd else []
+        fd = ["cost: FD extractors (the reference, samples and baseline rows' val images Inception sees, not the "
+              "completions): " + "; ".join(f.line() for f in self.fd)] if self.fd else []
         return [
             f"cost: {self.params:,} parameters; training {self.train_flops:.3g} FLOPs, sampling "
             f"{self.sample_flops:.3g} FLOPs, Inception {self.inception_images:,} images ({self.inception_flops:.3g} "

@@ -5,8 +5,9 @@
 Needs no torch: every table is a groupby of `bench.results.load_results(...)`. A point is every override
 except seed and name; seeds are aggregated within a point (mean and 95% t-interval), a single seed shows its
 interval over its samples. Each point is tested against the `compare_to` prior's row (bench/stats.py), with Holm's
-correction over the table (every tested column, the Frechet distances of eval.fd_features included where present). Prose that depends on a prior (what its NLL and validation values are, its
-extra bounds) comes from what the prior declared and its jobs recorded, never from its name.
+correction over the table (every tested column, the Frechet distances of eval.fd_features included where
+present). Prose that depends on a prior (what its NLL and validation values are, its extra bounds) comes from what
+the prior declared and its jobs recorded, never from its name.
 """
 from __future__ import annotations
 
