@@ -162,6 +162,9 @@ PLAN_MEMORY_BYTES = Key("plan_memory_bytes", "planned peak memory", "B", 0, sour
 PLAN_HOURS = Key("plan_hours", "planned hours", "h", 2, source="plan",
     doc="estimated hours per device (A100, H100 SXM at bf16 peak, the job's own device at its measured peak), "
         "at bench.cost.UTILISATION")
+PLAN_FD = Key("plan_fd", "planned FD extractors", source="plan", in_schema=False,
+    doc="per extractor of eval.fd_features: images, flops_per_image, flops, disk_bytes (its reference features) "
+        "and unavailable (why it will be n/a and cost nothing, else null); written only where some is selected")
 COMPUTE_PRECISION = Key("compute_precision", "precision", source="env", doc="fp32 | bf16 (compute dtype of sampling/training)")
 DEVICE = Key("device", "device", source="env")
 TOKENS_KEY = Key("tokens_key", "tokens key", source="job")

@@ -13,9 +13,12 @@ softmax outputs stay float32, so the true figure is larger):
                 cross-attention: the memory's keys and values) and one step's logits with their softmax; a
                 bidirectional one runs whole sequences: per token its logits and their softmax, or the memory
                 it hands a decoder
-    evaluation  the larger of the Inception activations of one feature forward and the N x N float64 matrices
-                of KID and PRDC alive together (three of them, N = min(eval.num_samples, eval.prdc_samples)):
-                features are extracted while sampling, the metrics computed after
+    evaluation  the largest of the Inception activations of one feature forward, those of one forward of each
+                extractor of eval.fd_features that will run (bench.cost.fd_unavailable; they run one after
+                another on the same images, so the largest counts), and the N x N float64 matrices of KID and PRDC
+                alive together (three of them, N = min(eval.num_samples, eval.prdc_samples)): features are
+                extracted while sampling, the metrics computed after. An FD extractor's activations: the largest
+                input and output of one of its layers, alive together while the layer runs (fd_floats_per_image)
 
 The weights' own share comes from the parameter count: every unit's float32 weights, and for the units training
 at once their gradients, AdamW's two moments, the EMA and best copies. The figures are lower bounds (checked
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from priors import Prior
 from priors.transformer import Transformer
@@ -42,6 +47,64 @@ CPU_FEATURE_CHUNK = 8
 # Inception-v3 at 299 x 299 in inference: its stem's second and third convolutions' outputs (32 and 64 channels
 # at 147 x 147) are alive together, the largest pair of adjacent activations.
 INCEPTION_FLOATS_PER_IMAGE = (32 + 64) * 147 * 147
+
+
+def leaf_pair_floats(net: torch.nn.Module, size: int, device: str = "meta") -> int:
+    """Floats per image of the largest input and output of one leaf module in a forward of one size x size image
+    (an in-place layer's output is its input, counted once): both are alive while that layer runs. On the meta
+    device nothing is computed or stored."""
+    pairs = [0]
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        ins = [t for t in inputs if isinstance(t, torch.Tensor)]
+        outs = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, torch.Tensor)]
+        pairs.append(sum(t.numel() for t in ins) + sum(t.numel() for t in outs if not any(t is i for i in ins)))
+
+    leaves = [m for m in net.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return max(pairs)
+
+
+def vit_pair_floats(image: int, patch: int, width: int, ffn: str = "mlp") -> int:
+    """leaf_pair_floats of a ViT with a class token, by arithmetic: the patch convolution's input and output, or
+    per token the FFN's widest pair: the MLP's activation (4 x width in and out), or SwiGLU's first projection
+    (width in, twice its hidden width out)."""
+    from bench.cost import swiglu_hidden
+
+    patches = (image // patch) ** 2
+    per_token = width + 2 * swiglu_hidden(width) if ffn == "swiglu" else 2 * 4 * width
+    return max(3 * image * image + patches * width, (patches + 1) * per_token)
+
+
+_FD_FLOATS: dict[str, int] = {}
+
+
+def fd_floats_per_image(name: str) -> int:
+    """The activations (floats per image) one forward of extractor `name` at least holds: CLIP's by
+    leaf_pair_floats on torch-fidelity's network on the meta device, DINOv2's (whose code comes through
+    torch.hub) by vit_pair_floats."""
+    from bench import cost as C
+
+    if name in C.DINOV2_ARCH:
+        width, _, ffn = C.DINOV2_ARCH[name]
+        return vit_pair_floats(C.DINOV2_SIZE, C.DINOV2_PATCH, width, ffn)
+    if name not in _FD_FLOATS:
+        _FD_FLOATS[name] = leaf_pair_floats(C.clip_visual(name), C.fd_input_size(name))
+    return _FD_FLOATS[name]
+
+
+def feature_floats_per_image(eval_cfg: Any) -> int:
+    """The largest one-forward activations per image among Inception and the FD extractors that will run."""
+    from bench import cost as C
+
+    fd = [fd_floats_per_image(n) for n, value in C.fd_selection(eval_cfg) if C.fd_unavailable(n, value) is None]
+    return max([INCEPTION_FLOATS_PER_IMAGE, *fd])
 
 
 @dataclass
@@ -84,12 +147,13 @@ def sampling_floats_per_row(t: Transformer) -> int:
 
 
 def evaluation_parts(eval_cfg: Any, device_type: str = "cpu") -> tuple[int, int]:
-    """(bytes of one Inception forward's activations, bytes of the KID and PRDC matrices alive together)."""
+    """(bytes of the activations of one feature forward: Inception's or the largest FD extractor's, bytes of the
+    KID and PRDC matrices alive together)."""
     rows = int(eval_cfg.feature_batch_size)
     if device_type == "cpu":
         rows = min(rows, CPU_FEATURE_CHUNK)
     matrix = min(int(eval_cfg.num_samples), int(eval_cfg.prdc_samples))
-    return FLOAT * rows * INCEPTION_FLOATS_PER_IMAGE, MATRIX * 3 * matrix * matrix
+    return FLOAT * rows * feature_floats_per_image(eval_cfg), MATRIX * 3 * matrix * matrix
 
 
 def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_workers: int = 1,
@@ -136,7 +200,7 @@ def check_fits(peak: Peak, params: int, have: int | None, where: str, cfg: Any) 
         "sampling": (f"eval.batch_size={cfg.eval.batch_size}", "KV cache and logits of one sampling batch"),
         "evaluation": (f"eval.feature_batch_size={cfg.eval.feature_batch_size}" if features > matrices else
                        f"eval.prdc_samples={cfg.eval.prdc_samples}",
-                       "Inception features and the PRDC/KID matrices"),
+                       "feature extractors' activations (Inception, eval.fd_features) and the PRDC/KID matrices"),
     }[phase]
     return (f"{option}: {phase} needs at least {need / gib:.1f} GiB ({detail}), more than the "
             f"{have / gib:.1f} GiB {where} memory available")

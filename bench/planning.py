@@ -82,7 +82,8 @@ def log_sweep_cost(config: DictConfig) -> list[JobCost]:
             lines.append(f"sweep plan: {j.label}: not costed: {j.error}")
         else:
             hours = ", ".join(f"{name} {C.format_hours(h)}" for name, h in j.cost.hours.items())
-            lines.append(f"sweep plan: {j.label}: {j.cost.params:,} parameters, {hours}")
+            fd = "; FD extractors: " + "; ".join(f.line() for f in j.cost.fd) if j.cost.fd else ""
+            lines.append(f"sweep plan: {j.label}: {j.cost.params:,} parameters, {hours}{fd}")
     if costed:
         total = C.total([j.cost for j in costed], [j.keys for j in costed])
         lines += [f"sweep plan: total over {len(costed)} job(s), each stage counted once per cache key (shared "

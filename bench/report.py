@@ -5,8 +5,9 @@
 Needs no torch: every table is a groupby of `bench.results.load_results(...)`. A point is every override
 except seed and name; seeds are aggregated within a point (mean and 95% t-interval), a single seed shows its
 interval over its samples. Each point is tested against the `compare_to` prior's row (bench/stats.py), with Holm's
-correction over the table. Prose that depends on a prior (what its NLL and validation values are, its
-extra bounds) comes from what the prior declared and its jobs recorded, never from its name.
+correction over the table (every tested column, the Frechet distances of eval.fd_features included where
+present). Prose that depends on a prior (what its NLL and validation values are, its extra bounds) comes from what
+the prior declared and its jobs recorded, never from its name.
 """
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ from bench.results import ResultsError, drop_stale, finite, load_results
 
 ReportError = ResultsError
 TESTED = tuple(k for k in COLUMN_KEYS if KEYS[k].interval)  # columns tested against the compare_to row
+
+
+def tested_keys(points: list["Point"]) -> tuple[str, ...]:
+    """The columns tested against the compare_to row and shown in table.tex: TESTED, and each Frechet distance
+    on another extractor (eval.fd_features) that some point has."""
+    return TESTED + tuple(k for k in K.FD_KEYS.values() if any(k in pt.est for pt in points))
 
 
 @dataclass
@@ -154,7 +161,8 @@ def test_against(points: list[Point], ref: Point | None) -> int:
     """Fill p-values and Holm decisions against the reference row; returns the family size."""
     if ref is None:
         return 0
-    family = [(pt, k) for pt in points if pt is not ref for k in TESTED]
+    keys = tested_keys(points)
+    family = [(pt, k) for pt in points if pt is not ref for k in keys]
     pvals = [compare(pt, ref, k) for pt, k in family]
     for (pt, k), p, sig in zip(family, pvals, S.holm(pvals)):
         pt.p[k], pt.significant[k] = p, sig
@@ -239,9 +247,11 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
         return ["No row of the `compare_to` prior: no significance tests."]
     n_sig = sum(bool(v) for pt in points for v in pt.significant.values())
     n_raw = sum(1 for pt in points for p in pt.p.values() if p is not None and p < 0.05)
+    fd = [KEYS[k].title for k in tested_keys(points) if k in K.FD_KEYS.values()]
+    family = f" (every tested column, the FD columns {', '.join(fd)} included)" if fd else ""
     out.append(f"`*`: differs from the {ref.label} row at the 95% level after Holm's correction over the "
-               f"table's {n_tests} comparisons ({n_sig} marked). Without the correction {n_raw} would be marked, "
-               f"of which about {0.05 * n_tests:.1f} are expected by chance alone when nothing differs.")
+               f"table's {n_tests} comparisons{family} ({n_sig} marked). Without the correction {n_raw} would be "
+               f"marked, of which about {0.05 * n_tests:.1f} are expected by chance alone when nothing differs.")
     widths = []
     for k in (K.FID, K.KID_MEAN, K.COMPLETION_FID, K.NLL_BITS_PER_TOKEN):
         half = [(e.ci[1] - e.ci[0]) / 2 for pt in points if (e := pt.est[k]).ci is not None]
@@ -475,8 +485,9 @@ def summary_frame(points: list[Point], ref: Point | None) -> pd.DataFrame:
 
 
 def latex_table(points: list[Point]) -> str:
-    """booktabs: mean ± 95% half-width, the best value of each column in bold."""
-    keys = TESTED
+    """booktabs: mean ± 95% half-width, the best value of each column in bold; the tested columns, FD ones
+    included where some point has them."""
+    keys = tested_keys(points)
     best = {}
     for k in keys:
         vals = [pt.est[k].value for pt in points if finite(pt.est[k].value)]

@@ -241,6 +241,10 @@ def test_the_job_reports_fd_whose_arithmetic_is_the_frechet_distance(copy_token_
     tol = ours + T.fid_sqrtm_error(stats_ref["sigma"], stats_x["sigma"])
     assert value == pytest.approx(expected, rel=0, abs=tol)
     assert read_meta(ref_dir)["weights_sha256"] == hashlib.sha256(clip_bytes).hexdigest()
+    # The plan counted the forwards the job made: the reference rows, the samples, and both baseline rows' val
+    # images at N (their distances are above); DINOv2, n/a, cost nothing.
+    assert r[K.PLAN_FD][CLIP]["images"] == len(ref) + len(x) + 2 * r[K.N_SAMPLES]
+    assert r[K.PLAN_FD][DINO]["flops"] == 0 and r[K.PLAN_FD][DINO]["unavailable"]
     # The report shows the column the job wrote (baseline rows included), not the one that is n/a.
     from bench.report import write_report
 

@@ -216,3 +216,51 @@ def test_metric_matrices_part_of_the_evaluation_figure():
     assert matrices <= peak <= matrices + left_out, (peak / 1e6, matrices / 1e6)
     print(f"metrics, N = {n}: measured {peak / MIB:.1f} MiB, figure {matrices / MIB:.1f} MiB "
           f"({peak / matrices:.2f}x)")
+
+
+# ---- the FD extractors of eval.fd_features -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["dinov2-vit-s-14", "dinov2-vit-g-14"])
+def test_dinov2_activation_formula_equals_the_leaf_pairs_of_an_equivalent_vit(name):
+    """DINOv2 cannot be built offline: its arithmetic figure equals leaf_pair_floats on a ViT of the same shapes
+    (tests/test_cost.py's torchvision equivalent: GELU MLP, or SwiGLU for ViT-g)."""
+    from bench import cost as C
+    from tests.test_cost import equivalent_vit
+
+    assert memory.fd_floats_per_image(name) == memory.leaf_pair_floats(equivalent_vit(name), C.DINOV2_SIZE)
+
+
+def test_clip_vit_leaf_pairs_equal_the_vit_arithmetic():
+    """torch-fidelity's CLIP ViTs on the meta device and the same arithmetic agree: the two ways count one thing."""
+    from bench import cost as C
+
+    for name, (layers, width, patch, size, _) in C.CLIP_ARCH.items():
+        if patch is not None:
+            assert memory.fd_floats_per_image(name) == memory.vit_pair_floats(size, patch, width), name
+
+
+def test_fd_part_of_the_evaluation_figure_is_a_lower_bound(tmp_path, monkeypatch):
+    """A small CLIP of torch-fidelity's classes (tests/test_fd.py: ViT-B/32's patch and resolution, width 64) read
+    through the real loader: its figure (leaf_pair_floats of the loaded network) is at most the peak of
+    images_to_features at 2 and 4 images, and the peak grows by at least the figure per image. The evaluation
+    figure takes the largest extractor that will run: an n/a one adds nothing."""
+    from bench import features as FE
+    from tests.test_fd import clip_file
+
+    extractor = FE.load_fd_extractor("clip-vit-b-32", str(clip_file(tmp_path / "clip.pt", seed=0)))
+    per_image = memory.leaf_pair_floats(extractor.net.model.visual, extractor.net.resolution, "cpu") * memory.FLOAT
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    extractor(images[:1])  # one-off allocations of the first call
+    peaks = {}
+    for n in (2, 4):
+        peaks[n], _ = tensor_peak(lambda: FE.images_to_features(images[:n], extractor, batch_size=n))
+        assert n * per_image <= peaks[n], (n, peaks[n], per_image)
+        print(f"small CLIP, {n} images: measured {peaks[n] / MIB:.2f} MiB, figure {n * per_image / MIB:.2f} MiB")
+    assert 2 * per_image <= peaks[4] - peaks[2]
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty hub cache
+    cfg = eval_cfg(8, feature_batch=8)
+    inception = memory.evaluation_parts(cfg)[0]
+    cfg.fd_features, cfg.fd_weights = ["clip-rn50x64", "dinov2-vit-s-14"], {"clip-rn50x64": "download"}
+    assert memory.evaluation_parts(cfg)[0] == 8 * memory.fd_floats_per_image("clip-rn50x64") * memory.FLOAT > inception
+    cfg.fd_weights = {}  # both n/a: Inception's figure alone
+    assert memory.evaluation_parts(cfg)[0] == inception
