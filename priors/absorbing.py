@@ -75,7 +75,7 @@ from torch import nn
 from priors.base import NLL, Prior, eval_mode
 from priors.flops import encoder_flops
 from priors.options import TransformerPriorConfig, fit_arch, options_from
-from priors.transformer import Transformer, compiled, full_logits
+from priors.transformer import Transformer, compiled, draw_categorical, full_logits
 
 LOSSES = ("reweighted_elbo", "elbo")
 SAMPLERS = ("random", "confidence")
@@ -365,7 +365,7 @@ class AbsorbingPrior(Prior):
                 logits = forward(self.model, x).float() / self.temperature  # (B, L, V)
                 probs = logits.softmax(-1)
                 B, L, V = probs.shape
-                x_hat = torch.multinomial(probs.view(B * L, V), 1, generator=generator).view(B, L)  # (B, L)
+                x_hat = draw_categorical(probs.view(B * L, V), generator).view(B, L)  # (B, L): multinomial's draws
                 if self.sampler == "random":
                     score = torch.rand((B, L), device=x.device, generator=generator)  # uniform random order
                 else:

@@ -41,13 +41,14 @@ CASES = [("ar", 2), ("imagebart", 2), ("imagebart", 3), ("absorbing", 4)]
 TRAIN_LEFT_OUT = {("ar", 2): 1, ("imagebart", 2): 1, ("absorbing", 4): 2, ("imagebart", 3): 5}
 # V-wide float32 tensors that the sampling figure leaves out, per row for a cached decoder (beside the step's logits
 # and softmax it counts: the previous step's logits, still referenced while the next are computed, sample_logits'
-# exponential draws and their ratio with the probabilities, and the token grids, three int64 rows of L < 2 V
-# floats' bytes), per token for whole-sequence passes:
-#   absorbing: the network's logits before the temperature division, and multinomial's copy of the probabilities
-#     with its cumulative sum
+# exponential draws at their largest, the float64 uniforms (two) and their float32 cast (one), alive together
+# while casting, and the token grids, three int64 rows of L < 2 V floats' bytes (one)), per token for
+# whole-sequence passes:
+#   absorbing: the network's logits before the temperature division, and the float64 uniforms its exponential
+#     draws are made from (priors.transformer.exponential_draws: two floats' bytes per element)
 #   ImageBART T=3: scale 2's likelihood residual table (one per token) and the probabilities and logarithm it is
 #     built from
-SAMPLE_LEFT_OUT_PER_ROW = {("ar", 2): 4, ("imagebart", 2): 4, ("absorbing", 4): 0, ("imagebart", 3): 4}
+SAMPLE_LEFT_OUT_PER_ROW = {("ar", 2): 5, ("imagebart", 2): 5, ("absorbing", 4): 0, ("imagebart", 3): 5}
 SAMPLE_LEFT_OUT_PER_TOKEN = {("ar", 2): 0, ("imagebart", 2): 0, ("absorbing", 4): 3, ("imagebart", 3): 3}
 # One-off allocations outside any figure: token batches, the data and noise generators, the scheduler, LayerNorm
 # statistics and attention log-sum-exps (a few floats per token and block): below 1 MiB at these sizes.
