@@ -86,8 +86,8 @@ CASES = [
          "train.batch_size=10000000: training needs at least ... GiB (... GiB weights and optimizer state, ... GiB "
          "activations), more than the ... GiB ... memory available"),
     case("PRDC and KID matrices that cannot fit", "eval.num_samples=1000000 eval.prdc_samples=1000000",
-         "eval.prdc_samples=1000000: evaluation needs at least ... GiB (Inception features and the PRDC/KID "
-         "matrices), more than the ... GiB ... memory available"),
+         "eval.prdc_samples=1000000: evaluation needs at least ... GiB (feature extractors' activations "
+         "(Inception, eval.fd_features) and the PRDC/KID matrices), more than the ... GiB ... memory available"),
     case("a sample count with zeros too many", "eval.num_samples=100000000",
          "eval.num_samples=100000000 exceeds 1000000; raise eval.max_samples if this is intended"),
     case("a completion count with zeros too many", "eval.completion_samples=100000000",
