@@ -25,16 +25,18 @@ Efficiency: FLOP/s use the model FLOPs of priors/flops.py and the peak of priors
 counted from the architecture (weights once per call, the keys and values each call reads) and the bandwidth
 measured by priors.roofline.read_bandwidth; "(compute)" or "(bandwidth)" names the bound that sets it.
 
---decode-threads: intra-op threads of the cached decoding loops (priors.transformer.DECODE_THREADS, 1 by
-default; 0 = all of --threads). --profile: after the timings, each cached path runs once under torch.profiler and
+--decode-threads: intra-op threads of the cached decoding loops (priors.transformer.DECODE_THREADS: auto by
+default, one thread under passive OpenMP waiting and all of --threads otherwise; N; 0 = all of --threads). --profile: after the timings, each cached path runs once under torch.profiler and
 once under a dispatch mode, and a table gives per network call each operator's calls, self time and bytes read
 (its tensor inputs; views read nothing), the heaviest --profile-rows first and the rest summed. The prefill and
 ImageBART's encoder pass are in the profiled run, spread over its calls; inside a compiled graph the bytes
 are not counted.
 
 On a CPU shared with other jobs, OpenMP's default spin-waiting makes every small per-token op wait for busy
-cores, so the script asks for passive waiting (OMP_WAIT_POLICY=PASSIVE) unless the caller set a policy (it
-must be set before torch is imported). Measured figures: docs/speed.md.
+cores, so the script asks for passive waiting (OMP_WAIT_POLICY=PASSIVE), as bench/run.py does, unless the caller
+set a policy (it must be set before torch is imported). On a machine with nothing else running,
+OMP_WAIT_POLICY=active measures what spinning threads give (the cached loops then use all of --threads).
+Measured figures: docs/speed.md.
 """
 from __future__ import annotations
 
@@ -254,8 +256,10 @@ def main() -> int:
     parser.add_argument("--absorbing-T", type=int, default=5, help="absorbing sampling steps (the sweep default T)")
     parser.add_argument("--peak-seconds", type=float, default=2.0)
     parser.add_argument("--bandwidth-seconds", type=float, default=2.0)
-    parser.add_argument("--decode-threads", type=int, default=priors.transformer.DECODE_THREADS,
-                        help="intra-op threads of the cached decoding loops (0: those of --threads)")
+    parser.add_argument("--decode-threads", default=priors.transformer.DECODE_THREADS,
+                        type=lambda v: v if v == "auto" else int(v),
+                        help="intra-op threads of the cached decoding loops: auto (one under passive OpenMP waiting, "
+                             "else those of --threads), N, or 0 (those of --threads)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each cached path: time, calls and bytes read per operator per step")
     parser.add_argument("--profile-rows", type=int, default=15, help="operators shown per profile (the rest summed)")
@@ -265,7 +269,7 @@ def main() -> int:
                         help="torch.compile backend of the compiled path (eager: graph capture only, for tests)")
     args = parser.parse_args()
     priors.transformer.COMPILE_BACKEND = args.compile_backend
-    priors.transformer.DECODE_THREADS = args.decode_threads or None
+    priors.transformer.DECODE_THREADS = args.decode_threads or None  # 0: None, no limit
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -273,7 +277,8 @@ def main() -> int:
     bandwidth = read_bandwidth(device, seconds=args.bandwidth_seconds)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"torch {torch.__version__}, device {device}, threads={torch.get_num_threads()}, "
-          f"decode threads {args.decode_threads or torch.get_num_threads()}, "
+          f"decode threads {priors.transformer.decode_thread_limit() or torch.get_num_threads()} "
+          f"(--decode-threads {args.decode_threads}), "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, ATen CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, compile backend {args.compile_backend}, measured matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s, load average {load}")

@@ -24,6 +24,7 @@ Callers apply bf16 autocast on CUDA; nothing here casts to float32 explicitly.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -367,21 +368,35 @@ class Transformer(nn.Module):
 
 # ---- the decoding loop's threads ---------------------------------------------
 
-# Intra-op CPU threads of a cached decoding loop (None: the caller's setting). A decode step is a few dozen
-# operators on B rows each, too small to split: a second thread adds a fork and join per operator, and on a
-# machine whose cores are busy each join waits for the slowest thread to be scheduled (docs/speed.md).
-DECODE_THREADS: int | None = 1
+# Intra-op CPU threads of a cached decoding loop: an int (at most that many), None (the caller's setting) or "auto".
+# A decode step is about sixty small kernels on B rows each; how a second thread pays depends on how OpenMP's idle
+# threads wait, which OMP_WAIT_POLICY sets before torch loads (bench/run.py and the benchmarks ask for passive):
+# - passive: an idle thread sleeps, and every kernel that splits wakes it and waits (tens of microseconds, the
+#   size of the kernel itself), so one thread is faster, on a quiet machine and on a busy one;
+# - active or OpenMP's default (spin, then sleep): a spinning thread joins within microseconds, and two threads
+#   sampled 1.3-1.6x faster than one on a 2-core machine with nothing else running; on a busy machine a spinning
+#   join waits for a descheduled thread and both threads lose (docs/speed.md has the figures).
+# "auto" takes one thread under passive waiting and the caller's setting otherwise: asking for spinning is saying
+# the cores are the job's own.
+DECODE_THREADS: int | None | str = "auto"
+
+
+def decode_thread_limit() -> int | None:
+    """DECODE_THREADS resolved: the most intra-op threads a cached decoding loop runs with (None: no limit)."""
+    if DECODE_THREADS != "auto":
+        return DECODE_THREADS
+    return 1 if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive" else None
 
 
 @contextmanager
 def decode_threads(device: torch.device) -> Iterator[None]:
-    """Run a cached decoding loop on a CPU with at most DECODE_THREADS intra-op threads; restore the setting after.
-    Other devices, and a caller already at or below it, are left alone."""
-    before = torch.get_num_threads()
-    if device.type != "cpu" or DECODE_THREADS is None or before <= DECODE_THREADS:
+    """Run a cached decoding loop on a CPU with at most decode_thread_limit() intra-op threads; restore the setting
+    after. Other devices, and a caller already at or below it, are left alone."""
+    before, limit = torch.get_num_threads(), decode_thread_limit()
+    if device.type != "cpu" or limit is None or before <= limit:
         yield
         return
-    torch.set_num_threads(DECODE_THREADS)
+    torch.set_num_threads(limit)
     try:
         yield
     finally:

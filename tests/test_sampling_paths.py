@@ -198,7 +198,9 @@ def test_matmul_peak_is_measured():
 @pytest.mark.parametrize("name", ["ar", "imagebart"])
 def test_cached_loop_runs_on_decode_threads_and_restores_the_callers(name, monkeypatch):
     """The cached decoding loop runs with DECODE_THREADS intra-op threads; the uncached path and ImageBART's encoder
-    keep the caller's, and the caller's setting is back afterwards (also with DECODE_THREADS = None: untouched)."""
+    keep the caller's, and the caller's setting is back afterwards (also with DECODE_THREADS = None: untouched).
+    "auto" (the default): one thread under OMP_WAIT_POLICY=passive (the tests' policy), the caller's under any
+    other (the variable is read when the loop starts; OpenMP itself read it when torch loaded)."""
     prior = smoke_prior(name)
     seen = {"decode": set(), "forward": set()}
     for m in prior.modules():
@@ -209,6 +211,8 @@ def test_cached_loop_runs_on_decode_threads_and_restores_the_callers(name, monke
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+        assert tf.DECODE_THREADS == "auto" and tf.decode_thread_limit() == 1
         draw(prior, use_cache=True)
         assert seen["decode"] == {1} and torch.get_num_threads() == 2
         if name == "imagebart":
@@ -216,6 +220,13 @@ def test_cached_loop_runs_on_decode_threads_and_restores_the_callers(name, monke
         seen["forward"].clear()
         draw(prior, use_cache=False)
         assert seen["forward"] == {2} and torch.get_num_threads() == 2
+        for policy in ("active", ""):  # spinning, or OpenMP's default (spin, then sleep)
+            monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            assert tf.decode_thread_limit() is None
+            seen["decode"].clear()
+            draw(prior, use_cache=True)
+            assert seen["decode"] == {2} and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
         monkeypatch.setattr(tf, "DECODE_THREADS", None)
         seen["decode"].clear()
         draw(prior, use_cache=True)
