@@ -95,7 +95,7 @@ class FDFeatures:
     """One extractor of eval.fd_features: its network, or why its distance is n/a; its reference once built."""
     name: str  # torch-fidelity's extractor name
     key: K.Key  # its result key (K.FD_KEYS)
-    extractor: FE.FeatureExtractor | None
+    extractor: FE.FeatureExtractor | FE.PlannedFD | None  # PlannedFD at stage=plan (plan_fd): its weights file only
     reason: str | None = None  # why extractor is None
     ref_key: str | None = None  # set by build_fd_references
     ref_stats: dict[str, np.ndarray] | None = None
@@ -108,6 +108,21 @@ def load_fd(cfg: EvalConfig, device: str = "cpu") -> list[FDFeatures]:
     for name in cfg.fd_features:
         try:
             out.append(FDFeatures(name, K.FD_KEYS[name], FE.load_fd_extractor(name, cfg.fd_weights.get(name), device)))
+        except FE.FDUnavailable as e:
+            out.append(FDFeatures(name, K.FD_KEYS[name], None, str(e)))
+    return out
+
+
+def plan_fd(cfg: EvalConfig) -> list[FDFeatures]:
+    """load_fd for stage=plan: each extractor's weights file found and hashed for the cache keys, no network built
+    and nothing downloaded. Weights that the job would download first are not there to hash: such an extractor
+    keys as n/a here, and its stages show as to run (nothing with its reference can be cached before the file)."""
+    out = []
+    for name in cfg.fd_features:
+        try:
+            planned = FE.plan_fd_extractor(name, cfg.fd_weights.get(name))
+            reason = None if planned else "weights not downloaded yet (the job downloads them)"
+            out.append(FDFeatures(name, K.FD_KEYS[name], planned, reason))
         except FE.FDUnavailable as e:
             out.append(FDFeatures(name, K.FD_KEYS[name], None, str(e)))
     return out

@@ -468,6 +468,44 @@ def load_dinov2(name: str, value: str | None, device: str) -> TorchFidelityFD:
     return TorchFidelityFD(net, name, path, device)
 
 
+class PlannedFD:
+    """An extractor of eval.fd_features as stage=plan sees it: the weights file its evaluation would read, hashed
+    for the cache keys (as FeatureExtractor.weights_sha256 hashes it), with the network neither built nor run."""
+
+    def __init__(self, name: str, weights_path: Path):
+        self.name = name
+        self.weights_path = Path(weights_path)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.weights_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+def plan_fd_extractor(name: str, value: str | os.PathLike | None = None) -> PlannedFD | None:
+    """load_fd_extractor's file rule without loading or downloading anything (for stage=plan): the weights file
+    the evaluation would read, or None when it would be downloaded first (its content, hence the cache keys, is not
+    known yet). Raises FDUnavailable and ConfigError as load_fd_extractor does for absent or wrong files."""
+    if name not in fd_choices():
+        raise ConfigError(f"{FD_OPTION}: unknown extractor {name!r} (choices: {', '.join(fd_choices())})")
+    weights = fd_weights(name)
+    value = None if value is None else str(value)
+    if name not in CLIP_METADATA and value == DOWNLOAD:
+        path = hub_checkpoints() / weights.file_name  # where torch.hub puts the file load_dinov2 has it fetch
+    else:
+        path = resolve(value, weights, download=False)
+    if path is None:
+        raise FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
+                            f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+    if name not in CLIP_METADATA and value != DOWNLOAD and not dinov2_code().is_dir():
+        raise FDUnavailable(f"{name}: DINOv2's code (torch.hub repository {DINOV2_REPO}) is not in torch's hub "
+                            f"folder ({dinov2_code()}); pass {weights.option}={DOWNLOAD} to fetch it with the weights")
+    return PlannedFD(name, path) if path.is_file() else None
+
+
 def load_fd_extractor(name: str, value: str | os.PathLike | None = None, device: str = "cpu") -> TorchFidelityFD:
     """Extractor `name` of eval.fd_features with the weights eval.fd_weights names (bench/weights.py's rule:
     None = torch's hub cache copy if there, `download`, a URL, a PATH). Raises FDUnavailable when None finds

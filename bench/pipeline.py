@@ -43,7 +43,7 @@ from bench.cache import (MANIFEST, atomic_torch_save, atomic_write_json, cached_
 from bench.data import Files, ImageData, data_key, load_data, resolve_files, selection_files, selection_rows
 from bench.errors import ConfigError, Preempted
 from bench.evaluate import (EVAL_PARTS, FDFeatures, build_baselines, build_fd_references, build_reference,
-                            eval_options_for_key, evaluate_prior, fd_key_part, load_fd, load_reference,
+                            eval_options_for_key, evaluate_prior, fd_key_part, load_fd, load_reference, plan_fd,
                             read_baselines, reference_key)
 from bench.logger import NullLogger, make_logger, validate_logger
 from bench.keys import KEYS
@@ -637,7 +637,9 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
                         K.PRIOR_LABEL: (settings.prior_cls.label or settings.prior_cls.name)
                         + (" (released)" if settings.release else "")})
         extractor = FE.load_feature_extractor(settings.eval.inception_weights, device=str(settings.device))
-        job = Job(cfg, job_dir, settings, results, extractor, fds=load_fd(settings.eval, str(settings.device)))
+        # The plan reads the FD extractors' weight files for its keys; it neither builds their networks nor downloads.
+        fds = plan_fd(settings.eval) if cfg.stage == "plan" else load_fd(settings.eval, str(settings.device))
+        job = Job(cfg, job_dir, settings, results, extractor, fds=fds)
         plan_stage(job)
         if cfg.stage == "plan":
             log.info("stage=plan: stopping before any stage")

@@ -58,15 +58,18 @@ def is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
 
 
-def fetch(url: str, weights: Weights, value: str, name: str | None = None) -> Path:
+def fetch(url: str, weights: Weights, value: str, name: str | None = None, download: bool = True) -> Path:
     """The file at `url` in torch's hub cache as `name` (default: the URL's file name): downloaded once (checked
-    against the sha256 prefix the name carries, atomic, under a lock), then reused."""
+    against the sha256 prefix the name carries, atomic, under a lock), then reused. download=False: where it is or
+    would be, nothing fetched."""
     name = name or os.path.basename(url)
     prefix = sha256_prefix(name)
     if prefix is None:
         raise ConfigError(f"{weights.option}={value}: the file name {name!r} carries no sha256 prefix "
                           f"(as in {weights.file_name}); download it yourself and pass {weights.option}=PATH")
     dest = hub_checkpoints() / name
+    if not download:
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if dest.is_file():
@@ -85,16 +88,18 @@ def fetch(url: str, weights: Weights, value: str, name: str | None = None) -> Pa
     return dest
 
 
-def resolve(value: str | os.PathLike | None, weights: Weights) -> Path | None:
-    """The weights file an option names (see the module docstring); None when absent and not asked for."""
+def resolve(value: str | os.PathLike | None, weights: Weights, download: bool = True) -> Path | None:
+    """The weights file an option names (see the module docstring); None when absent and not asked for.
+    download=False (a plan): `download` and URLs give the hub-cache path the file has or would have, which need not
+    exist yet; nothing is fetched."""
     if value is None:
         cached = hub_checkpoints() / weights.file_name
         return cached if cached.is_file() else None
     text = str(value)
     if text == DOWNLOAD:
-        return fetch(weights.url, weights, text, weights.file_name)
+        return fetch(weights.url, weights, text, weights.file_name, download=download)
     if is_url(text):
-        return fetch(text, weights, text)
+        return fetch(text, weights, text, download=download)
     path = Path(os.path.expanduser(text))
     if not path.is_file():
         raise ConfigError(f"{weights.option}={text}: no such file ({weights.what}, e.g. {weights.file_name}; "

@@ -207,14 +207,16 @@ def test_estimate_adds_phases_at_their_utilisation():
 
 def test_stage_plan_sweep_prints_every_job_and_the_total_and_runs_nothing(tmp_path, monkeypatch):
     """With eval.fd_features: clip-vit-b-32 named by a file (a small CLIP of torch-fidelity's classes; the plan
-    counts the published architecture), dinov2-vit-s-14 with nothing in an empty hub cache (n/a, costs nothing)."""
+    counts the published architecture), dinov2-vit-s-14 with nothing in an empty hub cache (n/a, costs nothing),
+    clip-vit-b-16 to be downloaded (the plan counts it and downloads nothing: offline, a download would fail)."""
     from tests.clitools import job_results, run_cli
     from tests.test_fd import clip_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     clip = clip_file(tmp_path / "clip.pt", seed=0)
     p = run_cli(["-m", "experiment=smoke", "logger=none", "stage=plan", "prior=ar,imagebart", "T=3",
-                 "eval.fd_features=[clip-vit-b-32,dinov2-vit-s-14]", f"eval.fd_weights={{clip-vit-b-32:'{clip}'}}",
+                 "eval.fd_features=[clip-vit-b-32,dinov2-vit-s-14,clip-vit-b-16]",
+                 f"eval.fd_weights={{clip-vit-b-32:'{clip}',clip-vit-b-16:download}}",
                  f"paths.cache={tmp_path / 'cache'}", "name=plan"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     log = p.stdout + p.stderr
@@ -229,6 +231,7 @@ def test_stage_plan_sweep_prints_every_job_and_the_total_and_runs_nothing(tmp_pa
     # Before the first job: the total comes before Hydra launches anything.
     assert log.index("sweep plan: total") < log.index("stage=plan: stopping before any stage")
     assert not (tmp_path / "cache").exists()  # nothing computed, nothing cached
+    assert not list((tmp_path / "torch_home").rglob("*.pt"))  # nothing downloaded
     jobs = job_results(tmp_path / "multirun" / "plan")
     assert len(jobs) == 2 and all(j["status"] == "ok" for j in jobs)
     for j in jobs:
@@ -238,6 +241,7 @@ def test_stage_plan_sweep_prints_every_job_and_the_total_and_runs_nothing(tmp_pa
         fd = j["plan_fd"]
         assert fd["clip-vit-b-32"]["images"] == fd_images and fd["clip-vit-b-32"]["disk_bytes"] == 64 * 512 * 4
         assert fd["dinov2-vit-s-14"]["flops"] == 0 and fd["dinov2-vit-s-14"]["unavailable"]
+        assert fd["clip-vit-b-16"]["images"] == fd_images and not fd["clip-vit-b-16"]["unavailable"]
         assert set(j["plan_hours"]) == {"A100", "H100 SXM", "this CPU"} and j["fid"] is None
     report = (tmp_path / "reports" / "plan" / "report.md").read_text()
     assert "## Cost: planned and measured" in report and "planned min, this CPU" in report

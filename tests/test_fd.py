@@ -204,6 +204,28 @@ def test_the_reference_cache_key_changes_with_extractor_and_weights(hub, dino_co
     assert E.eval_options_for_key({"num_samples": 3, "fd_features": [CLIP], "fd_weights": None}) == {"num_samples": 3}
 
 
+def test_the_plan_hashes_weight_files_without_building_networks_or_downloading(hub, dino_code, tmp_path,  # noqa: F811
+                                                                                monkeypatch):
+    """plan_fd (stage=plan): the same reference keys as the loaded extractors, from the files alone; a file the job
+    would download is not fetched (its keys are unknown until then: keyed as n/a, with the reason); absent weights
+    are n/a with load_fd's reason."""
+    clip_a, dino = clip_file(tmp_path / "a.pt", 0), dino_weights(tmp_path / "d.pth", 1)
+    cfg = EvalConfig(fd_features=[CLIP, DINO, "clip-vit-b-16", "dinov2-vit-b-14"],
+                     fd_weights={CLIP: str(clip_a), DINO: str(dino), "clip-vit-b-16": "download"})
+    cfg.check_fd()
+    loaded = [E.FDFeatures(n, K.FD_KEYS[n], FE.load_fd_extractor(n, str(f))) for n, f in ((CLIP, clip_a), (DINO, dino))]
+    monkeypatch.setattr(FE, "load_fd_extractor", lambda *a, **k: pytest.fail("the plan built a network"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("the plan downloaded"))
+    planned = E.plan_fd(cfg)
+    assert [p.name for p in planned] == [CLIP, DINO, "clip-vit-b-16", "dinov2-vit-b-14"]
+    for p, fd in zip(planned[:2], loaded):
+        assert isinstance(p.extractor, FE.PlannedFD) and p.reason is None
+        assert E.fd_reference_key("data", p, cfg) == E.fd_reference_key("data", fd, cfg)
+    assert planned[2].extractor is None and "not downloaded yet" in planned[2].reason
+    assert planned[3].extractor is None and "no dinov2-vit-b-14 weights in torch's hub cache" in planned[3].reason
+    assert E.fd_key_part(planned, "data", cfg)[2:] == [["clip-vit-b-16", None], ["dinov2-vit-b-14", None]]
+
+
 # ---- through the command line --------------------------------------------------------------------------------------
 
 def test_the_job_reports_fd_whose_arithmetic_is_the_frechet_distance(copy_token_cache, tmp_path, hub, server,  # noqa: F811
