@@ -23,7 +23,6 @@ graph), chosen by `load_feature_extractor`:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import io
 import os
@@ -43,6 +42,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Basic
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from tqdm import tqdm
 
+from bench.cache import file_sha256
 from bench.errors import ConfigError
 from bench.weights import DOWNLOAD, Weights, hub_checkpoints, is_url, resolve
 
@@ -129,11 +129,7 @@ class FeatureExtractor:
     @functools.cached_property
     def weights_sha256(self) -> str:
         """Content hash of the weights file, for cache keys that must change when the weights do."""
-        h = hashlib.sha256()
-        with open(self.weights_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(self.weights_path)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         check_images(images)
@@ -478,11 +474,7 @@ class PlannedFD:
 
     @functools.cached_property
     def weights_sha256(self) -> str:
-        h = hashlib.sha256()
-        with open(self.weights_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(self.weights_path)
 
 
 def plan_fd_extractor(name: str, value: str | os.PathLike | None = None) -> PlannedFD | None:
