@@ -374,8 +374,8 @@ class Transformer(nn.Module):
 # - passive: an idle thread sleeps, and every kernel that splits wakes it and waits (tens of microseconds, the
 #   size of the kernel itself), so one thread is faster, on a quiet machine and on a busy one;
 # - active or OpenMP's default (spin, then sleep): a spinning thread joins within microseconds, and two threads
-#   sampled 1.3-1.6x faster than one on a 2-core machine with nothing else running; on a busy machine a spinning
-#   join waits for a descheduled thread and both threads lose (docs/speed.md has the figures).
+#   sampled 1.2-1.6x faster than one in most runs on a 2-core machine with nothing else running; on a busy machine
+#   a spinning join waits for a descheduled thread and both threads lose (docs/speed.md has the figures).
 # "auto" takes one thread under passive waiting and the caller's setting otherwise: asking for spinning is saying
 # the cores are the job's own.
 DECODE_THREADS: int | None | str = "auto"
