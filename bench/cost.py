@@ -257,18 +257,19 @@ def fd_flops_per_image(name: str) -> float:
 
 
 def fd_unavailable(name: str, value: Any) -> str | None:
-    """Why extractor `name` will be n/a at evaluation, from the files alone (bench.features.load_fd_extractor's
-    rule, nothing loaded): no weights option and nothing in torch's hub cache, or DINOv2's code missing there.
-    None when it will run; an option naming weights (download, a URL, a PATH) runs, or fails the job by itself."""
+    """Why extractor `name` will be n/a at evaluation, from the files alone (bench.features.plan_fd_extractor, the
+    rule load_fd_extractor applies, nothing loaded or downloaded): no weights at hand and none asked for, or
+    DINOv2's code missing from torch's hub folder. None when it will run; an option naming a file that cannot be
+    had fails the job by itself."""
     from bench import features as FE
-    from bench.weights import hub_checkpoints
+    from bench.errors import ConfigError
 
-    if value is not None:
-        return None
-    if not (hub_checkpoints() / FE.fd_weights(name).file_name).is_file():
-        return "no weights in torch's hub cache"
-    if name in DINOV2_ARCH and not FE.dinov2_code().is_dir():
-        return "DINOv2's code not in torch's hub folder"
+    try:
+        FE.plan_fd_extractor(name, value)
+    except FE.FDUnavailable as e:
+        return str(e)
+    except ConfigError:
+        pass  # a named file that cannot be had: the job fails with that error, it is not n/a
     return None
 
 

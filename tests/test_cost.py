@@ -166,9 +166,15 @@ def test_fd_part_counts_the_images_fd_sees_and_na_ones_cost_nothing(tmp_path, mo
     # Fewer val images than N: the baseline rows have no sample metrics, so no FD forwards either.
     few = C.estimate(*args, fd_cfg({"num_samples": 40, "fd_features": "clip-vit-b-32"}), counts, 32, 1e10, None)
     assert few.fd[0].images == 100 + 40
-    # A weights option (download, a URL, a PATH) runs the extractor: counted without looking for the file.
+    # A weights option (download, a URL, a PATH) runs the extractor: counted without fetching the file (one that
+    # cannot be had fails the job by itself).
     named = fd_cfg({"fd_features": ["dinov2-vit-s-14"], "fd_weights": {"dinov2-vit-s-14": "download"}})
     assert C.estimate(*args, named, counts, 32, 1e10, None).fd[0].unavailable is None
+    # DINOv2 weights named by a PATH without DINOv2's code in torch's hub folder: n/a, as the evaluation finds it
+    # (bench.features.load_dinov2), since the plan applies the same file rule.
+    (tmp_path / "d.pth").write_bytes(b"weights")
+    by_path = fd_cfg({"fd_features": ["dinov2-vit-s-14"], "fd_weights": {"dinov2-vit-s-14": str(tmp_path / "d.pth")}})
+    assert "DINOv2's code" in C.estimate(*args, by_path, counts, 32, 1e10, None).fd[0].unavailable
     # The sweep's total counts the part once per evaluation key, as Inception.
     shared = C.total([cost, cost, plain], [{"tokens": "t", "train": "a", "eval": e} for e in ("e1", "e1", "e2")])
     assert shared.fd[0].images == clip.images and shared.fd[0].flops == clip.flops
