@@ -398,12 +398,25 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def no_weights(name: str) -> FDUnavailable:
+    """Extractor `name` without weights: none in torch's hub cache and none asked for."""
+    weights = fd_weights(name)
+    return FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
+                         f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+
+
+def no_dinov2_code(name: str) -> FDUnavailable:
+    """DINOv2 extractor `name` whose code (read through torch.hub) is not in torch's hub folder."""
+    return FDUnavailable(f"{name}: DINOv2's code (torch.hub repository {DINOV2_REPO}) is not in torch's hub "
+                         f"folder ({dinov2_code()}); pass {fd_weights(name).option}={DOWNLOAD} to fetch it with "
+                         f"the weights")
+
+
 def load_clip(name: str, value: str | None, device: str) -> TorchFidelityFD:
     weights = fd_weights(name)
     path = resolve(value, weights)
     if path is None:
-        raise FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
-                            f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+        raise no_weights(name)
     try:
         with warnings.catch_warnings():  # the file is a TorchScript archive, as CLIP's authors publish it
             warnings.simplefilter("ignore")
@@ -446,11 +459,9 @@ def load_dinov2(name: str, value: str | None, device: str) -> TorchFidelityFD:
         return TorchFidelityFD(net, name, hub_checkpoints() / weights.file_name, device)
     path = resolve(value, weights)
     if path is None:
-        raise FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
-                            f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+        raise no_weights(name)
     if not code.is_dir():
-        raise FDUnavailable(f"{name}: DINOv2's code (torch.hub repository {DINOV2_REPO}) is not in torch's hub "
-                            f"folder ({code}); pass {weights.option}={DOWNLOAD} to fetch it with the weights")
+        raise no_dinov2_code(name)
     try:
         with tempfile.TemporaryDirectory(prefix="priorbench-hub-") as tmp:
             view = Path(tmp)
@@ -490,11 +501,9 @@ def plan_fd_extractor(name: str, value: str | os.PathLike | None = None) -> Plan
     else:
         path = resolve(value, weights, download=False)
     if path is None:
-        raise FDUnavailable(f"no {name} weights in torch's hub cache ({hub_checkpoints() / weights.file_name}); "
-                            f"pass {weights.option}={DOWNLOAD} or {weights.option}=PATH")
+        raise no_weights(name)
     if name not in CLIP_METADATA and value != DOWNLOAD and not dinov2_code().is_dir():
-        raise FDUnavailable(f"{name}: DINOv2's code (torch.hub repository {DINOV2_REPO}) is not in torch's hub "
-                            f"folder ({dinov2_code()}); pass {weights.option}={DOWNLOAD} to fetch it with the weights")
+        raise no_dinov2_code(name)
     return PlannedFD(name, path) if path.is_file() else None
 
 

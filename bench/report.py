@@ -35,10 +35,14 @@ ReportError = ResultsError
 TESTED = tuple(k for k in COLUMN_KEYS if KEYS[k].interval)  # columns tested against the compare_to row
 
 
+def present_fd_keys(points: list["Point"]) -> tuple[str, ...]:
+    """The Frechet distances on other extractors (eval.fd_features) that some point has."""
+    return tuple(k for k in K.FD_KEYS.values() if any(k in pt.est for pt in points))
+
+
 def tested_keys(points: list["Point"]) -> tuple[str, ...]:
-    """The columns tested against the compare_to row and shown in table.tex: TESTED, and each Frechet distance
-    on another extractor (eval.fd_features) that some point has."""
-    return TESTED + tuple(k for k in K.FD_KEYS.values() if any(k in pt.est for pt in points))
+    """The columns tested against the compare_to row and shown in table.tex: TESTED and present_fd_keys."""
+    return TESTED + present_fd_keys(points)
 
 
 @dataclass
@@ -210,7 +214,7 @@ def varying_settings(points: list[Point]) -> list[str]:
 
 def main_table(points: list[Point], baselines: dict[str, Any] | None, ref: Point | None) -> str:
     extra = varying_settings(points)
-    columns = COLUMN_KEYS + tuple(k for k in K.FD_KEYS.values() if any(k in pt.est for pt in points))
+    columns = COLUMN_KEYS + present_fd_keys(points)
     head = ["Prior", "T", *extra, "seeds", *(KEYS[k].title for k in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if baselines:
@@ -247,7 +251,7 @@ def resolution_text(points: list[Point], ref: Point | None, n_tests: int) -> lis
         return ["No row of the `compare_to` prior: no significance tests."]
     n_sig = sum(bool(v) for pt in points for v in pt.significant.values())
     n_raw = sum(1 for pt in points for p in pt.p.values() if p is not None and p < 0.05)
-    fd = [KEYS[k].title for k in tested_keys(points) if k in K.FD_KEYS.values()]
+    fd = [KEYS[k].title for k in present_fd_keys(points)]
     family = f" (every tested column, the FD columns {', '.join(fd)} included)" if fd else ""
     out.append(f"`*`: differs from the {ref.label} row at the 95% level after Holm's correction over the "
                f"table's {n_tests} comparisons{family} ({n_sig} marked). Without the correction {n_raw} would be "

@@ -26,9 +26,10 @@ counted from the architecture (weights once per call, the keys and values each c
 measured by priors.roofline.read_bandwidth; "(compute)" or "(bandwidth)" names the bound that sets it.
 
 --decode-threads: intra-op threads of the cached decoding loops (priors.transformer.DECODE_THREADS: auto by
-default, one thread under passive OpenMP waiting and all of --threads otherwise; N; 0 = all of --threads). --profile: after the timings, each cached path runs once under torch.profiler and
-once under a dispatch mode, and a table gives per network call each operator's calls, self time and bytes read
-(its tensor inputs; views read nothing), the heaviest --profile-rows first and the rest summed. The prefill and
+default, one thread under passive OpenMP waiting and all of --threads otherwise; N; 0 = all of --threads).
+--profile: after the timings, each cached path runs once under torch.profiler and once under a dispatch mode,
+and a table gives per network call each operator's calls, self time and bytes read (its tensor inputs; views
+read nothing), the heaviest --profile-rows first and the rest summed. The prefill and
 ImageBART's encoder pass are in the profiled run, spread over its calls; inside a compiled graph the bytes
 are not counted.
 
