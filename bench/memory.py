@@ -12,7 +12,9 @@ softmax outputs stay float32, so the true figure is larger):
     sampling    per row, a causal transformer's KV cache (2 D per block and position, twice with
                 cross-attention: the memory's keys and values) and one step's logits with their softmax; a
                 bidirectional one runs whole sequences: per token its logits and their softmax, or the memory
-                it hands a decoder
+                it hands a decoder. On a CPU in float32, also the fused code's own copy of the keys and values
+                and its scratch rows (priors.cpu_decode.floats_per_row), and its packed copy of every sampled
+                model's weights (priors.cpu_decode.packed_floats)
     evaluation  the largest of the Inception activations of one feature forward, those of one forward of each
                 extractor of eval.fd_features that will run (bench.cost.fd_unavailable; they run one after
                 another on the same images, so the largest counts), and the N x N float64 matrices of KID and PRDC
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from priors import Prior
+from priors import Prior, cpu_decode
 from priors.transformer import Transformer
 
 FLOAT = 4  # bytes: weights, optimizer state and features are float32 (bf16 autocast keeps float32 weights)
@@ -138,12 +140,22 @@ def training_floats_per_token(t: Transformer) -> int:
     return c.n_layer * per_block + 2 * max(c.vocab_out, 0) + 2 * c.d_model
 
 
-def sampling_floats_per_row(t: Transformer) -> int:
+def sampling_floats_per_row(t: Transformer, fused: cpu_decode.Layout | None = None) -> int:
+    """fused: the layout of the fused CPU code that will sample (priors/cpu_decode.py), whose own buffers add to
+    the figure; None where it will not run."""
     c = t.cfg
+    extra = 0 if fused is None else cpu_decode.floats_per_row(c, fused)
     if c.causal:  # decoded position by position through a KV cache of seq_len positions (and the memory's)
         cache = c.n_layer * 2 * c.inner_dim * c.seq_len * (2 if c.cross_attn else 1)
-        return cache + 2 * max(c.vocab_out, 0)
-    return c.seq_len * (2 * c.vocab_out if c.vocab_out > 0 else c.d_model)
+        return cache + 2 * max(c.vocab_out, 0) + extra
+    return c.seq_len * (2 * c.vocab_out if c.vocab_out > 0 else c.d_model) + extra
+
+
+def fused_layout(device_type: str, precision: str) -> cpu_decode.Layout | None:
+    """The fused CPU code's layout where it will sample (a CPU, float32, the code built), else None."""
+    if device_type != "cpu" or precision != "fp32" or cpu_decode.FUSED_DECODE is False:
+        return None
+    return cpu_decode.layout()
 
 
 def evaluation_parts(eval_cfg: Any, device_type: str = "cpu") -> tuple[int, int]:
@@ -169,7 +181,10 @@ def estimate(prior: Prior, params: int, train_cfg: Any, eval_cfg: Any, unit_work
     per_unit = [sum(batch * t.cfg.seq_len * training_floats_per_token(t) for t in ts) for ts in units]
     training = act * sum(sorted(per_unit, reverse=True)[:workers])
     rows = min(int(eval_cfg.batch_size), int(eval_cfg.num_samples))
-    sampling = act * max(sum(rows * sampling_floats_per_row(t) for t in ts) for ts in units)
+    fused = fused_layout(device_type, precision)
+    sampling = act * max(sum(rows * sampling_floats_per_row(t, fused) for t in ts) for ts in units)
+    if fused is not None:  # the fused code's packed copy of each sampled model's weights, kept once made
+        sampling += FLOAT * sum(cpu_decode.packed_floats(t.cfg, fused) for ts in units for t in ts)
     evaluation = max(evaluation_parts(eval_cfg, device_type))
     if not train:
         return Peak(params * FLOAT, 0, sampling, evaluation)

@@ -1,7 +1,7 @@
 """Sampling speed per path (uncached, eager cached, compiled), its share of the matmul peak and of its roofline.
 
     python benchmarks/sampling_speed.py [--shapes default 256] [--priors ar imagebart absorbing]
-        [--paths uncached eager compiled] [--threads N] [--decode-threads N] [--repeats 3] [--json FILE]
+        [--paths uncached eager aten compiled] [--threads N] [--decode-threads N] [--repeats 3] [--json FILE]
         [--profile [--profile-rows 15]]
 
 Shapes (random weights: speed does not depend on them):
@@ -10,9 +10,10 @@ Shapes (random weights: speed does not depend on them):
 - 256: a 16x16 grid (256 tokens), V=1024, 4M parameters, batch 8 (the uncached runs take ~30 s each).
 Samplers: AR `sample()`; the ImageBART decoder: one encoder-decoder scale (T=3, scale t=2, its encoder pass
 included) through `sample_scale`; absorbing `sample()` with T=--absorbing-T steps (it has no cache).
-Paths: uncached (the whole prefix recomputed at every token), eager (static KV cache, one token per call)
-and compiled (`Prior.set_compile("on")`: torch.compile of the decode step / the full pass; its first call
-compiles, timed apart as "compile s"). All paths of a sampler draw from the same seed and must give the
+Paths: uncached (the whole prefix recomputed at every token), eager (static KV cache, one token per call; on a
+CPU the fused code of priors/cpu_decode.py runs the prefill, the steps and the encoder's and absorbing's passes),
+aten (eager with the fused code off: ATen's kernels, the path before it) and compiled (`Prior.set_compile("on")`:
+torch.compile of the decode step / the full pass; its first call compiles, timed apart as "compile s"). All paths of a sampler draw from the same seed and must give the
 same tokens; the script checks it. Timings are interleaved rounds (every path once per round, uncached
 only in the first --uncached-repeats rounds) and the table shows medians, so a busy moment of a shared
 machine hits every path alike; the load average at the start and the end is printed with them. The peak and the
@@ -29,7 +30,8 @@ measured by priors.roofline.read_bandwidth; "(compute)" or "(bandwidth)" names t
 default, one thread under passive OpenMP waiting and all of --threads otherwise; N; 0 = all of --threads).
 --profile: after the timings, each cached path runs once under torch.profiler and once under a dispatch mode,
 and a table gives per network call each operator's calls, self time and bytes read (its tensor inputs; views
-read nothing), the heaviest --profile-rows first and the rest summed. The prefill and
+read nothing), the heaviest --profile-rows first and the rest summed (the fused CPU code of the eager path runs
+outside ATen's operators: profile the aten path for its kernels). The prefill and
 ImageBART's encoder pass are in the profiled run, spread over its calls; inside a compiled graph the bytes
 are not counted.
 
@@ -54,6 +56,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import priors.cpu_decode  # noqa: E402
 import priors.transformer  # noqa: E402
 from bench.device import sync  # noqa: E402
 from priors.absorbing import AbsorbingPrior  # noqa: E402
@@ -67,7 +70,7 @@ SHAPES = {  # name: (V, grid, parameters per model, batch)
     "default": (130, (8, 8), 400_000, 50),
     "256": (1024, (16, 16), 4_000_000, 8),
 }
-PATHS = ("uncached", "eager", "compiled")
+PATHS = ("uncached", "eager", "aten", "compiled")
 
 
 class Sampler:
@@ -81,7 +84,12 @@ class Sampler:
     def run(self, path: str, seed: int) -> torch.Tensor:
         self.prior.set_compile("on" if path == "compiled" else "off")
         g = torch.Generator(device=self.prior.device).manual_seed(seed)
-        return self._run(g, path != "uncached")
+        # "aten": the eager path with the fused CPU code off (priors/cpu_decode.py), ATen's kernels only.
+        priors.cpu_decode.FUSED_DECODE = False if path == "aten" else "auto"
+        try:
+            return self._run(g, path != "uncached")
+        finally:
+            priors.cpu_decode.FUSED_DECODE = "auto"
 
 
 def build(shape: str, device: torch.device, absorbing_T: int, which: list[str]) -> list[Sampler]:
@@ -112,7 +120,8 @@ def build(shape: str, device: torch.device, absorbing_T: int, which: list[str]) 
         ab = AbsorbingPrior.from_budget(V, grid, budget=budget, n_layer=4, n_head=4, T=absorbing_T).to(device).eval()
         out.append(Sampler(f"absorbing (T={absorbing_T})", ab, lambda g, cached: ab.sample(batch, g),
                            {p: sample_flops_per_image(ab) for p in PATHS},
-                           {p: sample_bytes(ab, batch) / batch for p in PATHS}, ("eager", "compiled"), absorbing_T))
+                           {p: sample_bytes(ab, batch) / batch for p in PATHS}, ("eager", "aten", "compiled"),
+                           absorbing_T))
     return out
 
 
@@ -217,7 +226,7 @@ def print_profile(s: Sampler, path: str, rows: int, batch: int) -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             s.run(path, seed=1)
         reads = Reads()
-        if path == "eager":  # a dispatch mode cannot look inside a compiled graph
+        if path in ("eager", "aten"):  # a dispatch mode cannot look inside a compiled graph
             with reads:
                 s.run(path, seed=1)
     s.prior.set_compile("off")
@@ -243,6 +252,16 @@ def print_profile(s: Sampler, path: str, rows: int, batch: int) -> None:
         mb = sum(reads.bytes[e.key] for e in rest) / n / 1e6
         print(f"    {f'{len(rest)} other operators':44s} {sum(e.count for e in rest) / n:7.1f} {us / n:8.1f} "
               f"{us / op_us:6.1%} {mb:8.3f}")
+
+
+def fused_note(device: torch.device) -> str:
+    """Whether the eager path runs the fused CPU code, and at which vector width, or why not."""
+    if device.type != "cpu":
+        return "fused CPU code: not on this device"
+    lib, why = priors.cpu_decode.library()
+    if lib is None:
+        return f"fused CPU code: unavailable ({why})"
+    return f"fused CPU code: {lib.pb_vector_width()}-float vectors"
 
 
 def main() -> int:
@@ -281,7 +300,8 @@ def main() -> int:
           f"decode threads {priors.transformer.decode_thread_limit() or torch.get_num_threads()} "
           f"(--decode-threads {args.decode_threads}), "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, ATen CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, compile backend {args.compile_backend}, measured matmul peak "
+          f"{torch.backends.cpu.get_cpu_capability()}, {fused_note(device)}, compile backend {args.compile_backend}, "
+          f"measured matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s, load average {load}")
     rows = []
     for shape in args.shapes:

@@ -35,7 +35,7 @@ from priors.base import NLL, Prior, eval_mode, generated_span
 from priors.flops import decoder_sample_flops, encoder_flops
 from priors.options import LogitSampling, check_transformer, options_from
 from priors.transformer import (BUDGET_TOLERANCE, KVCache, Transformer, TransformerConfig, compiled, count_params,
-                                decode_threads, fit_d_model, sample_logits)
+                                decode_threads, fit_d_model, full_logits, sample_logits)
 
 LN2 = math.log(2.0)
 
@@ -286,7 +286,7 @@ class ScaleModel(nn.Module):
             return None
         if self.cfg.enc_prefix is not None:
             x_t = torch.cat([torch.full_like(x_t[:, :1], self.cfg.enc_prefix), x_t], dim=1)  # (B, L + 1)
-        return self.encoder(x_t)  # (B, L, D) or (B, L + 1, D)
+        return full_logits(self.encoder, x_t)  # (B, L, D) or (B, L + 1, D): the fused pass when sampling on a CPU
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor | None) -> torch.Tensor:
         """Teacher-forced logits of p(x_{t-1}^i | x_{t-1}^{<i}, x_t) for every i. (B, L) -> (B, L, V)"""

@@ -23,6 +23,7 @@ Callers apply bf16 autocast on CUDA; nothing here casts to float32 explicitly.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from priors import cpu_decode
 
 
 @dataclass
@@ -84,19 +87,28 @@ class LayerKV:
         self.kt: torch.Tensor | None = None
         self.v3: torch.Tensor | None = None
 
+    def allocate(self, B: int, H: int, hd: int, like: torch.Tensor, kv: torch.Tensor | None = None,
+                 cross: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The buffers for B rows of H heads of hd (dtype and device of `like`); kv: a zeroed (2, B, H, capacity,
+        hd) buffer to use instead of a new one; cross: the memory's key and value buffers (B, H, M, hd), filled by
+        the caller (the fused prefill, priors/cpu_decode.py, gives both)."""
+        # Preallocated instead of torch.cat per step: concatenation would copy the whole cache at every token,
+        # O(L^2) memory traffic over one sample. Zeros, not empty: the static decode step reads unwritten
+        # positions (masked, with weight 0, and 0 * NaN garbage would still be NaN).
+        self.kv = like.new_zeros(2, B, H, self.capacity, hd) if kv is None else kv
+        self.positions = torch.arange(self.capacity, device=like.device)
+        self.by_pos = self.kv.permute(3, 0, 1, 2, 4)
+        self.kt = self.kv[0].view(B * H, self.capacity, hd).transpose(1, 2)
+        self.v3 = self.kv[1].view(B * H, self.capacity, hd)
+        self.k, self.v = self.kv[0], self.kv[1]
+        if cross is not None:
+            self.cross_k, self.cross_v = cross
+
     def append(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, H, l, hd) at [offset, offset + l); return all (B, H, offset + l, hd)."""
         B, H, l, hd = k.shape
         if self.kv is None:
-            # Preallocated instead of torch.cat per step: concatenation would copy the whole
-            # cache at every token, O(L^2) memory traffic over one sample. Zeros, not empty:
-            # the static decode step reads unwritten positions (masked, with weight 0, and
-            # 0 * NaN garbage would still be NaN).
-            self.kv = k.new_zeros(2, B, H, self.capacity, hd)
-            self.positions = torch.arange(self.capacity, device=k.device)
-            self.by_pos = self.kv.permute(3, 0, 1, 2, 4)
-            self.kt = self.kv[0].view(B * H, self.capacity, hd).transpose(1, 2)
-            self.v3 = self.kv[1].view(B * H, self.capacity, hd)
+            self.allocate(B, H, hd, k)
         elif self.kv.shape[1] != B:
             raise ValueError(f"KVCache holds batch size {self.kv.shape[1]}, got {B}; use a new cache")
         self.kv[0, :, :, offset:offset + l] = k
@@ -132,6 +144,9 @@ class KVCache:
         self.capacity = capacity
         self.layers = [LayerKV(capacity) for _ in range(n_layer)]
         self.length = 0
+        # The fused CPU step's state for this cache (priors.cpu_decode.FusedStep), made by the first decode step
+        # that takes it; False once a step found that it does not apply.
+        self.fused: object | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -319,12 +334,15 @@ class Transformer(nn.Module):
         return KVCache(self.cfg.n_layer, self.cfg.seq_len)
 
     def forward(self, idx: torch.Tensor, memory: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, fused: bool = False) -> torch.Tensor:
         """Logits (B, l, vocab_out), or hidden states (B, l, D) when vocab_out == 0.
 
         With a cache, idx holds only the new positions (usually one); their positions
         start after what the cache holds, and the memory's cross-attention K/V are
         computed on the first call and reused (memory may be None afterwards).
+        fused: a pass without a cache may run as the fused CPU pass (priors/cpu_decode.py) where it applies; the
+        samplers ask for it (full_logits), the training, likelihood and uncached reference paths do not. A call
+        that fills an empty cache takes the fused prefill wherever the fused steps apply.
         """
         B, l = idx.shape
         offset = cache.length if cache is not None else 0
@@ -332,6 +350,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {offset + l} positions exceeds seq_len={self.cfg.seq_len}")
         if self.cfg.cross_attn and memory is None and (cache is None or cache.layers[0].cross_k is None):
             raise ValueError("cross_attn=True needs a memory (B, M, D)")
+        if fused and cache is None and memory is None and cpu_decode.applies(self, step=False):
+            return cpu_decode.fused_pass(self, idx)
+        if cache is not None and offset == 0 and cache.fused is None and cpu_decode.applies(self):
+            # An empty cache filled for a sampling loop on a CPU: the fused prefill (priors/cpu_decode.py), which
+            # also prepares the fused steps that follow.
+            return cpu_decode.prefill(self, idx, memory, cache)
+        if cache is not None and cache.fused:
+            cache.fused.resync(offset)  # the fused step's copy of the cache is stale from here on
         pos = torch.arange(offset, offset + l, device=idx.device)  # (l,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, l, D)
         for i, block in enumerate(self.blocks):
@@ -356,6 +382,14 @@ class Transformer(nn.Module):
         p = cache.layers[0].positions
         if p is None:
             raise ValueError("KVCache is empty: fill it with a forward(..., cache=cache) call first")
+        if isinstance(pos, int) and not torch.is_grad_enabled():
+            # An eager step on a CPU goes through the fused step (priors/cpu_decode.py) where it applies.
+            if cache.fused is None:
+                cache.fused = cpu_decode.FusedStep(self, cache) if cpu_decode.applies(self) else False
+            if cache.fused:
+                return cache.fused(idx, pos)[:, None]
+        elif cache.fused and isinstance(pos, int):
+            cache.fused.resync(pos)  # this step writes the ATen cache only
         W = self.pos_emb.weight  # the row of position pos, added to every token's embedding: x (B, D)
         x = F.embedding(idx[:, 0], self.tok_emb.weight) + (W[pos] if isinstance(pos, int) else W[pos][0])
         for block, kv in zip(self.blocks, cache.layers):
@@ -389,18 +423,39 @@ def decode_thread_limit() -> int | None:
 
 
 @contextmanager
-def decode_threads(device: torch.device) -> Iterator[None]:
-    """Run a cached decoding loop on a CPU with at most decode_thread_limit() intra-op threads; restore the setting
-    after. Other devices, and a caller already at or below it, are left alone."""
-    before, limit = torch.get_num_threads(), decode_thread_limit()
-    if device.type != "cpu" or limit is None or before <= limit:
-        yield
-        return
-    torch.set_num_threads(limit)
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (back as it was after). A decoding loop makes a few
+    dozen short-lived objects per token, freed by reference counting; the collections they trigger walk the whole
+    heap and took about a tenth of a cached sampling loop's time at the default shapes."""
+    was = gc.isenabled()
+    gc.disable()
     try:
         yield
     finally:
+        if was:
+            gc.enable()
+
+
+@contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """Run a cached decoding loop: on a CPU with at most decode_thread_limit() intra-op threads (the setting back
+    after; other devices, and a caller already at or below it, are left alone), and with the garbage collector
+    paused (gc_paused). The fused step's rows are split over the caller's threads all the same
+    (priors.cpu_decode.step_threads)."""
+    before, limit = torch.get_num_threads(), decode_thread_limit()
+    if device.type != "cpu" or limit is None or before <= limit:
+        with gc_paused():
+            yield
+        return
+    torch.set_num_threads(limit)
+    # The fused step (priors/cpu_decode.py) forks once per token, not once per kernel: it keeps the caller's threads.
+    cpu_decode.STEP_THREADS = before
+    try:
+        with gc_paused():
+            yield
+    finally:
         torch.set_num_threads(before)
+        cpu_decode.STEP_THREADS = None
 
 
 # ---- compiled steps --------------------------------------------------------
@@ -435,8 +490,10 @@ def decode_logits(model: Transformer, idx: torch.Tensor, cache: KVCache, pos: in
 
 
 def full_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
-    """model(idx) without a cache (B, L, V): the absorbing sampler's network call, compiled as a whole."""
-    return model(idx)
+    """model(idx) without a cache (B, L, V), or (B, L, D) without a head: the absorbing sampler's network call
+    (compiled as a whole) and ImageBART's encoder pass. Eager on a CPU, outside autograd: the fused pass
+    (priors/cpu_decode.py), the same up to float rounding."""
+    return model(idx, fused=True)
 
 
 # ---- parameter budget ------------------------------------------------------

@@ -57,8 +57,9 @@ def test_sampling_speed_reports_every_path_with_the_same_tokens(tmp_path):
     assert report["peak_flop_per_s"] == max(report["measured"]["peak_flop_per_s"])
     assert report["read_bytes_per_s"] == max(report["measured"]["read_bytes_per_s"])
     got = {(r["sampler"].split()[0], r["path"]) for r in rows}
-    assert got == {(s, path) for s in ("ar", "imagebart") for path in ("uncached", "eager", "compiled")} | {
-        ("absorbing", "eager"), ("absorbing", "compiled")}
+    assert got == {(s, path) for s in ("ar", "imagebart") for path in ("uncached", "eager", "aten", "compiled")} | {
+        ("absorbing", "eager"), ("absorbing", "aten"), ("absorbing", "compiled")}
+    assert "fused CPU code: " in p.stdout and "-float vectors" in p.stdout  # the eager path ran the fused code
     for r in rows:
         assert r["same_tokens"] and r["batch"] == 50 and r["threads"] == 1
         assert r["flop_per_s"] == pytest.approx(r["flops_per_image"] * 50 / r["seconds"])  # a few roundings
@@ -73,13 +74,14 @@ def test_sampling_speed_reports_every_path_with_the_same_tokens(tmp_path):
 
 
 def test_sampling_speed_profile_prints_the_operators_of_a_step(tmp_path):
-    """--profile: per cached path, the operators of one network call with their calls, time and bytes read."""
-    p = run_cli(["--shapes", "default", "--priors", "ar", "--paths", "eager", "--repeats", "1", "--threads", "1",
+    """--profile: per cached path, the operators of one network call with their calls, time and bytes read (the
+    aten path: the fused code of the eager one runs outside ATen's operators)."""
+    p = run_cli(["--shapes", "default", "--priors", "ar", "--paths", "aten", "--repeats", "1", "--threads", "1",
                  "--peak-seconds", "0.1", "--bandwidth-seconds", "0.1", "--profile", "--profile-rows", "5"],
                 cwd=tmp_path, timeout=300, script=ROOT / "benchmarks" / "sampling_speed.py")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     out = p.stdout
-    assert "profile of ar, eager, per network call (64 per run, batch 50)" in out and "read bandwidth" in out
+    assert "profile of ar, aten, per network call (64 per run, batch 50)" in out and "read bandwidth" in out
     table = out[out.index("profile of ar"):].splitlines()[2:8]  # five operators, then the rest summed
     assert len(table) == 6 and table[-1].split()[1] == "other"
     # Every cached step runs the four projections of each of the 4 layers: 16 addmm per network call.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from priors import build_prior
+from priors import build_prior, cpu_decode
 from priors.roofline import (call_bytes, decoder_sample_bytes, encoder_bytes, read_bandwidth, roofline_seconds,
                              sample_bytes)
 from priors.transformer import Transformer, TransformerConfig
@@ -49,11 +49,13 @@ class MatmulReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("pos", [1, 5, 9])
-def test_a_decode_step_reads_what_the_count_says(pos):
+def test_a_decode_step_reads_what_the_count_says(pos, monkeypatch):
     """The matmuls of one eager decode step at position pos read exactly the counted weights and keys/values
     (pos + 1 positions: the filled part of the cache, not the whole buffer), plus their activations and biases:
     per layer the biases 9 D (qkv 3D, out D, MLP 4D + D), the rows entering the four projections 7 B D (D, D, D,
-    4D), the query B D and the attention weights B H (pos + 1); the final rows B D into the head."""
+    4D), the query B D and the attention weights B H (pos + 1); the final rows B D into the head. ATen's step (the
+    mode sees ATen's operators; the fused CPU step reads the same weights and keys/values, priors/cpu_decode.py)."""
+    monkeypatch.setattr(cpu_decode, "FUSED_DECODE", False)
     torch.manual_seed(0)
     B, D, H, n_layer = 3, 16, 2, 2
     cfg = TransformerConfig(vocab_in=13, vocab_out=11, seq_len=12, n_layer=n_layer, n_head=H, d_model=D, causal=True)

@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 
+from priors import cpu_decode
 from priors.transformer import (Transformer, TransformerConfig, count_params, exponential_draws, filter_logits,
                                 fit_d_model, sample_logits)
 from tests import tolerance as T
@@ -316,10 +317,12 @@ class CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("form", ["int", "tensor"])
-def test_decode_step_copies_only_the_new_position(form):
+def test_decode_step_copies_only_the_new_position(form, monkeypatch):
     """A decode step writes each layer's new keys and values (2 B D elements) and copies nothing else: not the
     cache's earlier positions, not the memory's cross-attention keys and values (which would make the step's
-    cost grow with the context beyond the attention's own reads)."""
+    cost grow with the context beyond the attention's own reads). ATen's step: the fused CPU step's writes are
+    in its C code (priors/csrc/decode_step.c: the new position's keys and values, per layer)."""
+    monkeypatch.setattr(cpu_decode, "FUSED_DECODE", False)
     model = tiny(causal=True, cross_attn=True, n_layer=2)
     B, D, M = 3, model.cfg.d_model, 7
     memory = torch.randn(B, M, D, generator=torch.Generator().manual_seed(1))
