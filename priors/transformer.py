@@ -352,9 +352,12 @@ class Transformer(nn.Module):
             raise ValueError("cross_attn=True needs a memory (B, M, D)")
         if fused and cache is None and memory is None and cpu_decode.applies(self, step=False):
             return cpu_decode.fused_pass(self, idx)
-        if cache is not None and offset == 0 and cache.fused is None and cpu_decode.applies(self):
+        if (cache is not None and offset == 0 and cache.fused is None and cpu_decode.applies(self)
+                and (self.cfg.cross_attn == (memory is not None))
+                and (memory is None or memory.shape[0] == B and memory.shape[-1] == self.cfg.d_model)):
             # An empty cache filled for a sampling loop on a CPU: the fused prefill (priors/cpu_decode.py), which
-            # also prepares the fused steps that follow.
+            # also prepares the fused steps that follow. (A memory of another shape takes ATen's path, which says
+            # what is wrong with it.)
             return cpu_decode.prefill(self, idx, memory, cache)
         if cache is not None and cache.fused:
             cache.fused.resync(offset)  # the fused step's copy of the cache is stale from here on
