@@ -257,7 +257,7 @@ class PackedWeights:
         self.head_w, self.head_b = lin(model.head, self.Vp) if model.head is not None else (None, None)
         self.tok_emb = model.tok_emb.weight.detach().contiguous()
         self.pos_emb = model.pos_emb.weight.detach().contiguous()
-        self.pool: dict[tuple, dict] = {}  # FusedStep buffers by (batch, capacity, memory length)
+        self.pool: dict[tuple, dict] = {}  # buffers of steps and passes by shape (_Fused._buffers)
 
     @staticmethod
     def key_of(model: torch.nn.Module) -> tuple:
@@ -265,7 +265,6 @@ class PackedWeights:
 
 
 def packed(model: torch.nn.Module) -> PackedWeights:
-    lib, _ = library()
     pack = getattr(model, "_fused_pack", None)
     if pack is None or pack.key != PackedWeights.key_of(model):
         pack = PackedWeights(model, layout())
@@ -273,14 +272,13 @@ def packed(model: torch.nn.Module) -> PackedWeights:
     return pack
 
 
-# Buffers (the fused code's key/value layouts and scratch, and the ATen cache a fused prefill allocates) are kept
-# on the model for the next call of the same shapes, up to this many bytes in all, once the cache that used them is
-# gone:
-# a sampling call makes a new cache, and fresh buffers of a few MB cost a page fault per 4 KiB on first touch
-# (about 5 ms per AR sample at the default shapes, a seventh of its decoding). Larger buffers (256-px models) are
-# made per cache, where that cost is small against the steps' work.
 PASS_ROWS = 256  # tokens a thread takes through the layers at a time in a pass (whole sequences, at least one)
-POOL_BYTES = 64 << 20  # over every model's pool: a sweep's many models keep at most this much
+# Buffers (the fused code's key/value layouts and scratch, and the ATen cache a fused prefill allocates) are kept
+# on the model for the next call of the same shapes, up to this many bytes over every model's pool, once the cache
+# that used them is gone: a sampling call makes a new cache, and fresh buffers of a few MB cost a page fault per
+# 4 KiB on first touch (about 5 ms per AR sample at the default shapes, a seventh of its decoding). Larger buffers
+# (256-px models) are made per cache, where that cost is small against the steps' work.
+POOL_BYTES = 64 << 20
 _POOLED = 0
 
 
@@ -366,9 +364,10 @@ class _Fused:
         when small). Uninitialised: the fused code writes every scratch lane it reads, and reads its key/value
         copies only at positions it or a copy from the ATen cache wrote (padding lanes it reads are masked out of
         the scores or land in discarded output lanes). aten: also the ATen cache (zeroed by the caller)."""
+        owner_ref = weakref.ref(owner) if owner is not None else (lambda: None)
         buf = self.pack.pool.get(key)
         if buf is not None and buf["owner"]() is None and (not aten or "kv" in buf):
-            buf["owner"] = weakref.ref(owner) if owner is not None else (lambda: None)
+            buf["owner"] = owner_ref
             return buf
         n, B, H, hd, M = self.model.cfg.n_layer, self.B, self.H, self.hd, self.M
         buf = {"scratch": torch.empty(scratch_rows, self.row),
@@ -380,7 +379,7 @@ class _Fused:
             buf.update(kv=[torch.empty(2, B, H, self.cap, hd) for _ in range(n)],
                        cross_k=[torch.empty(B, H, M, hd) for _ in range(n)] if M else [],
                        cross_v=[torch.empty(B, H, M, hd) for _ in range(n)] if M else [])
-        buf["owner"] = weakref.ref(owner) if owner is not None else (lambda: None)
+        buf["owner"] = owner_ref
         global _POOLED
         size = _nbytes(buf)
         if key not in self.pack.pool and _POOLED + size <= POOL_BYTES:  # one set per key, passed on as owners go
