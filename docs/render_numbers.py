@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "reports" / "2026-12-04_23-46-09"
+REPORT = ROOT / "reports" / "2026-12-05_08-36-16"
 # The studies of docs/default.md (temperature, capacity, data limit, memorisation) ran on the earlier split (before
 # pictogram families were grouped and the selection split held out): their "default report" rows are that split's
 # report, so each study compares like with like.

@@ -27,7 +27,8 @@ OTHER_RUNS = {
     "docs/protocol.md": ("0.028 / 0.047 / 0.207", "same | 1.02 | 1.67", "fakes differ | 0.99 | 1.02",
                          "same | 1.02 / 1.01 / 1.02 | 1.01 / 1.22 / 1.02"),
     "docs/releases.md": ("| Churches | 6.86 | 6.09 |", "Churches 6.01, FFHQ 5.96", "6.24, 6.18"),
-    "docs/speed.md": ("0.104 s, 12.1%; 0.104 s, 12.2%", "0.725 s, 14.6x"),  # sampling_speed.py runs
+    "docs/speed.md": ("0.104 s, 12.1%; 0.104 s, 12.2%", "0.725 s, 14.6x", "0.217 s, 49.2x", "0.833 s, 18.9x",
+                      "0.565 s, 12.7x"),  # sampling_speed.py runs
 }
 
 
